@@ -1,0 +1,264 @@
+"""GPTQ solver: error-feedback quantization of one weight matrix against a (weighted) Hessian.
+
+Minimises ``tr((Q - W) H (Q - W)^T)`` column by column (Frantar et al., 2023), with:
+
+* static groups: per-group scales/zeros are computed once from the original column order of ``W``
+  (after zeroing dead inputs), so no runtime ``g_idx`` is needed;
+* act-order: columns are processed by decreasing ``diag(H)``, each using its original group's
+  scale/zero; codes/scale/zero are returned in the original column order;
+* lazy block updates of ``block_size`` columns;
+* relative damping ``damp * mean(diag H)``, multiplied by 10 on Cholesky failure up to
+  ``max_retries`` times (each retry logged as a WARNING), then :class:`GPTQError`;
+* dead inputs (``H_ii == 0``): ``H_ii := 1`` and the weight column is zeroed.
+
+A grouped Hessian ``[G, in, in]`` (GuidedQuant-style output-channel groups) splits the rows of ``W``
+into ``G`` contiguous equal blocks, each solved independently with its own Hessian.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from lightning_tlq.core.quantizer import QuantSpec, codes_to_values, compute_qparams, dequantize, round_to_grid
+
+logger = logging.getLogger(__name__)
+
+
+class GPTQError(RuntimeError):
+    """Raised when GPTQ cannot factorise the (damped) Hessian of a module."""
+
+
+@dataclass
+class GPTQResult:
+    """Result of :func:`gptq_quantize`.
+
+    Attributes:
+        weight: Quantized weight ``[out, in]`` in the input dtype/device; equals
+            ``dequantize(codes, scale, zero, spec, dtype=W.dtype)`` exactly.
+        codes: Integer codes ``[out, in]`` (``spec.code_dtype``), original column order.
+        scale: Per-group scales ``[out, n_groups]``, float32.
+        zero: Per-group zero points ``[out, n_groups]``, float32.
+        damp: Relative damping finally used (the largest over row blocks for a grouped Hessian).
+        retries: Number of damping increases needed (the largest over row blocks).
+        perm: Act-order column permutation ``[in]`` (``[G, in]`` for a grouped Hessian), or None.
+    """
+
+    weight: torch.Tensor
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    damp: float
+    retries: int
+    perm: torch.Tensor | None
+
+
+@dataclass
+class _BlockSolve:
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    damp: float
+    retries: int
+    perm: torch.Tensor | None
+
+
+def _label(name: str) -> str:
+    return name or "<unnamed>"
+
+
+def _validate(
+    W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_size: int, damp: float, max_retries: int, name: str
+) -> int:
+    """Check arguments and return the number of Hessian groups."""
+    if W.dim() != 2 or not W.is_floating_point():
+        raise ValueError(
+            f"Module {_label(name)}: W must be a 2-D float tensor [out, in], got {W.dtype} {tuple(W.shape)}."
+        )
+    out_features, in_features = W.shape
+    spec.check_shape(in_features, name)
+    if H.dim() not in (2, 3) or tuple(H.shape[-2:]) != (in_features, in_features):
+        raise ValueError(
+            f"Module {_label(name)}: H must be [in, in] or [G, in, in] with in={in_features}, got {tuple(H.shape)}."
+        )
+    groups = 1 if H.dim() == 2 else H.shape[0]
+    if out_features % groups != 0:
+        raise ValueError(
+            f"Module {_label(name)}: grouped Hessian has {groups} groups, "
+            f"which must divide out_features={out_features}."
+        )
+    if block_size <= 0 or damp <= 0 or max_retries < 0:
+        raise ValueError(
+            f"Module {_label(name)}: need block_size > 0, damp > 0 and max_retries >= 0, "
+            f"got {block_size}, {damp} and {max_retries}."
+        )
+    if not bool(torch.isfinite(H).all()):
+        raise GPTQError(
+            f"Module {_label(name)}: Hessian contains NaN or Inf. Check the calibration inputs and token weights."
+        )
+    return groups
+
+
+def _upper_inverse_cholesky(
+    H: torch.Tensor, damp: float, max_retries: int, name: str
+) -> tuple[torch.Tensor, float, int]:
+    """Return ``(U, damp_used, retries)`` with ``U`` the upper Cholesky factor of ``(H + d I)^-1``.
+
+    Raises:
+        GPTQError: If factorisation fails after ``max_retries`` tenfold damping increases.
+    """
+    mean_diag = float(torch.diagonal(H).mean())
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    rel = damp
+    for attempt in range(max_retries + 1):
+        L, info = torch.linalg.cholesky_ex(H + (rel * mean_diag) * eye)
+        if int(info) == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if int(info) == 0 and bool(torch.isfinite(U).all()):
+                return U, rel, attempt
+        if attempt < max_retries:
+            logger.warning(
+                "GPTQ module %s: Cholesky factorisation failed with relative damping %g; "
+                "retrying with %g (retry %d/%d).",
+                _label(name),
+                rel,
+                rel * 10,
+                attempt + 1,
+                max_retries,
+            )
+            rel *= 10
+    raise GPTQError(
+        f"Module {_label(name)}: Hessian is not positive definite even with relative damping {rel:g} after "
+        f"{max_retries} retries. Check the calibration data (NaN/Inf activations, too few tokens, all-zero token "
+        f"weights), or raise `damp` / `max_retries`. GPTQ does not fall back to round-to-nearest."
+    )
+
+
+def _quantize_columns(
+    W: torch.Tensor,
+    U: torch.Tensor,
+    scale_cols: torch.Tensor,
+    zero_cols: torch.Tensor,
+    spec: QuantSpec,
+    block_size: int,
+) -> torch.Tensor:
+    """Run the GPTQ column loop in place on ``W`` (already permuted); return float codes ``[out, in]``.
+
+    ``scale_cols`` / ``zero_cols`` are per-column parameters ``[out, in]`` in the same (permuted) order.
+    """
+    n = W.shape[1]
+    codes = torch.empty_like(W)
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        W1 = W[:, i1:i2].clone()
+        U1 = U[i1:i2, i1:i2]
+        Err1 = torch.empty_like(W1)
+        for i in range(i2 - i1):
+            s, z = scale_cols[:, i1 + i], zero_cols[:, i1 + i]
+            c = round_to_grid(W1[:, i], s, z, spec)
+            err = (W1[:, i] - codes_to_values(c, s, z)) / U1[i, i]
+            W1[:, i:].sub_(err.unsqueeze(1) * U1[i, i:].unsqueeze(0))
+            codes[:, i1 + i] = c
+            Err1[:, i] = err
+        W[:, i2:].sub_(Err1 @ U[i1:i2, i2:])
+    return codes
+
+
+def _solve_block(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    spec: QuantSpec,
+    *,
+    block_size: int,
+    damp: float,
+    act_order: bool,
+    max_retries: int,
+    name: str,
+) -> _BlockSolve:
+    """Quantize rows ``W [rows, in]`` (float32, modified in place) against one Hessian ``H [in, in]``."""
+    H = H.clone()
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    scale, zero = compute_qparams(W, spec, name)
+    in_features = W.shape[1]
+    group_of_col = torch.arange(in_features, device=W.device) // spec.group_len(in_features)
+    perm = torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order else None
+    if perm is not None:
+        W, H, group_of_col = W[:, perm], H[perm][:, perm], group_of_col[perm]
+    U, used, retries = _upper_inverse_cholesky(H, damp, max_retries, name)
+    codes = _quantize_columns(W, U, scale[:, group_of_col], zero[:, group_of_col], spec, block_size)
+    if perm is not None:
+        codes = codes[:, torch.argsort(perm)]
+    return _BlockSolve(codes.to(spec.code_dtype), scale, zero, used, retries, perm)
+
+
+def _assemble(solves: list[_BlockSolve], spec: QuantSpec, dtype: torch.dtype) -> GPTQResult:
+    """Concatenate per-row-block solves into one :class:`GPTQResult`."""
+    codes = torch.cat([s.codes for s in solves])
+    scale = torch.cat([s.scale for s in solves])
+    zero = torch.cat([s.zero for s in solves])
+    perms = [s.perm for s in solves if s.perm is not None]
+    perm = None if not perms else perms[0] if len(solves) == 1 else torch.stack(perms)
+    return GPTQResult(
+        weight=dequantize(codes, scale, zero, spec, dtype=dtype),
+        codes=codes,
+        scale=scale,
+        zero=zero,
+        damp=max(s.damp for s in solves),
+        retries=max(s.retries for s in solves),
+        perm=perm,
+    )
+
+
+def gptq_quantize(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    spec: QuantSpec,
+    *,
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = True,
+    max_retries: int = 3,
+    name: str = "",
+) -> GPTQResult:
+    """Quantize ``W`` with GPTQ against the Hessian ``H``.
+
+    Args:
+        W: Weight ``[out, in]``, any float dtype (computation runs in float32 on ``W``'s device).
+        H: Hessian ``[in, in]`` or grouped ``[G, in, in]`` (rows of ``W`` split into G contiguous
+            equal blocks, each solved with its own Hessian); a sum or a mean, the scale is irrelevant.
+        spec: Quantization grid.
+        block_size: Columns per lazy-update block.
+        damp: Relative damping; ``damp * mean(diag H)`` is added to the diagonal.
+        act_order: Process columns by decreasing ``diag(H)`` (static groups, so no ``g_idx``).
+        max_retries: Tenfold damping increases allowed when the Cholesky factorisation fails.
+        name: Module name used in log messages and errors.
+
+    Returns:
+        A :class:`GPTQResult` whose ``weight`` equals ``dequantize(codes, scale, zero)`` in ``W.dtype``.
+
+    Raises:
+        ValueError: On bad shapes or arguments.
+        GPTQError: If the Hessian is non-finite or cannot be factorised after all retries.
+    """
+    groups = _validate(W, H, spec, block_size, damp, max_retries, name)
+    Wf = W.detach().to(torch.float32).clone()
+    Hg = H.detach().to(device=W.device, dtype=torch.float32).reshape(groups, W.shape[1], W.shape[1])
+    rows = W.shape[0] // groups
+    solves = [
+        _solve_block(
+            Wf[g * rows : (g + 1) * rows],
+            Hg[g],
+            spec,
+            block_size=block_size,
+            damp=damp,
+            act_order=act_order,
+            max_retries=max_retries,
+            name=name if groups == 1 else f"{_label(name)}[group {g}]",
+        )
+        for g in range(groups)
+    ]
+    return _assemble(solves, spec, W.dtype)

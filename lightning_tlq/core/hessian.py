@@ -1,0 +1,180 @@
+"""Token-weighted Hessian accumulation for one linear module, and the output-error metrics.
+
+For a linear module with inputs ``x_t`` (rows of ``[N, in]``) and token weights ``w_t`` the
+layer-wise objective is ``sum_t w_t ||dW x_t||^2 = tr(dW H dW^T)`` with ``H = sum_t w_t x_t x_t^T``.
+With output-channel groups (GuidedQuant style) each group ``g`` of contiguous output rows has its
+own weights ``w_{t,g}`` and Hessian ``H[g]``; ``H`` then has shape ``[groups, in, in]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class HessianAccumulator:
+    """Accumulates ``H = sum_t w_t x_t x_t^T`` in float32 (a sum, not a mean).
+
+    Attributes:
+        in_features: Input width of the module.
+        groups: Number of output-channel groups; 1 gives ``H`` of shape ``[in, in]``, more give
+            ``[groups, in, in]``.
+        H: The float32 Hessian sum.
+        tokens: Number of input rows added so far (rows with weight 0 included).
+        weight_sum: Sum of the row weights (python float); with per-group weights ``[N, groups]``
+            each row counts with its mean weight over groups. Equals ``tokens`` when unweighted.
+    """
+
+    def __init__(self, in_features: int, groups: int = 1, device: torch.device | str | None = None) -> None:
+        """Create an empty accumulator.
+
+        Args:
+            in_features: Input width of the module.
+            groups: Number of output-channel groups (>= 1).
+            device: Device holding ``H``; inputs are moved there.
+
+        Raises:
+            ValueError: If ``in_features`` or ``groups`` is not positive.
+        """
+        if in_features <= 0:
+            raise ValueError(f"HessianAccumulator: in_features must be positive, got {in_features}.")
+        if groups <= 0:
+            raise ValueError(f"HessianAccumulator: groups must be >= 1, got {groups}.")
+        self.in_features = in_features
+        self.groups = groups
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.reset()
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of ``H``: ``(in, in)`` or ``(groups, in, in)``."""
+        n = self.in_features
+        return (n, n) if self.groups == 1 else (self.groups, n, n)
+
+    def reset(self) -> None:
+        """Zero ``H``, ``tokens`` and ``weight_sum``."""
+        self.H = torch.zeros(self.shape, dtype=torch.float32, device=self.device)
+        self.tokens = 0
+        self.weight_sum = 0.0
+
+    def add(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+        """Add input rows with optional non-negative token weights.
+
+        Args:
+            x: Inputs ``[..., in]`` (typically ``[N, in]``), any float dtype; leading dims are flattened.
+            weight: None (every row weighs 1), ``[...]`` (one weight per row, shared by all groups)
+                or ``[..., groups]`` (one weight per row and output-channel group).
+
+        Raises:
+            ValueError: If shapes do not match or a weight is negative.
+        """
+        x2, w2 = self._flatten(x, weight)
+        xf = x2.to(device=self.device, dtype=torch.float32)
+        H = self.H.unsqueeze(0) if self.groups == 1 else self.H
+        for g in range(self.groups):
+            xw = xf if w2 is None else xf * w2[:, g : g + 1]
+            H[g].addmm_(xw.T, xf)
+        self.tokens += xf.shape[0]
+        self.weight_sum += float(xf.shape[0]) if w2 is None else float(w2.sum(dtype=torch.float64)) / self.groups
+
+    def _flatten(self, x: torch.Tensor, weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Return ``x`` as ``[N, in]`` and the weights as float32 ``[N, groups]`` (or None)."""
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"HessianAccumulator.add: expected x of shape [N, {self.in_features}], got {tuple(x.shape)}."
+            )
+        if not x.is_floating_point():
+            raise ValueError(f"HessianAccumulator.add: x must be a float tensor, got {x.dtype}.")
+        lead = tuple(x.shape[:-1])
+        x2 = x.reshape(-1, self.in_features)
+        if weight is None:
+            return x2, None
+        if tuple(weight.shape) == lead:
+            w2 = weight.reshape(-1, 1).expand(-1, self.groups)
+        elif tuple(weight.shape) == (*lead, self.groups):
+            w2 = weight.reshape(-1, self.groups)
+        else:
+            raise ValueError(
+                f"HessianAccumulator.add: weight must have shape {list(lead)} (per row) or "
+                f"{[*lead, self.groups]} (per row and group), got {list(weight.shape)}."
+            )
+        w2 = w2.to(device=self.device, dtype=torch.float32)
+        if w2.numel() and bool((w2 < 0).any()):
+            raise ValueError("HessianAccumulator.add: token weights must be non-negative (H must stay PSD).")
+        return x2, w2
+
+    def merge_(self, other: HessianAccumulator) -> HessianAccumulator:
+        """Add another accumulator's statistics into this one (in place) and return self.
+
+        Raises:
+            ValueError: If the two accumulators have different shapes.
+        """
+        if other.shape != self.shape:
+            raise ValueError(f"HessianAccumulator.merge_: shape mismatch {self.shape} vs {other.shape}.")
+        self.H += other.H.to(self.device)
+        self.tokens += other.tokens
+        self.weight_sum += other.weight_sum
+        return self
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Return ``{"H", "tokens", "weight_sum"}`` as tensors (suitable for ``torch.save`` or all-reduce)."""
+        return {
+            "H": self.H,
+            "tokens": torch.tensor(self.tokens, dtype=torch.int64, device=self.device),
+            "weight_sum": torch.tensor(self.weight_sum, dtype=torch.float64, device=self.device),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load statistics produced by :meth:`state_dict` (copied onto this accumulator's device).
+
+        Raises:
+            ValueError: If keys are missing or ``H`` has the wrong shape.
+        """
+        missing = {"H", "tokens", "weight_sum"} - set(state)
+        if missing:
+            raise ValueError(f"HessianAccumulator.load_state_dict: missing keys {sorted(missing)}.")
+        if tuple(state["H"].shape) != self.shape:
+            raise ValueError(f"HessianAccumulator.load_state_dict: H shape {tuple(state['H'].shape)} != {self.shape}.")
+        self.H = state["H"].to(device=self.device, dtype=torch.float32).clone()
+        self.tokens = int(state["tokens"])
+        self.weight_sum = float(state["weight_sum"])
+
+
+def _quadratic_form_trace(M: torch.Tensor, H: torch.Tensor) -> float:
+    """Return ``tr(M H M^T)`` in float64; grouped ``H [G, in, in]`` splits rows of ``M`` into G blocks."""
+    M = M.to(torch.float64)
+    H = H.to(device=M.device, dtype=torch.float64)
+    if M.dim() != 2 or H.shape[-1] != M.shape[1] or H.shape[-2] != M.shape[1]:
+        raise ValueError(f"Shape mismatch: weight {tuple(M.shape)} vs Hessian {tuple(H.shape)}.")
+    if H.dim() == 2:
+        return float(((M @ H) * M).sum())
+    if H.dim() != 3 or M.shape[0] % H.shape[0] != 0:
+        raise ValueError(
+            f"Grouped Hessian {tuple(H.shape)} needs out_features ({M.shape[0]}) divisible by its group count."
+        )
+    Mg = M.reshape(H.shape[0], -1, M.shape[1])
+    return float((torch.bmm(Mg, H) * Mg).sum())
+
+
+def output_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float:
+    """Layer-wise output error ``tr((Wq - W) H (Wq - W)^T)``, computed in float64.
+
+    Args:
+        W: Reference weight ``[out, in]``.
+        Wq: Quantized weight ``[out, in]``.
+        H: Hessian ``[in, in]`` or grouped ``[G, in, in]`` (rows split into G contiguous equal blocks).
+
+    Returns:
+        The error as a python float.
+    """
+    return _quadratic_form_trace(Wq.to(torch.float64) - W.to(torch.float64), H)
+
+
+def relative_output_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float:
+    """``output_error(W, Wq, H) / tr(W H W^T)``; 0/0 gives 0.0 and x/0 gives inf."""
+    num = output_error(W, Wq, H)
+    den = _quadratic_form_trace(W, H)
+    if den == 0.0:
+        return 0.0 if num == 0.0 else float("inf")
+    return num / den

@@ -1,0 +1,313 @@
+"""Tests for lightning_tlq.core.gptq (GPTQ solver against a weighted Hessian)."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+import pytest
+import torch
+
+from lightning_tlq.core.gptq import GPTQError, gptq_quantize
+from lightning_tlq.core.hessian import HessianAccumulator, output_error
+from lightning_tlq.core.quantizer import QuantSpec, compute_qparams, dequantize, rtn
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _correlated_inputs(n: int, d: int, seed: int) -> torch.Tensor:
+    """Inputs x = z @ A with a random mixing matrix and a few large-magnitude channels."""
+    g = _gen(seed)
+    z = torch.randn(n, d, generator=g)
+    A = torch.randn(d, d, generator=g) / d**0.5 + 0.5 * torch.eye(d)
+    x = z @ A
+    x[:, torch.randperm(d, generator=g)[: max(1, d // 16)]] *= 8.0
+    return x
+
+
+def _hessian(x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    acc = HessianAccumulator(x.shape[1])
+    acc.add(x, weight)
+    return acc.H
+
+
+def _damped(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """The Hessian GPTQ actually factorises: H + damp * mean(diag H) * I."""
+    return H + damp * float(torch.diagonal(H).mean()) * torch.eye(H.shape[0])
+
+
+def _assert_same(a, b) -> None:
+    assert torch.equal(a.weight, b.weight)
+    assert torch.equal(a.codes, b.codes)
+    assert torch.equal(a.scale, b.scale)
+    assert torch.equal(a.zero, b.zero)
+
+
+def test_ones_weighted_hessian_is_bit_identical_to_unweighted() -> None:
+    x = _correlated_inputs(256, 64, seed=0)
+    W = torch.randn(32, 64, generator=_gen(1))
+    spec = QuantSpec(bits=4, group_size=32)
+    plain = gptq_quantize(W, _hessian(x), spec, block_size=16)
+    weighted = gptq_quantize(W, _hessian(x, torch.ones(256)), spec, block_size=16)
+    _assert_same(plain, weighted)
+    assert torch.equal(plain.perm, weighted.perm)
+
+
+@pytest.mark.parametrize(
+    ("bits", "group_size", "symmetric"),
+    [(4, 32, True), (3, 64, False), (2, 16, True), (4, -1, False), (8, 32, True)],
+)
+@pytest.mark.parametrize("act_order", [True, False])
+def test_gptq_beats_rtn_on_correlated_inputs(bits: int, group_size: int, symmetric: bool, act_order: bool) -> None:
+    x = _correlated_inputs(512, 64, seed=bits)
+    H = _hessian(x)
+    W = torch.randn(48, 64, generator=_gen(10 + bits))
+    spec = QuantSpec(bits=bits, group_size=group_size, symmetric=symmetric)
+    res = gptq_quantize(W, H, spec, block_size=16, act_order=act_order)
+    gptq_err = output_error(W, res.weight, H)
+    rtn_err = output_error(W, rtn(W, spec).weight, H)
+    assert gptq_err < 0.8 * rtn_err
+    assert torch.equal(res.weight, dequantize(res.codes, res.scale, res.zero, spec))
+    assert (res.perm is not None) == act_order
+
+
+def test_weighted_gptq_wins_on_weighted_objective() -> None:
+    d = 48
+    # two token populations with different correlations; the weights favour the small one
+    xa = _correlated_inputs(600, d, seed=20)
+    xb = _correlated_inputs(60, d, seed=21)
+    x = torch.cat([xa, xb])
+    w = torch.cat([torch.full((600,), 0.05), torch.full((60,), 5.0)])
+    H_plain, H_weighted = _hessian(x), _hessian(x, w)
+    W = torch.randn(40, d, generator=_gen(22))
+    spec = QuantSpec(bits=3, group_size=16)
+    weighted = gptq_quantize(W, H_weighted, spec, block_size=16)
+    plain = gptq_quantize(W, H_plain, spec, block_size=16)
+    assert output_error(W, weighted.weight, H_weighted) < 0.95 * output_error(W, plain.weight, H_weighted)
+    assert output_error(W, plain.weight, H_plain) < output_error(W, weighted.weight, H_plain)
+
+
+def _brute_force_errors(W: torch.Tensor, H: torch.Tensor, scale_cols, zero_cols, spec: QuantSpec) -> tuple:
+    n = W.shape[1]
+    grid = torch.arange(spec.qmin, spec.qmax + 1, dtype=torch.float64)
+    codes = torch.cartesian_prod(*[grid] * n)  # [levels^n, n]
+    dW = (codes - zero_cols.double()) * scale_cols.double() - W.double()
+    errors = ((dW @ H.double()) * dW).sum(dim=1)
+    return codes, errors
+
+
+@pytest.mark.parametrize(("n_cols", "group_size"), [(5, -1), (6, 3)])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("act_order", [True, False])
+def test_tiny_problem_against_exhaustive_search(n_cols: int, group_size: int, symmetric: bool, act_order: bool) -> None:
+    spec = QuantSpec(bits=2, group_size=group_size, symmetric=symmetric)
+    damp = 0.01
+    x = _correlated_inputs(40, n_cols, seed=30 + n_cols)
+    H = _hessian(x)
+    Hd = _damped(H, damp)  # GPTQ minimises tr(dW Hd dW^T)
+    W = torch.randn(1, n_cols, generator=_gen(31))
+    res = gptq_quantize(W, H, spec, damp=damp, act_order=act_order)
+
+    scale, zero = compute_qparams(W, spec)
+    assert torch.equal(res.scale, scale)
+    glen = spec.group_len(n_cols)
+    scale_cols, zero_cols = scale.repeat_interleave(glen, 1)[0], zero.repeat_interleave(glen, 1)[0]
+    all_codes, errors = _brute_force_errors(W, Hd, scale_cols, zero_cols, spec)
+
+    gptq_err = output_error(W, res.weight, Hd)
+    rtn_err = output_error(W, rtn(W, spec).weight, Hd)
+    assert float(errors.min()) <= gptq_err + 1e-9
+    assert gptq_err <= rtn_err + 1e-9
+    assert gptq_err == pytest.approx(float(errors[_code_index(all_codes, res.codes[0])]), rel=1e-6)
+
+    # the last column processed minimises the objective given all other columns' codes
+    last = int(res.perm[-1]) if act_order else n_cols - 1
+    candidates = res.codes[0].double().repeat(spec.qmax - spec.qmin + 1, 1)
+    candidates[:, last] = torch.arange(spec.qmin, spec.qmax + 1, dtype=torch.float64)
+    dW = (candidates - zero_cols.double()) * scale_cols.double() - W.double()
+    cand_err = ((dW @ Hd.double()) * dW).sum(dim=1)
+    assert int(res.codes[0, last]) == spec.qmin + int(cand_err.argmin())
+
+
+def _code_index(all_codes: torch.Tensor, codes: torch.Tensor) -> int:
+    matches = (all_codes == codes.double()).all(dim=1).nonzero()
+    assert matches.numel() == 1
+    return int(matches[0, 0])
+
+
+def _reference_gptq_codes(W: torch.Tensor, Hd: torch.Tensor, scale_cols, zero_cols, spec: QuantSpec) -> torch.Tensor:
+    """Greedy sequential solution in float64 with explicit inverses (OBQ update, fixed column order)."""
+    W = W.double().clone()
+    codes = torch.empty_like(W)
+    for j in range(W.shape[1]):
+        Hinv = torch.linalg.inv(Hd[j:, j:].double())
+        s, z = scale_cols[:, j].double(), zero_cols[:, j].double()
+        codes[:, j] = (torch.round(W[:, j] / s) + z).clamp(spec.qmin, spec.qmax)
+        err = W[:, j] - (codes[:, j] - z) * s
+        W[:, j:] -= err[:, None] * Hinv[0][None, :] / Hinv[0, 0]
+    return codes
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_matches_float64_reference_solution(act_order: bool, symmetric: bool) -> None:
+    x = _correlated_inputs(200, 24, seed=35)
+    H = _hessian(x)
+    W = torch.randn(12, 24, generator=_gen(36))
+    spec = QuantSpec(bits=3, group_size=8, symmetric=symmetric)
+    res = gptq_quantize(W, H, spec, block_size=5, damp=0.01, act_order=act_order)
+    order = res.perm if act_order else torch.arange(24)
+    scale_cols = res.scale.repeat_interleave(8, 1)[:, order]
+    zero_cols = res.zero.repeat_interleave(8, 1)[:, order]
+    Hd = _damped(H, 0.01)[order][:, order]
+    ref = _reference_gptq_codes(W[:, order], Hd, scale_cols, zero_cols, spec)
+    assert torch.equal(res.codes[:, order].double(), ref)
+
+
+@pytest.mark.parametrize(("bits", "group_size", "symmetric"), list(itertools.product([2, 4], [8, -1], [True, False])))
+@pytest.mark.parametrize("act_order", [True, False])
+def test_diagonal_hessian_equals_rtn(bits: int, group_size: int, symmetric: bool, act_order: bool) -> None:
+    H = torch.diag(torch.rand(32, generator=_gen(40)) * 10 + 0.1)
+    W = torch.randn(12, 32, generator=_gen(41)).to(torch.bfloat16)
+    spec = QuantSpec(bits=bits, group_size=group_size, symmetric=symmetric)
+    res = gptq_quantize(W, H, spec, block_size=8, act_order=act_order)
+    _assert_same(res, rtn(W, spec))
+    assert res.weight.dtype == torch.bfloat16
+
+
+def test_act_order_uses_static_groups_in_original_order() -> None:
+    x = _correlated_inputs(256, 64, seed=50)
+    H = _hessian(x)
+    W = torch.randn(16, 64, generator=_gen(51))
+    spec = QuantSpec(bits=3, group_size=16, symmetric=False)
+    res = gptq_quantize(W, H, spec, block_size=16, act_order=True)
+    scale, zero = compute_qparams(W, spec)
+    assert torch.equal(res.scale, scale)
+    assert torch.equal(res.zero, zero)
+    assert torch.equal(res.weight, dequantize(res.codes, scale, zero, spec))
+    assert torch.equal(res.perm, torch.argsort(torch.diagonal(H), descending=True, stable=True))
+    assert not torch.equal(res.perm, torch.arange(64))
+
+
+def test_act_order_equals_solving_the_permuted_problem() -> None:
+    # integer-valued inputs make H (and mean(diag H)) exact, so permuting changes no rounding
+    x = torch.randint(-3, 4, (64, 24), generator=_gen(60)).float()
+    x[:, 5] *= 4
+    H = x.T @ x
+    W = torch.randn(8, 24, generator=_gen(61))
+    spec = QuantSpec(bits=3, group_size=-1)  # per-row params are invariant to column order
+    res = gptq_quantize(W, H, spec, block_size=8, act_order=True)
+    perm = res.perm
+    ref = gptq_quantize(W[:, perm], H[perm][:, perm], spec, block_size=8, act_order=False)
+    inv = torch.argsort(perm)
+    assert torch.equal(res.codes, ref.codes[:, inv])
+    assert torch.equal(res.weight, ref.weight[:, inv])
+
+
+def test_dead_input_column_is_zeroed() -> None:
+    x = _correlated_inputs(128, 32, seed=70)
+    x[:, 3] = 0.0
+    H = _hessian(x)
+    assert H[3, 3] == 0
+    W = torch.randn(8, 32, generator=_gen(71))
+    spec = QuantSpec(bits=4, group_size=8)
+    res = gptq_quantize(W, H, spec, block_size=8)
+    assert torch.isfinite(res.weight).all()
+    assert torch.equal(res.weight[:, 3], torch.zeros(8))
+    W_dead = W.clone()
+    W_dead[:, 3] = 0.0
+    assert torch.equal(res.scale, compute_qparams(W_dead, spec)[0])
+    assert res.retries == 0
+
+
+def test_negative_definite_hessian_raises_after_logged_retries(caplog: pytest.LogCaptureFixture) -> None:
+    H = -_hessian(_correlated_inputs(64, 16, seed=80))
+    W = torch.randn(4, 16, generator=_gen(81))
+    with (
+        caplog.at_level(logging.WARNING, logger="lightning_tlq.core.gptq"),
+        pytest.raises(GPTQError, match=r"layers\.3\.self_attn\.q_proj.*damp"),
+    ):
+        gptq_quantize(W, H, QuantSpec(bits=4, group_size=-1), max_retries=3, name="layers.3.self_attn.q_proj")
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 3
+    assert all("layers.3.self_attn.q_proj" in r.getMessage() for r in warnings)
+
+
+def test_barely_indefinite_hessian_succeeds_with_more_damping(caplog: pytest.LogCaptureFixture) -> None:
+    d = 16
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=_gen(90), dtype=torch.float64))
+    eig = torch.linspace(1.0, 2.0, d, dtype=torch.float64)
+    eig[0] = -0.05 * float(eig[1:].sum() - 0.05) / d  # slightly negative: damp 0.01 fails, 0.1 works
+    H = (Q * eig) @ Q.T
+    W = torch.randn(4, d, generator=_gen(91))
+    with caplog.at_level(logging.WARNING, logger="lightning_tlq.core.gptq"):
+        res = gptq_quantize(W, H.float(), QuantSpec(bits=4, group_size=-1), damp=0.01, name="mlp.down_proj")
+    assert res.retries == 1
+    assert res.damp == pytest.approx(0.1)
+    assert torch.isfinite(res.weight).all()
+    assert len(caplog.records) == 1
+    assert "mlp.down_proj" in caplog.records[0].getMessage()
+
+
+def test_rank_deficient_hessian_needs_no_retry() -> None:
+    x = _correlated_inputs(8, 32, seed=95)  # 8 tokens, 32 inputs: H has rank 8
+    res = gptq_quantize(torch.randn(4, 32, generator=_gen(96)), _hessian(x), QuantSpec(bits=4, group_size=8))
+    assert res.retries == 0
+    assert res.damp == 0.01
+    assert torch.isfinite(res.weight).all()
+
+
+def test_non_finite_hessian_raises() -> None:
+    H = torch.eye(8)
+    H[2, 2] = float("nan")
+    with pytest.raises(GPTQError, match="NaN"):
+        gptq_quantize(torch.randn(2, 8), H, QuantSpec(group_size=-1), name="proj")
+
+
+def test_grouped_hessian_equals_separate_row_blocks() -> None:
+    d, rows = 32, 6
+    H0 = _hessian(_correlated_inputs(128, d, seed=100))
+    H1 = _hessian(_correlated_inputs(128, d, seed=101))
+    W = torch.randn(2 * rows, d, generator=_gen(102))
+    spec = QuantSpec(bits=3, group_size=8, symmetric=False)
+    res = gptq_quantize(W, torch.stack([H0, H1]), spec, block_size=8)
+    top = gptq_quantize(W[:rows], H0, spec, block_size=8)
+    bottom = gptq_quantize(W[rows:], H1, spec, block_size=8)
+    assert torch.equal(res.codes, torch.cat([top.codes, bottom.codes]))
+    assert torch.equal(res.weight, torch.cat([top.weight, bottom.weight]))
+    assert torch.equal(res.scale, torch.cat([top.scale, bottom.scale]))
+    assert torch.equal(res.perm, torch.stack([top.perm, bottom.perm]))
+    with pytest.raises(ValueError, match="must divide out_features"):
+        gptq_quantize(W[:7], torch.stack([H0, H1]), spec)
+
+
+def test_block_size_does_not_change_result_beyond_rounding() -> None:
+    x = _correlated_inputs(256, 64, seed=110)
+    H = _hessian(x)
+    W = torch.randn(16, 64, generator=_gen(111))
+    spec = QuantSpec(bits=4, group_size=16)
+    a = gptq_quantize(W, H, spec, block_size=64)
+    b = gptq_quantize(W, H, spec, block_size=7)
+    assert (a.codes != b.codes).float().mean() < 0.01
+    assert output_error(W, b.weight, H) == pytest.approx(output_error(W, a.weight, H), rel=1e-2)
+
+
+def test_low_precision_weight_keeps_dtype_and_exact_dequant() -> None:
+    H = _hessian(_correlated_inputs(128, 32, seed=120))
+    W = torch.randn(8, 32, generator=_gen(121)).to(torch.float16)
+    spec = QuantSpec(bits=4, group_size=16)
+    res = gptq_quantize(W, H, spec)
+    assert res.weight.dtype == torch.float16
+    assert res.codes.dtype == torch.int8
+    assert torch.equal(res.weight, dequantize(res.codes, res.scale, res.zero, spec, dtype=torch.float16))
+    assert torch.equal(res.scale, compute_qparams(W, spec)[0])
+
+
+def test_bad_shapes_raise() -> None:
+    spec = QuantSpec(bits=4, group_size=16)
+    with pytest.raises(ValueError, match="H must be"):
+        gptq_quantize(torch.randn(4, 32), torch.eye(16), spec)
+    with pytest.raises(ValueError, match="does not divide"):
+        gptq_quantize(torch.randn(4, 24), torch.eye(24), spec, name="o_proj")
