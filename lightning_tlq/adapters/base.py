@@ -1,0 +1,532 @@
+"""Model-family adapters: everything the quantizer needs to know about a vision-language model.
+
+The calibration loop is family-agnostic. It asks an adapter for the text decoder layers, the linear modules
+to quantize (grouped in inference order), the inputs each decoder layer receives, and how to run a single
+layer. Each family is one small module that subclasses :class:`VLMAdapter`, overrides what differs, and is
+decorated with :func:`register_adapter`; :func:`get_adapter` then picks it by ``model.config.model_type``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "CapturedInputs",
+    "UnsupportedModelError",
+    "VLMAdapter",
+    "get_adapter",
+    "move_to",
+    "register_adapter",
+    "supported_model_types",
+]
+
+# Layer kwargs that must never be replayed: caches grow on replay, the rest are output/control flags.
+_DROPPED_LAYER_KWARGS = frozenset(
+    {
+        "cache",
+        "past_key_values",
+        "past_key_value",
+        "use_cache",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+        "logits_to_keep",
+    }
+)
+
+# Llama-style decoder layer: q/k/v read the normed input, o reads attention, gate/up read the normed residual.
+_LLAMA_GROUPS: tuple[tuple[str, ...], ...] = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+
+
+class UnsupportedModelError(ValueError):
+    """Raised when a model (family or structure) is not supported by any registered adapter."""
+
+
+class _StopForward(Exception):
+    """Raised from the last decoder layer's pre-hook to end a capture forward early."""
+
+
+def move_to(obj: Any, device: torch.device | str, dtype: torch.dtype | None = None) -> Any:
+    """Move every tensor in a nested structure of tuples, lists and dicts to ``device``.
+
+    Objects that appear several times (for example the RoPE tuple shared by all layers) are moved once and
+    stay shared in the result.
+
+    Args:
+        obj: A tensor, or a (possibly nested) tuple, named tuple, list or mapping holding tensors. Other
+            leaves are returned unchanged.
+        device: Target device.
+        dtype: Optional dtype for floating-point tensors; integer and bool tensors keep theirs.
+
+    Returns:
+        A structure of the same shape with moved tensors.
+    """
+    return _move(obj, device, dtype, {})
+
+
+def _move(obj: Any, device: torch.device | str, dtype: torch.dtype | None, memo: dict[int, Any]) -> Any:
+    """Implement :func:`move_to`; ``memo`` maps ``id`` of already moved objects to their copies."""
+    if id(obj) in memo:
+        return memo[id(obj)]
+    if isinstance(obj, Tensor):
+        cast = dtype if dtype is not None and obj.is_floating_point() else None
+        out: Any = obj.to(device=device, dtype=cast)
+    elif isinstance(obj, Mapping):
+        out = {k: _move(v, device, dtype, memo) for k, v in obj.items()}
+    elif isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        out = type(obj)(*(_move(v, device, dtype, memo) for v in obj))
+    elif isinstance(obj, (tuple, list)):
+        out = type(obj)(_move(v, device, dtype, memo) for v in obj)
+    else:
+        return obj
+    memo[id(obj)] = out
+    return out
+
+
+def _contains_tensor(obj: Any) -> bool:
+    """Return whether a nested structure of tuples, lists and dicts holds at least one tensor."""
+    if isinstance(obj, Tensor):
+        return True
+    if isinstance(obj, Mapping):
+        return any(_contains_tensor(v) for v in obj.values())
+    if isinstance(obj, (tuple, list)):
+        return any(_contains_tensor(v) for v in obj)
+    return False
+
+
+@dataclass
+class CapturedInputs:
+    """Inputs of the text decoder layers, recorded during one forward pass of the full model.
+
+    Attributes:
+        hidden: ``(B, S, D)`` input hidden states of decoder layer 0 (text and image embeddings merged).
+        layer_kwargs: Keyword arguments each decoder layer ``i`` received (``position_embeddings``,
+            ``attention_mask``, ``position_ids``, ...). Caches, ``use_cache`` and other leftovers that hold no
+            tensor are dropped. Entries may share objects (the same RoPE tuple or mask for every layer).
+    """
+
+    hidden: Tensor
+    layer_kwargs: list[dict[str, Any]]
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> CapturedInputs:
+        """Return a copy on ``device``, with floating tensors cast to ``dtype``; shared objects stay shared.
+
+        Args:
+            device: Target device.
+            dtype: Optional dtype for floating-point tensors (masks and position ids keep theirs).
+
+        Returns:
+            The moved inputs.
+        """
+        memo: dict[int, Any] = {}
+        return CapturedInputs(
+            hidden=_move(self.hidden, device, dtype, memo),
+            layer_kwargs=[_move(kw, device, dtype, memo) for kw in self.layer_kwargs],
+        )
+
+
+def _split_layer_call(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
+    """Split the arguments of a decoder-layer call into the hidden-states input and keyword arguments.
+
+    Extra positional arguments (beyond the hidden states) are named using the layer's ``forward`` signature,
+    so replaying ``layer(hidden, **kwargs)`` is equivalent whatever calling convention the model used.
+    """
+    kwargs = dict(kwargs)
+    if not args:
+        if "hidden_states" not in kwargs:
+            raise UnsupportedModelError(
+                f"{type(module).__name__} was called without positional arguments and without `hidden_states`; "
+                "override VLMAdapter.capture for this family."
+            )
+        return kwargs.pop("hidden_states"), kwargs
+    if len(args) > 1:
+        params = [
+            p.name
+            for p in inspect.signature(module.forward).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+        kwargs.update(zip(params[1 : len(args)], args[1:]))
+    return args[0], kwargs
+
+
+def _first_tensor(output: Any, layer_index: int) -> Tensor:
+    """Return the hidden states from a decoder layer output (a tensor, or a tuple/list starting with one)."""
+    if isinstance(output, (tuple, list)) and output:
+        output = output[0]
+    if not isinstance(output, Tensor):
+        raise TypeError(
+            f"Decoder layer {layer_index} returned {type(output).__name__}; expected a tensor or a tuple whose "
+            "first item is the hidden states. Override VLMAdapter.run_layer for this family."
+        )
+    return output
+
+
+class VLMAdapter:
+    """Family knowledge of a Hugging Face vision-language model, with Llama-like defaults.
+
+    Subclasses set :attr:`model_types` and override only what differs for their family (extra forward
+    inputs, module groups, vision prefixes, ...), then register with :func:`register_adapter`.
+
+    Attributes:
+        model_types: ``config.model_type`` values handled by the adapter.
+        forward_keys: Batch keys passed to the model forward (others, such as labels, are dropped).
+        linear_groups: Linear module names relative to a decoder layer, grouped in inference order.
+        vision_prefixes: Qualified names (relative to the model) of the vision tower and projector.
+        kept_layer_kwargs: Layer kwargs kept by :meth:`capture` even though they hold no tensor.
+        model: The wrapped model.
+    """
+
+    model_types: ClassVar[tuple[str, ...]] = ()
+    forward_keys: ClassVar[tuple[str, ...]] = ("input_ids", "attention_mask", "pixel_values")
+    linear_groups: ClassVar[tuple[tuple[str, ...], ...]] = _LLAMA_GROUPS
+    vision_prefixes: ClassVar[tuple[str, ...]] = ()
+    kept_layer_kwargs: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, model: nn.Module) -> None:
+        """Wrap ``model``.
+
+        Args:
+            model: A Hugging Face image-text-to-text model (``...ForConditionalGeneration``).
+
+        Raises:
+            UnsupportedModelError: If the model's ``config.model_type`` is not in :attr:`model_types`.
+        """
+        model_type = _model_type(model)
+        if self.model_types and model_type not in self.model_types:
+            raise UnsupportedModelError(
+                f"{type(self).__name__} handles model types {list(self.model_types)}, got {model_type!r}; "
+                "use get_adapter(model) to pick the right adapter."
+            )
+        self.model = model
+
+    # ----------------------------------------------------------------------------------------------- config
+    @property
+    def image_token_id(self) -> int:
+        """Id of the image placeholder token in ``input_ids``."""
+        config = self.model.config
+        for name in ("image_token_id", "image_token_index"):
+            value = getattr(config, name, None)
+            if value is not None:
+                return int(value)
+        raise UnsupportedModelError(
+            f"{type(config).__name__} has neither `image_token_id` nor `image_token_index`; "
+            f"override image_token_id in {type(self).__name__}."
+        )
+
+    @property
+    def pad_token_id(self) -> int | None:
+        """Padding token id from the text config (or the top-level config), ``None`` if unset."""
+        config = self.model.config
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        for cfg in (text_config, config):
+            value = getattr(cfg, "pad_token_id", None)
+            if value is not None:
+                return int(value)
+        return None
+
+    @property
+    def num_layers(self) -> int:
+        """Number of text decoder layers."""
+        return len(self.decoder_layers())
+
+    # ------------------------------------------------------------------------------------------- structure
+    def text_model(self) -> nn.Module:
+        """Return the text decoder stack (the module owning ``layers`` and the final ``norm``).
+
+        Raises:
+            UnsupportedModelError: If no candidate module has an ``nn.ModuleList`` named ``layers``.
+        """
+        candidates: list[Any] = []
+        if hasattr(self.model, "get_decoder"):
+            decoder = self.model.get_decoder()
+            candidates += [decoder, getattr(decoder, "language_model", None)]
+        candidates.append(getattr(getattr(self.model, "model", None), "language_model", None))
+        for module in candidates:
+            if isinstance(getattr(module, "layers", None), nn.ModuleList):
+                return module
+        raise UnsupportedModelError(
+            f"Cannot find the text decoder layers of {type(self.model).__name__} (tried model.get_decoder().layers "
+            f"and model.model.language_model.layers); override text_model() in {type(self).__name__}."
+        )
+
+    def decoder_layers(self) -> nn.ModuleList:
+        """Return the text decoder layers, in execution order."""
+        return self.text_model().layers
+
+    def layer_name(self, layer_index: int) -> str:
+        """Return the qualified name of decoder layer ``layer_index`` within the model."""
+        return self._qualified_name(self._layer(layer_index))
+
+    def module_groups(self, layer_index: int) -> list[list[str]]:
+        """Return the linear modules of a decoder layer to quantize, grouped in inference order.
+
+        Modules in one group read the same input and are calibrated together; groups are solved one after
+        the other (true-sequential calibration).
+
+        Args:
+            layer_index: Index of the decoder layer.
+
+        Returns:
+            Module names relative to the decoder layer, e.g. ``[["self_attn.q_proj", ...], ["self_attn.o_proj"]]``.
+
+        Raises:
+            UnsupportedModelError: If a listed module is missing or is not an ``nn.Linear``.
+        """
+        layer = self._layer(layer_index)
+        groups = [list(group) for group in self.linear_groups]
+        for name in (n for group in groups for n in group):
+            self._check_linear(layer, layer_index, name)
+        return groups
+
+    def target_module_names(self) -> list[str]:
+        """Return the qualified names of all linear modules to quantize, over all decoder layers."""
+        return [
+            f"{self.layer_name(i)}.{name}"
+            for i in range(self.num_layers)
+            for group in self.module_groups(i)
+            for name in group
+        ]
+
+    @property
+    def ignore_prefixes(self) -> tuple[str, ...]:
+        """Qualified-name prefixes of modules kept in full precision: vision tower, projector and LM head."""
+        for prefix in self.vision_prefixes:
+            self._check_submodule(prefix)
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        head_names = (self._qualified_name(head),) if isinstance(head, nn.Module) else ()
+        return (*self.vision_prefixes, *head_names)
+
+    def is_ignored(self, name: str) -> bool:
+        """Return whether the qualified module name ``name`` lies under one of :attr:`ignore_prefixes`."""
+        return any(name == p or name.startswith(p + ".") for p in self.ignore_prefixes)
+
+    # ------------------------------------------------------------------------------------------- execution
+    def forward_inputs(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """Build model-forward kwargs from a collated batch.
+
+        Keeps the keys in :attr:`forward_keys` (labels and other extras are dropped) and sets
+        ``use_cache=False``. Families extend this to add inputs their forward requires.
+
+        Args:
+            batch: Collated batch with at least ``input_ids``.
+
+        Returns:
+            Keyword arguments for ``model(**kwargs)``.
+
+        Raises:
+            KeyError: If ``input_ids`` is missing.
+        """
+        if batch.get("input_ids") is None:
+            raise KeyError(f"The batch needs `input_ids` to run the model; got keys {sorted(batch)}.")
+        inputs = {key: batch[key] for key in self.forward_keys if batch.get(key) is not None}
+        inputs["use_cache"] = False
+        return inputs
+
+    def capture(self, batch: Mapping[str, Any]) -> CapturedInputs:
+        """Run the model once (no grad) and record the inputs of every text decoder layer.
+
+        The forward stops right before the last decoder layer would run, so the work after it (final norm,
+        LM head) is skipped. All hooks are removed again, also when the forward raises.
+
+        Args:
+            batch: Collated batch, already on the model's device.
+
+        Returns:
+            Layer-0 hidden states and the kwargs of each decoder layer.
+
+        Raises:
+            RuntimeError: If some decoder layer was not reached during the forward.
+        """
+        inputs = self.forward_inputs(batch)
+        layers = self.decoder_layers()
+        records: list[dict[str, Any] | None] = [None] * len(layers)
+        first: list[Tensor] = []
+        handles = []
+        try:
+            for i, layer in enumerate(layers):
+                hook = self._capture_hook(i, len(layers), records, first)
+                handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+            with torch.no_grad():
+                self.model(**inputs)
+        except _StopForward:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        missing = [i for i, kw in enumerate(records) if kw is None]
+        if missing or not first:
+            raise RuntimeError(
+                f"Decoder layers {missing} of {type(self.model).__name__} were not called during the capture "
+                f"forward; override capture() in {type(self).__name__}."
+            )
+        return CapturedInputs(hidden=first[0], layer_kwargs=[kw for kw in records if kw is not None])
+
+    def run_layer(self, layer_index: int, hidden: Tensor, kwargs: Mapping[str, Any]) -> Tensor:
+        """Run one decoder layer on ``hidden`` with its captured kwargs.
+
+        Gradient mode is left to the caller.
+
+        Args:
+            layer_index: Index of the decoder layer.
+            hidden: ``(B, S, D)`` input hidden states.
+            kwargs: The layer's kwargs, e.g. ``CapturedInputs.layer_kwargs[layer_index]``.
+
+        Returns:
+            ``(B, S, D)`` output hidden states.
+        """
+        return _first_tensor(self._layer(layer_index)(hidden, **kwargs), layer_index)
+
+    def head(self, hidden: Tensor) -> Tensor:
+        """Apply the final norm and the LM head to the last decoder layer's output.
+
+        Args:
+            hidden: ``(B, S, D)`` output of the last decoder layer.
+
+        Returns:
+            ``(B, S, V)`` logits, as the model's forward computes them.
+        """
+        norm = getattr(self.text_model(), "norm", None)
+        lm_head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        if not isinstance(norm, nn.Module) or not isinstance(lm_head, nn.Module):
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__} has no final `norm` on its text model or no output embeddings; "
+                f"override head() in {type(self).__name__}."
+            )
+        return lm_head(norm(hidden))
+
+    # --------------------------------------------------------------------------------------------- helpers
+    def _layer(self, layer_index: int) -> nn.Module:
+        layers = self.decoder_layers()
+        if not 0 <= layer_index < len(layers):
+            raise IndexError(f"Decoder layer index {layer_index} is out of range; the model has {len(layers)} layers.")
+        return layers[layer_index]
+
+    def _capture_hook(
+        self, index: int, count: int, records: list[dict[str, Any] | None], first: list[Tensor]
+    ) -> Callable[[nn.Module, tuple, dict[str, Any]], None]:
+        """Build the pre-hook recording decoder layer ``index``'s inputs (and stopping after the last one)."""
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+            hidden, layer_kwargs = _split_layer_call(module, args, kwargs)
+            if index == 0:
+                first.append(hidden)
+            records[index] = self._clean_layer_kwargs(layer_kwargs)
+            if index == count - 1:
+                raise _StopForward
+
+        return hook
+
+    def _clean_layer_kwargs(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """Drop caches, control flags and values holding no tensor (unless in :attr:`kept_layer_kwargs`)."""
+        return {
+            key: value
+            for key, value in kwargs.items()
+            if key in self.kept_layer_kwargs or (key not in _DROPPED_LAYER_KWARGS and _contains_tensor(value))
+        }
+
+    def _check_linear(self, layer: nn.Module, layer_index: int, name: str) -> None:
+        try:
+            module = layer.get_submodule(name)
+        except AttributeError:
+            module = None
+        if not isinstance(module, nn.Linear):
+            found = "nothing" if module is None else type(module).__name__
+            raise UnsupportedModelError(
+                f"{type(self).__name__} expects an nn.Linear at '{name}' in decoder layer {layer_index} "
+                f"({type(layer).__name__}) but found {found}; override linear_groups or module_groups() for "
+                "this family."
+            )
+
+    def _check_submodule(self, name: str) -> None:
+        try:
+            self.model.get_submodule(name)
+        except AttributeError as err:
+            raise UnsupportedModelError(
+                f"{type(self).__name__}.vision_prefixes names '{name}', which {type(self.model).__name__} does not "
+                "have; fix vision_prefixes for this family."
+            ) from err
+
+    def _qualified_name(self, module: nn.Module) -> str:
+        for name, candidate in self.model.named_modules():
+            if candidate is module:
+                return name
+        raise UnsupportedModelError(f"{type(module).__name__} is not a submodule of {type(self.model).__name__}.")
+
+
+# ------------------------------------------------------------------------------------------------ registry
+_REGISTRY: dict[str, type[VLMAdapter]] = {}
+_AdapterT = TypeVar("_AdapterT", bound=type[VLMAdapter])
+
+
+def _model_type(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def register_adapter(cls: _AdapterT) -> _AdapterT:
+    """Class decorator registering a :class:`VLMAdapter` subclass for its :attr:`~VLMAdapter.model_types`.
+
+    Args:
+        cls: The adapter class.
+
+    Returns:
+        ``cls`` unchanged.
+
+    Raises:
+        TypeError: If ``cls`` is not a ``VLMAdapter`` subclass.
+        ValueError: If it declares no model types, or one is already taken by a different adapter.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, VLMAdapter)):
+        raise TypeError(f"@register_adapter expects a VLMAdapter subclass, got {cls!r}.")
+    if not cls.model_types:
+        raise ValueError(f"{cls.__name__}.model_types is empty; list the config.model_type values it handles.")
+    for model_type in cls.model_types:
+        existing = _REGISTRY.get(model_type)
+        same = existing is not None and (existing.__module__, existing.__qualname__) == (
+            cls.__module__,
+            cls.__qualname__,
+        )
+        if existing is not None and not same:
+            raise ValueError(f"Model type {model_type!r} is already handled by {existing.__qualname__}.")
+    for model_type in cls.model_types:
+        _REGISTRY[model_type] = cls
+    return cls
+
+
+def supported_model_types() -> tuple[str, ...]:
+    """Return the sorted ``config.model_type`` values that have a registered adapter."""
+    return tuple(sorted(_REGISTRY))
+
+
+def get_adapter(model: nn.Module) -> VLMAdapter:
+    """Return the registered adapter for ``model``, chosen by ``model.config.model_type``.
+
+    Args:
+        model: A Hugging Face vision-language model.
+
+    Returns:
+        An adapter instance wrapping ``model``.
+
+    Raises:
+        UnsupportedModelError: If no adapter handles the model type.
+    """
+    model_type = _model_type(model)
+    cls = _REGISTRY.get(model_type) if model_type is not None else None
+    if cls is None:
+        raise UnsupportedModelError(
+            f"No adapter for model type {model_type!r} ({type(model).__name__}). Supported model types: "
+            f"{', '.join(supported_model_types()) or 'none'}. To add one, subclass VLMAdapter in "
+            f"lightning_tlq/adapters/<family>.py with model_types = ({model_type!r},), decorate it with "
+            "@register_adapter and import the module in lightning_tlq/adapters/__init__.py."
+        )
+    return cls(model)
