@@ -1,0 +1,422 @@
+"""Calibration data for vision-language models: samples, encoding, batching and token masks.
+
+A :class:`Sample` is an image with a question and a short answer. :func:`encode_sample` turns it into the
+processor's tensors plus ``labels`` that supervise only the answer, :func:`collate` right-pads samples into a
+batch, and :func:`token_masks` splits a batch's positions into image, text, answer and padding tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageDraw, UnidentifiedImageError
+
+COLORS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
+SHAPES: tuple[str, ...] = ("square", "circle", "triangle")
+PLURALS: dict[str, str] = {"square": "squares", "circle": "circles", "triangle": "triangles"}
+COUNTS: tuple[str, ...] = ("one", "two", "three", "four")
+POSITIONS: tuple[str, ...] = ("left", "right", "top", "bottom")
+YES_NO: tuple[str, ...] = ("yes", "no")
+QUESTION_WORDS: tuple[str, ...] = (
+    "what", "color", "is", "the", "shape", "in", "image", "how", "many", "are", "there", "where", "a", "?",
+)  # fmt: skip
+KINDS: tuple[str, ...] = ("color", "shape", "count", "position", "exists")
+
+SYNTHETIC_WORDS: tuple[str, ...] = tuple(
+    sorted({*COLORS, *SHAPES, *PLURALS.values(), *COUNTS, *POSITIONS, *YES_NO, *QUESTION_WORDS})
+)
+"""Every word (split on whitespace and punctuation, lower-case) used by :func:`synthetic_samples`."""
+
+IGNORE_INDEX = -100
+SYNTHETIC_IMAGE_SIZE = 32
+_RGB: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (40, 70, 220),
+    "yellow": (230, 210, 40),
+    "purple": (140, 60, 180),
+    "orange": (240, 140, 30),
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+}
+_BACKGROUND = (120, 120, 120)
+_QUADRANT_CENTERS = ((8, 8), (24, 8), (8, 24), (24, 24))
+_POSITION_CENTERS = {"left": (8, 16), "right": (24, 16), "top": (16, 8), "bottom": (16, 24)}
+# Sequence keys padded by `collate`; the value is a placeholder replaced by the pad token id.
+_PAD_VALUES: dict[str, int | None] = {
+    "input_ids": None,
+    "attention_mask": 0,
+    "labels": IGNORE_INDEX,
+    "mm_token_type_ids": 0,
+    "token_type_ids": 0,
+}
+
+
+@dataclass
+class Sample:
+    """One image-question-answer example.
+
+    Attributes:
+        image: RGB image.
+        question: Question about the image.
+        answer: Short reference answer (the supervised target).
+        kind: Optional question type, e.g. ``"color"`` or ``"count"``.
+    """
+
+    image: Image.Image
+    question: str
+    answer: str
+    kind: str = ""
+
+
+@dataclass
+class TokenMasks:
+    """Boolean ``[B, S]`` masks over the positions of a batch.
+
+    Attributes:
+        image: Image (placeholder) tokens.
+        text: Every real token that is not an image token (includes the answer).
+        answer: Supervised answer tokens (``labels != -100``).
+        pad: Padding positions.
+    """
+
+    image: torch.Tensor
+    text: torch.Tensor
+    answer: torch.Tensor
+    pad: torch.Tensor
+
+
+# --------------------------------------------------------------------------------------------- synthetic data
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, color: str, center: tuple[int, int], radius: int) -> None:
+    x, y = center
+    box = (x - radius, y - radius, x + radius, y + radius)
+    fill = _RGB[color]
+    if shape == "square":
+        draw.rectangle(box, fill=fill)
+    elif shape == "circle":
+        draw.ellipse(box, fill=fill)
+    else:
+        draw.polygon([(x, y - radius), (x - radius, y + radius), (x + radius, y + radius)], fill=fill)
+
+
+def _canvas(shapes: Sequence[tuple[str, str, tuple[int, int], int]]) -> Image.Image:
+    image = Image.new("RGB", (SYNTHETIC_IMAGE_SIZE, SYNTHETIC_IMAGE_SIZE), _BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    for shape, color, center, radius in shapes:
+        _draw_shape(draw, shape, color, center, radius)
+    return image
+
+
+def _jitter(rng: random.Random, center: tuple[int, int], amount: int = 1) -> tuple[int, int]:
+    return center[0] + rng.randint(-amount, amount), center[1] + rng.randint(-amount, amount)
+
+
+def _color_or_shape_sample(rng: random.Random, kind: str) -> Sample:
+    shape, color, radius = rng.choice(SHAPES), rng.choice(COLORS), rng.randint(5, 8)
+    center = (rng.randint(radius, 31 - radius), rng.randint(radius, 31 - radius))
+    image = _canvas([(shape, color, center, radius)])
+    if kind == "color":
+        return Sample(image, f"what color is the {shape} ?", color, kind)
+    return Sample(image, "what shape is in the image ?", shape, kind)
+
+
+def _count_sample(rng: random.Random) -> Sample:
+    shape, color, count = rng.choice(SHAPES), rng.choice(COLORS), rng.randint(1, len(COUNTS))
+    quadrants = sorted(rng.sample(range(4), count))
+    image = _canvas([(shape, color, _jitter(rng, _QUADRANT_CENTERS[q]), 5) for q in quadrants])
+    return Sample(image, f"how many {PLURALS[shape]} are there ?", COUNTS[count - 1], "count")
+
+
+def _position_sample(rng: random.Random) -> Sample:
+    shape, color, position = rng.choice(SHAPES), rng.choice(COLORS), rng.choice(POSITIONS)
+    image = _canvas([(shape, color, _jitter(rng, _POSITION_CENTERS[position]), 5)])
+    return Sample(image, f"where is the {color} {shape} ?", position, "position")
+
+
+def _exists_sample(rng: random.Random) -> Sample:
+    shape, color, radius = rng.choice(SHAPES), rng.choice(COLORS), rng.randint(5, 8)
+    image = _canvas([(shape, color, (16, 16), radius)])
+    if rng.random() < 0.5:
+        return Sample(image, f"is there a {color} {shape} ?", "yes", "exists")
+    if rng.random() < 0.5:
+        asked_color, asked_shape = rng.choice([c for c in COLORS if c != color]), shape
+    else:
+        asked_color, asked_shape = color, rng.choice([s for s in SHAPES if s != shape])
+    return Sample(image, f"is there a {asked_color} {asked_shape} ?", "no", "exists")
+
+
+def synthetic_samples(n: int, seed: int = 0) -> list[Sample]:
+    """Generate procedural 32x32 images of coloured shapes with questions and one-word answers.
+
+    Kinds cycle through ``color, shape, count, position, exists``; every word comes from
+    :data:`SYNTHETIC_WORDS`. The result is deterministic given ``seed``, and ``synthetic_samples(k, s)`` is a
+    prefix of ``synthetic_samples(n, s)`` for ``k <= n``.
+
+    Args:
+        n: Number of samples.
+        seed: Random seed.
+
+    Returns:
+        ``n`` samples.
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}.")
+    rng = random.Random(seed)
+    samples = []
+    for i in range(n):
+        kind = KINDS[i % len(KINDS)]
+        if kind in ("color", "shape"):
+            samples.append(_color_or_shape_sample(rng, kind))
+        elif kind == "count":
+            samples.append(_count_sample(rng))
+        elif kind == "position":
+            samples.append(_position_sample(rng))
+        else:
+            samples.append(_exists_sample(rng))
+    return samples
+
+
+# --------------------------------------------------------------------------------------------- JSONL loading
+
+
+def _load_image(path: Path, where: str) -> Image.Image:
+    if not path.is_file():
+        raise FileNotFoundError(f"{where}: image file {path} does not exist.")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ValueError(f"{where}: cannot read image {path} ({err}); is the file a valid image?") from err
+
+
+def _parse_record(line: str, where: str, image_root: Path) -> Sample:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}: invalid JSON ({err.msg} at column {err.colno}).") from err
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}.")
+    for key in ("image", "question", "answer"):
+        if key not in record:
+            raise ValueError(f"{where}: missing key {key!r}; each line needs 'image', 'question' and 'answer'.")
+        if not isinstance(record[key], str) or not record[key].strip():
+            raise ValueError(f"{where}: {key!r} must be a non-empty string, got {record[key]!r}.")
+    image_path = Path(record["image"]).expanduser()
+    if not image_path.is_absolute():
+        image_path = image_root / image_path
+    image = _load_image(image_path, where)
+    return Sample(image, record["question"], record["answer"], str(record.get("kind", "")))
+
+
+def load_jsonl(path: str | os.PathLike[str], image_root: str | os.PathLike[str] | None = None) -> list[Sample]:
+    """Load samples from a JSONL file of ``{"image", "question", "answer", "kind"?}`` objects.
+
+    Args:
+        path: The JSONL file; blank lines are skipped.
+        image_root: Folder that relative image paths are resolved against (default: the JSONL's folder).
+
+    Returns:
+        The samples, with images loaded as RGB.
+
+    Raises:
+        FileNotFoundError: If the JSONL file or an image is missing.
+        ValueError: On bad JSON, a missing or empty key, an unreadable image, or an empty dataset; the message
+            names the file and line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Dataset file {path} does not exist.")
+    root = Path(image_root) if image_root is not None else path.parent
+    samples = []
+    with path.open(encoding="utf-8") as file:
+        for lineno, line in enumerate(file, start=1):
+            if line.strip():
+                samples.append(_parse_record(line, f"{path}:{lineno}", root))
+    if not samples:
+        raise ValueError(f"Dataset file {path} contains no samples.")
+    return samples
+
+
+# --------------------------------------------------------------------------------------------- encoding
+
+
+def _tokenizer(processor: Any) -> Any:
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is None:
+        raise ValueError(f"{type(processor).__name__} has no tokenizer; pass a multimodal processor.")
+    return tokenizer
+
+
+def build_prompt(processor: Any, question: str) -> str:
+    """Render the generation prompt for one image and a question.
+
+    Uses the processor's chat template, or ``"USER: <image> question ASSISTANT:"`` when it has none.
+
+    Args:
+        processor: A multimodal HF processor.
+        question: The question text.
+
+    Returns:
+        The prompt text, ending where the answer starts.
+    """
+    if getattr(processor, "chat_template", None):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    image_token = getattr(processor, "image_token", None)
+    if image_token is None:
+        raise ValueError(f"{type(processor).__name__} has neither a chat template nor an `image_token`.")
+    return f"USER: {image_token} {question} ASSISTANT:"
+
+
+def _run_processor(processor: Any, image: Image.Image, text: str) -> dict[str, torch.Tensor]:
+    features = processor(images=[image], text=[text], return_tensors="pt")
+    encoded = {key: value for key, value in features.items() if isinstance(value, torch.Tensor)}
+    if "image_grid_thw" in encoded and "mm_token_type_ids" not in encoded:
+        # Qwen-VL models need mm_token_type_ids (1 = image, 2 = video); older processors do not return them.
+        ids = encoded["input_ids"]
+        types = torch.zeros_like(ids)
+        types[ids == processor.image_token_id] = 1
+        if getattr(processor, "video_token_id", None) is not None:
+            types[ids == processor.video_token_id] = 2
+        encoded["mm_token_type_ids"] = types
+    return encoded
+
+
+def _common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
+    n = min(a.numel(), b.numel())
+    mismatch = (a[:n] != b[:n]).nonzero()
+    return int(mismatch[0]) if mismatch.numel() else n
+
+
+def _length_limit(processor: Any, max_length: int | None) -> int | None:
+    if max_length is not None:
+        return max_length
+    limit = getattr(_tokenizer(processor), "model_max_length", None)
+    return limit if isinstance(limit, int) and limit < 1_000_000 else None
+
+
+def encode_sample(
+    processor: Any, sample: Sample, max_length: int | None = None, *, name: str | None = None
+) -> dict[str, torch.Tensor]:
+    """Encode a sample as prompt + answer + eos, supervising only the answer.
+
+    Args:
+        processor: A multimodal HF processor (expands image placeholders to the model's image tokens).
+        sample: The sample.
+        max_length: Maximum sequence length; defaults to the tokenizer's ``model_max_length``.
+        name: How to call the sample in error messages (default: its question).
+
+    Returns:
+        The processor's tensors with batch dim 1 (``input_ids``, ``attention_mask``, ``pixel_values`` and family
+        extras such as ``image_grid_thw`` / ``mm_token_type_ids``) plus ``labels``: ``input_ids`` with
+        ``-100`` everywhere except the answer and eos tokens.
+
+    Raises:
+        ValueError: If the answer yields no tokens, or the sequence is longer than the limit (never truncated).
+    """
+    label = name or f"sample {sample.question!r}"
+    if not sample.answer.strip():
+        raise ValueError(f"{label}: the answer is empty; every sample needs a non-empty answer to supervise.")
+    tokenizer = _tokenizer(processor)
+    prompt = build_prompt(processor, sample.question)
+    full = _run_processor(processor, sample.image, prompt + sample.answer + (tokenizer.eos_token or ""))
+    prompt_ids = _run_processor(processor, sample.image, prompt)["input_ids"][0]
+    ids = full["input_ids"][0]
+    start = _common_prefix(prompt_ids, ids)
+    if start >= ids.numel():
+        raise ValueError(f"{label}: answer {sample.answer!r} produced no tokens after the prompt.")
+    limit = _length_limit(processor, max_length)
+    if limit is not None and ids.numel() > limit:
+        raise ValueError(
+            f"{label}: {ids.numel()} tokens exceed the limit of {limit} by {ids.numel() - limit}; "
+            "shorten the question/answer or raise max_length (samples are never truncated)."
+        )
+    labels = full["input_ids"].clone()
+    labels[:, :start] = IGNORE_INDEX
+    return {**full, "labels": labels}
+
+
+# --------------------------------------------------------------------------------------------- batching
+
+
+def _pad_right(tensors: list[torch.Tensor], value: int) -> torch.Tensor:
+    length = max(t.shape[-1] for t in tensors)
+    padded = [torch.nn.functional.pad(t, (0, length - t.shape[-1]), value=value) for t in tensors]
+    return torch.cat(padded, dim=0)
+
+
+def collate(encoded: Sequence[dict[str, torch.Tensor]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad sequence tensors and concatenate everything else along dim 0.
+
+    ``input_ids`` are padded with ``pad_token_id``, ``attention_mask`` / ``mm_token_type_ids`` with 0 and
+    ``labels`` with -100. Other tensors (LLaVA ``pixel_values [1, 3, H, W]``, Qwen2-VL packed
+    ``pixel_values [patches, C]`` and ``image_grid_thw [1, 3]``) are concatenated.
+
+    Args:
+        encoded: Outputs of :func:`encode_sample`, all with the same keys.
+        pad_token_id: Token id used to pad ``input_ids``.
+
+    Returns:
+        The batch.
+    """
+    if not encoded:
+        raise ValueError("collate() got no samples.")
+    keys = set(encoded[0])
+    for i, item in enumerate(encoded):
+        if set(item) != keys:
+            raise ValueError(f"Sample {i} has keys {sorted(item)}, but sample 0 has {sorted(keys)}.")
+    batch = {}
+    for key in encoded[0]:
+        tensors = [item[key] for item in encoded]
+        if key in _PAD_VALUES:
+            value = _PAD_VALUES[key]
+            batch[key] = _pad_right(tensors, pad_token_id if value is None else value)
+        else:
+            batch[key] = torch.cat(tensors, dim=0)
+    return batch
+
+
+def make_batches(
+    encoded: Sequence[dict[str, torch.Tensor]], batch_size: int, pad_token_id: int
+) -> list[dict[str, torch.Tensor]]:
+    """Split encoded samples, in order, into collated batches (the last one may be smaller).
+
+    Args:
+        encoded: Outputs of :func:`encode_sample`.
+        batch_size: Samples per batch.
+        pad_token_id: Token id used to pad ``input_ids``.
+
+    Returns:
+        The batches.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    return [collate(encoded[i : i + batch_size], pad_token_id) for i in range(0, len(encoded), batch_size)]
+
+
+def token_masks(batch: dict[str, torch.Tensor], image_token_id: int) -> TokenMasks:
+    """Classify every position of a batch as image, text, answer or padding.
+
+    Args:
+        batch: A batch from :func:`collate` (``input_ids``, ``attention_mask``; ``labels`` optional).
+        image_token_id: The model's image token id (``model.config.image_token_id``).
+
+    Returns:
+        The masks; ``answer`` is all-False when the batch has no ``labels``.
+    """
+    input_ids = batch["input_ids"]
+    attention = batch.get("attention_mask")
+    pad = attention == 0 if attention is not None else torch.zeros_like(input_ids, dtype=torch.bool)
+    image = (input_ids == image_token_id) & ~pad
+    labels = batch.get("labels")
+    answer = labels != IGNORE_INDEX if labels is not None else torch.zeros_like(pad)
+    return TokenMasks(image=image, text=~pad & ~image, answer=answer, pad=pad)

@@ -1,0 +1,401 @@
+"""Tiny random-init vision-language models with real, offline HF processors.
+
+The models are built from configs (no downloads) and paired with a word-level tokenizer whose vocabulary covers
+the synthetic data of :mod:`lightning_tlq.data` and the chat template, so the full pipeline (processor ->
+model -> loss / generate) runs on a laptop CPU in milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import torch
+import transformers
+from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    BatchFeature,
+    LlavaConfig,
+    LlavaProcessor,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    ProcessorMixin,
+    Qwen2VLConfig,
+    Qwen2VLProcessor,
+)
+from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
+from transformers.utils import is_torchvision_available
+
+from lightning_tlq.data import SYNTHETIC_WORDS
+
+Family = Literal["llava", "qwen2_vl"]
+FAMILIES: tuple[str, ...] = get_args(Family)
+TINY_MODELS: dict[str, Family] = {"tiny-llava": "llava", "tiny-qwen2_vl": "qwen2_vl"}
+DEFAULT_MODEL = "tiny-llava"
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+IMAGE_SIZE = 32
+IMAGE_TOKENS = 16  # both families: 32x32 image -> 16 tokens in the text sequence
+PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+SPECIAL_TOKENS: tuple[str, ...] = (PAD, BOS, EOS, UNK)
+FAMILY_TOKENS: dict[str, tuple[str, ...]] = {
+    "llava": ("<image>",),
+    "qwen2_vl": ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"),
+}
+TEMPLATE_WORDS: tuple[str, ...] = ("user", "assistant", ":")
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+# Image placeholder text emitted by the chat template, per family.
+_IMAGE_PLACEHOLDER = {"llava": "<image>", "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>"}
+_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: "
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}IMAGE_PLACEHOLDER"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{% if message['role'] == 'assistant' %}" + EOS + "{% endif %} "
+    "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+class Qwen2VLImageOnlyProcessor(Qwen2VLProcessor):
+    """``Qwen2VLProcessor`` without the video processor, so it works where torchvision is missing.
+
+    In transformers 5.x ``Qwen2VLProcessor`` requires a video processor, and every video processor requires
+    torchvision, which cannot be installed beside the CPU torch wheel. Images and text behave exactly as in
+    ``Qwen2VLProcessor`` (same image-token expansion, same ``mm_token_type_ids``); passing ``videos`` is an error.
+
+    Args:
+        image_processor: A ``Qwen2VLImageProcessor`` (or its PIL variant).
+        tokenizer: Tokenizer that knows ``<|image_pad|>`` and ``<|video_pad|>``.
+        chat_template: Optional jinja chat template.
+    """
+
+    def __init__(
+        self,
+        image_processor: transformers.BaseImageProcessor | None = None,
+        tokenizer: transformers.PreTrainedTokenizerBase | None = None,
+        chat_template: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if tokenizer is None or image_processor is None:
+            raise ValueError("Qwen2VLImageOnlyProcessor needs both an image_processor and a tokenizer.")
+        self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
+        self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
+        self.image_token_id = getattr(tokenizer, "image_token_id", None) or tokenizer.convert_tokens_to_ids(
+            self.image_token
+        )
+        self.video_token_id = getattr(tokenizer, "video_token_id", None) or tokenizer.convert_tokens_to_ids(
+            self.video_token
+        )
+        self.video_processor = None
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+    def __call__(self, images: Any = None, text: Any = None, videos: Any = None, **kwargs: Any) -> BatchFeature:
+        """Process images and text like ``Qwen2VLProcessor``; videos are not supported."""
+        if videos is not None:
+            raise ValueError("Qwen2VLImageOnlyProcessor has no video processor; install torchvision for videos.")
+        return super().__call__(images=images, text=text, **kwargs)
+
+
+class _Qwen2VLImageOnlyKey(PretrainedConfig):
+    """Private registry key so ``AutoProcessor`` can find :class:`Qwen2VLImageOnlyProcessor` by name."""
+
+    model_type = "lightning_tlq_qwen2_vl_image_only"
+
+
+PROCESSOR_MAPPING.register(_Qwen2VLImageOnlyKey, Qwen2VLImageOnlyProcessor, exist_ok=True)
+
+
+def _check_family(family: str) -> None:
+    if family not in FAMILIES:
+        raise ValueError(f"Unknown tiny VLM family {family!r}; choose one of {list(FAMILIES)}.")
+
+
+def build_tokenizer(family: Family = "llava") -> PreTrainedTokenizerFast:
+    """Build the word-level tokenizer of a tiny VLM.
+
+    Args:
+        family: Model family; decides which image tokens are added.
+
+    Returns:
+        A fast tokenizer whose ids are: special tokens, the family's image tokens, then the sorted words.
+    """
+    _check_family(family)
+    specials = [*SPECIAL_TOKENS, *FAMILY_TOKENS[family]]
+    words = sorted(set(TEMPLATE_WORDS) | set(SYNTHETIC_WORDS))
+    vocab = {token: i for i, token in enumerate([*specials, *words])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    extra = {"image_token": FAMILY_TOKENS[family][0]} if family == "llava" else {}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token=PAD,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        model_max_length=512,
+        padding_side="right",
+        extra_special_tokens=extra,
+    )
+
+
+def _image_processor(family: Family) -> transformers.BaseImageProcessor:
+    """Return the family's real image processor, preferring the PIL backend (no torchvision needed)."""
+    common = {"image_mean": CLIP_MEAN, "image_std": CLIP_STD, "do_convert_rgb": True}
+    if family == "llava":
+        cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+        return cls(
+            size={"shortest_edge": IMAGE_SIZE},
+            crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+            do_center_crop=True,
+            **common,
+        )
+    cls = getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
+    pixels = IMAGE_SIZE * IMAGE_SIZE  # min == max pixels: every image becomes 32x32 -> 8x8 patches -> 16 tokens
+    return cls(size={"shortest_edge": pixels, "longest_edge": pixels}, patch_size=4, merge_size=2, **common)
+
+
+def build_processor(family: Family = "llava") -> ProcessorMixin:
+    """Build the HF processor (tokenizer + image processor + chat template) of a tiny VLM.
+
+    Args:
+        family: Model family.
+
+    Returns:
+        A ``LlavaProcessor`` or :class:`Qwen2VLImageOnlyProcessor` (a ``Qwen2VLProcessor``); either expands
+        each image placeholder to 16 image tokens.
+    """
+    tokenizer = build_tokenizer(family)
+    template = _CHAT_TEMPLATE.replace("IMAGE_PLACEHOLDER", _IMAGE_PLACEHOLDER[family])
+    if family == "llava":
+        return LlavaProcessor(
+            image_processor=_image_processor(family),
+            tokenizer=tokenizer,
+            patch_size=8,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,  # CLS token, dropped again by the "default" strategy
+            chat_template=template,
+        )
+    return Qwen2VLImageOnlyProcessor(
+        image_processor=_image_processor(family), tokenizer=tokenizer, chat_template=template
+    )
+
+
+def _text_config(tokenizer: PreTrainedTokenizerFast, num_layers: int) -> dict:
+    return {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "tie_word_embeddings": False,
+    }
+
+
+def build_config(family: Family, tokenizer: PreTrainedTokenizerFast, num_layers: int = 2) -> PretrainedConfig:
+    """Build the model config of a tiny VLM matching ``tokenizer``.
+
+    Args:
+        family: Model family.
+        tokenizer: Tokenizer from :func:`build_tokenizer` for the same family.
+        num_layers: Number of text decoder layers (the vision tower always has 2).
+
+    Returns:
+        A ``LlavaConfig`` or ``Qwen2VLConfig``.
+    """
+    _check_family(family)
+    text = _text_config(tokenizer, num_layers)
+    ids = tokenizer.convert_tokens_to_ids
+    if family == "llava":
+        vision = {
+            "model_type": "clip_vision_model",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": IMAGE_SIZE,
+            "patch_size": 8,
+            "projection_dim": 32,
+        }
+        return LlavaConfig(
+            vision_config=vision,
+            text_config={**text, "model_type": "llama"},
+            image_token_index=ids("<image>"),
+            vision_feature_layer=-1,  # -2 (the default) would leave the last CLIP layer unused
+            vision_feature_select_strategy="default",
+            tie_word_embeddings=False,
+        )
+    vision = {
+        "depth": 2,
+        "embed_dim": 32,
+        "hidden_size": text["hidden_size"],  # merger output feeds the text model
+        "num_heads": 4,
+        "mlp_ratio": 2,
+        "patch_size": 4,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "in_channels": 3,
+    }
+    # M-RoPE splits head_dim / 2 = 16 rotary frequencies into (temporal, height, width) sections.
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]}
+    return Qwen2VLConfig(
+        vision_config=vision,
+        text_config={**text, "rope_parameters": rope},
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=False,
+    )
+
+
+def build_tiny_vlm(
+    family: Family = "llava", seed: int = 0, num_layers: int = 2
+) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Build a random-init tiny VLM (fp32, eval mode) and its offline processor.
+
+    Args:
+        family: ``"llava"`` (CLIP + Llama) or ``"qwen2_vl"``.
+        seed: Seed for the weight initialisation; the global RNG state is left untouched.
+        num_layers: Number of text decoder layers.
+
+    Returns:
+        ``(model, processor)``; a 32x32 image becomes 16 image tokens for both families.
+    """
+    _check_family(family)
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}.")
+    processor = build_processor(family)
+    config = build_config(family, processor.tokenizer, num_layers)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    tok = processor.tokenizer
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.bos_token_id = tok.bos_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    return model.eval(), processor
+
+
+def save_tiny_vlm(path: str | os.PathLike[str], family: Family = "llava", seed: int = 0, num_layers: int = 2) -> Path:
+    """Build a tiny VLM and save model (safetensors) and processor to ``path``.
+
+    Args:
+        path: Output directory (created if missing).
+        family: Model family.
+        seed: Initialisation seed.
+        num_layers: Number of text decoder layers.
+
+    Returns:
+        The output directory, loadable with :func:`resolve_model` or ``AutoModelForImageTextToText``.
+    """
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    model, processor = build_tiny_vlm(family, seed=seed, num_layers=num_layers)
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    return out
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"Unsupported dtype {dtype!r}; use one of {list(DTYPES)}.")
+    return DTYPES[dtype]
+
+
+def _check_model_dir(path: Path, name: str) -> None:
+    if not path.exists():
+        raise FileNotFoundError(
+            f"Model {name!r} is neither a tiny model ({sorted(TINY_MODELS)}) nor an existing local directory. "
+            "Downloads from the hub are disabled: pass the path of a saved Hugging Face model directory."
+        )
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise ValueError(
+            f"{path} is not a Hugging Face model directory (no config.json). Save one with "
+            "`model.save_pretrained(dir)` and `processor.save_pretrained(dir)`."
+        )
+
+
+def resolve_model(
+    name_or_path: str | os.PathLike[str] = DEFAULT_MODEL, dtype: str | torch.dtype | None = None
+) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Load a model and processor by tiny-model name or local directory (never from the hub).
+
+    Args:
+        name_or_path: ``"tiny-llava"``, ``"tiny-qwen2_vl"`` or a local directory holding a saved
+            image-text-to-text model and its processor.
+        dtype: Optional ``"float32"``, ``"bfloat16"`` or ``"float16"``; default keeps fp32 for tiny
+            models and the checkpoint's dtype otherwise.
+
+    Returns:
+        ``(model, processor)`` with the model in eval mode.
+
+    Raises:
+        FileNotFoundError: If the name is not a tiny model and no such directory exists.
+        ValueError: If the directory is not an HF model directory, or the dtype is unknown.
+    """
+    torch_dtype = _resolve_dtype(dtype)
+    name = str(name_or_path)
+    if name in TINY_MODELS:
+        model, processor = build_tiny_vlm(TINY_MODELS[name])
+        return (model.to(torch_dtype) if torch_dtype else model), processor
+    path = Path(name).expanduser()
+    _check_model_dir(path, name)
+    kwargs = {"dtype": torch_dtype} if torch_dtype else {"dtype": "auto"}
+    model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True, **kwargs)
+    return model.eval(), load_processor(path)
+
+
+def _saved_processor_class(path: Path) -> str | None:
+    for name in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
+        file = path / name
+        if file.is_file():
+            cls = json.loads(file.read_text(encoding="utf-8")).get("processor_class")
+            if cls:
+                return cls
+    return None
+
+
+def load_processor(path: str | os.PathLike[str]) -> ProcessorMixin:
+    """Load a saved multimodal processor from a local directory (never from the hub).
+
+    Falls back to :class:`Qwen2VLImageOnlyProcessor` for Qwen2-VL checkpoints when torchvision is missing.
+
+    Args:
+        path: Directory written by ``processor.save_pretrained``.
+
+    Returns:
+        The processor.
+
+    Raises:
+        ValueError: If the directory holds no loadable multimodal processor.
+    """
+    path = Path(path)
+    try:
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    except (OSError, ImportError, ValueError, TypeError, AttributeError) as err:
+        if _saved_processor_class(path) == "Qwen2VLProcessor" and not is_torchvision_available():
+            return Qwen2VLImageOnlyProcessor.from_pretrained(path, local_files_only=True)
+        raise ValueError(f"Could not load a processor from {path}: {err}") from err
+    if not isinstance(processor, ProcessorMixin):
+        raise ValueError(
+            f"{path} has no multimodal processor (AutoProcessor gave a {type(processor).__name__}). "
+            "Save one next to the model with `processor.save_pretrained(dir)`."
+        )
+    return processor
