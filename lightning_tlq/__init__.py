@@ -1,0 +1,28 @@
+"""lightning_tlq: token-level, quantization-exposed, layer-wise quantization of vision-language models."""
+
+from lightning_tlq.adapters import VLMAdapter, get_adapter, register_adapter, supported_model_types
+from lightning_tlq.calibrate import calibrate
+from lightning_tlq.config import DataArgs, ImportanceArgs, QuantArgs, TokenSetArgs
+from lightning_tlq.importance import TokenImportance
+from lightning_tlq.loop import CalibrationLoop
+from lightning_tlq.module import TLQModule
+from lightning_tlq.stage import LayerStage
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CalibrationLoop",
+    "DataArgs",
+    "ImportanceArgs",
+    "LayerStage",
+    "QuantArgs",
+    "TLQModule",
+    "TokenImportance",
+    "TokenSetArgs",
+    "VLMAdapter",
+    "__version__",
+    "calibrate",
+    "get_adapter",
+    "register_adapter",
+    "supported_model_types",
+]

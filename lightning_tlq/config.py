@@ -1,0 +1,133 @@
+"""Typed argument groups for TLQ calibration.
+
+Each group is a dataclass that LightningCLI / jsonargparse reads directly (attribute docstrings become help
+text) and that validates itself in ``__post_init__``, naming the offending field and the allowed values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from lightning_tlq.core.quantizer import QuantSpec
+
+Method = Literal["rtn", "gptq", "tlq"]
+Score = Literal["fisher", "grad_abs", "taylor"]
+ImportanceMode = Literal["token", "modality", "none"]
+
+_METHODS = ("rtn", "gptq", "tlq")
+_SCORES = ("fisher", "grad_abs", "taylor")
+_MODES = ("token", "modality", "none")
+
+
+def _check_choice(field: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{field}={value!r} is not supported; choose one of {', '.join(allowed)}.")
+
+
+def _check_range(field: str, value: float, lo: float, hi: float, *, lo_open: bool = False) -> None:
+    bad = value <= lo if lo_open else value < lo
+    if bad or value > hi:
+        bracket = "(" if lo_open else "["
+        raise ValueError(f"{field}={value} is out of range; it must lie in {bracket}{lo}, {hi}].")
+
+
+@dataclass
+class QuantArgs:
+    """Weight quantization settings."""
+
+    method: Method = "tlq"
+    """Calibration method: ``rtn`` (round to nearest), ``gptq`` (uniform token weights) or ``tlq``."""
+    bits: int = 4
+    """Weight bit width, 2..8."""
+    group_size: int = 128
+    """Input channels per quantization group; -1 means one group per output channel."""
+    symmetric: bool = True
+    """Symmetric (zero point 0) or asymmetric (integer zero point) quantization."""
+    act_order: bool = True
+    """GPTQ: process columns in order of decreasing Hessian diagonal (static groups, no runtime g_idx)."""
+    block_size: int = 128
+    """GPTQ: columns per lazy block update."""
+    damp: float = 0.01
+    """GPTQ: relative damping, added as ``damp * mean(diag H)``; raised x10 up to 3 times on failure."""
+    true_sequential: bool = True
+    """Solve q,k,v -> o -> gate,up -> down in order, each group seeing the already-quantized ones before it."""
+
+    def __post_init__(self) -> None:
+        _check_choice("quant.method", self.method, _METHODS)
+        if self.block_size < 1:
+            raise ValueError(f"quant.block_size={self.block_size} must be a positive number of columns.")
+        _check_range("quant.damp", self.damp, 0.0, 1.0, lo_open=True)
+        self.spec  # validates bits and group size
+
+    @property
+    def spec(self) -> QuantSpec:
+        """The pure-torch quantizer spec these settings describe."""
+        try:
+            return QuantSpec(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric)
+        except ValueError as err:
+            raise ValueError(f"quant: {err}") from err
+
+
+@dataclass
+class ImportanceArgs:
+    """Gradient-guided token importance (METHOD.md section 1)."""
+
+    score: Score = "fisher"
+    """Per-token score from the output gradient g: ``fisher`` mean g^2, ``grad_abs`` mean |g|, ``taylor`` mean |g*y|."""
+    groups: int = 1
+    """Output-channel groups per module, one score per group (1 = token level)."""
+    floor: float = 0.1
+    """Mix weight lam in ``(1 - lam) * s_t + lam * mean_modality(s)``; keeps vision tokens in the Hessian."""
+    clip_quantile: float = 0.999
+    """Clip weights above this quantile of the module's token weights (1.0 disables)."""
+    mode: ImportanceMode = "token"
+    """``token`` per-token weights, ``modality`` one weight per modality per module (MBQ-style), ``none`` all 1."""
+
+    def __post_init__(self) -> None:
+        _check_choice("importance.score", self.score, _SCORES)
+        _check_choice("importance.mode", self.mode, _MODES)
+        if self.groups < 1:
+            raise ValueError(f"importance.groups={self.groups} must be >= 1.")
+        _check_range("importance.floor", self.floor, 0.0, 1.0)
+        _check_range("importance.clip_quantile", self.clip_quantile, 0.0, 1.0, lo_open=True)
+
+
+@dataclass
+class TokenSetArgs:
+    """Token-level calibration set (METHOD.md section 2)."""
+
+    keep_mass: float = 0.99
+    """Keep the smallest set of tokens covering this share of each layer's importance mass."""
+    p_rest: float = 0.1
+    """Keep this uniform random fraction of the remaining tokens, their weights divided by it (unbiased)."""
+    seed: int = 0
+    """Seed of the random draw; the set depends only on it, never on the number of ranks."""
+
+    def __post_init__(self) -> None:
+        _check_range("token_set.keep_mass", self.keep_mass, 0.0, 1.0, lo_open=True)
+        _check_range("token_set.p_rest", self.p_rest, 0.0, 1.0)
+
+
+@dataclass
+class DataArgs:
+    """Calibration data."""
+
+    path: str | None = None
+    """JSONL of {"image", "question", "answer"}; None uses the built-in synthetic set."""
+    image_root: str | None = None
+    """Folder that relative image paths start from (default: the JSONL's folder)."""
+    num_samples: int = 64
+    """Calibration samples to use (the first N of the file; synthetic: N generated)."""
+    batch_size: int = 4
+    """Samples per forward pass."""
+    max_length: int | None = None
+    """Reject samples longer than this many tokens (default: the model's limit). Never truncates."""
+    seed: int = 0
+    """Seed of the synthetic data."""
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1:
+            raise ValueError(f"data.num_samples={self.num_samples} must be >= 1.")
+        if self.batch_size < 1:
+            raise ValueError(f"data.batch_size={self.batch_size} must be >= 1.")

@@ -1,0 +1,103 @@
+"""Importance collection as a Fabric-style callback.
+
+:class:`TokenImportance` records, during a forward + backward of the full-precision model on the SFT loss, the
+gradient at the output of every target linear module and reduces it on the fly to a few scalars per token
+(``O(tokens x modules)`` memory). It only uses hooks and ``fabric.call`` events, so a Trainer ``Callback``
+adapter can reuse it unchanged (``class TokenImportanceCallback(TokenImportance, pl.Callback)``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_tlq.core.importance import Score, raw_scores
+
+
+class TokenImportance:
+    """Collects raw per-token importance scores for a set of modules.
+
+    Args:
+        score: ``fisher``, ``grad_abs`` or ``taylor`` (see :func:`lightning_tlq.core.importance.raw_scores`).
+        groups: output-channel groups per module (one score per group).
+        offload: keep the collected scores on the CPU (they are small: ``B x S x groups`` per module).
+
+    Events (called with ``fabric.call``): ``on_importance_start(fabric, targets)``, then per batch
+    ``on_importance_batch_end(fabric, batch_idx)`` after the backward pass, then ``on_importance_end(fabric)``.
+    """
+
+    def __init__(self, score: Score = "fisher", groups: int = 1, offload: bool = True) -> None:
+        self.score = score
+        self.groups = groups
+        self.offload = offload
+        self.scores: dict[str, list[Tensor]] = {}
+        self._pending: dict[str, Tensor] = {}
+        self._handles: list[Any] = []
+
+    def on_importance_start(self, fabric: Any = None, targets: Mapping[str, nn.Module] | None = None) -> None:
+        """Hook the output of every target module."""
+        self._remove_hooks()
+        self.scores = {name: [] for name in targets or {}}
+        self._pending = {}
+        for name, module in (targets or {}).items():
+            self._handles.append(module.register_forward_hook(partial(self._on_forward, name)))
+
+    def on_importance_batch_end(self, fabric: Any = None, batch_idx: int = 0) -> None:
+        """Move this batch's scores into :attr:`scores`; every target must have received a gradient."""
+        missing = [name for name in self.scores if name not in self._pending]
+        if missing:
+            raise RuntimeError(
+                f"No output gradient reached {len(missing)} module(s), e.g. {missing[:3]}: the loss must depend on "
+                "them and gradients must be enabled (not under torch.inference_mode / no_grad)."
+            )
+        for name, value in self._pending.items():
+            self.scores[name].append(value)
+        self._pending = {}
+
+    def on_importance_end(self, fabric: Any = None) -> None:
+        """Remove the hooks."""
+        self._remove_hooks()
+
+    def _on_forward(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
+        if isinstance(output, Tensor) and output.requires_grad:
+            keep = output.detach() if self.score == "taylor" else None
+            output.register_hook(partial(self._on_grad, name, keep))
+
+    def _on_grad(self, name: str, output: Tensor | None, grad: Tensor) -> None:
+        if name in self._pending:
+            raise RuntimeError(f"Module {name} ran twice in one forward pass; importance expects one call per batch.")
+        value = raw_scores(grad, output, self.score, self.groups)
+        self._pending[name] = value.cpu() if self.offload else value
+
+    def _remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def state_dict(self) -> dict[str, Any]:
+        """Collected scores and settings (picklable)."""
+        return {"score": self.score, "groups": self.groups, "scores": self.scores}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore collected scores."""
+        self.score = state.get("score", self.score)
+        self.groups = state.get("groups", self.groups)
+        self.scores = {k: list(v) for k, v in state.get("scores", {}).items()}
+
+
+def enable_activation_grads(model: nn.Module) -> Any:
+    """Make the input embeddings' output require grad, so activation gradients exist with frozen weights.
+
+    Returns the hook handle; call ``.remove()`` when done.
+    """
+
+    def hook(module: nn.Module, args: Any, output: Tensor) -> Tensor | None:
+        if torch.is_grad_enabled() and not output.requires_grad:
+            return output.detach().requires_grad_(True)
+        return None
+
+    return model.get_input_embeddings().register_forward_hook(hook)

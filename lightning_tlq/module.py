@@ -1,0 +1,68 @@
+"""The LightningModule that wraps a Hugging Face VLM for calibration."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_tlq.adapters import VLMAdapter, get_adapter
+from lightning_tlq.importance import enable_activation_grads
+from lightning_tlq.models.tiny import resolve_model
+
+
+class TLQModule(pl.LightningModule):
+    """A frozen HF vision-language model whose loss is the SFT loss on answer tokens.
+
+    Args:
+        model: a local Hugging Face model directory, or a built-in tiny model name (``tiny-llava``,
+            ``tiny-qwen2_vl``).
+        dtype: ``float32``, ``bfloat16`` or ``float16``.
+
+    The model is built in :meth:`configure_model` (once), all weights have ``requires_grad=False``, and
+    :meth:`sft_loss` makes activation gradients available for importance collection.
+    """
+
+    def __init__(self, model: str = "tiny-llava", dtype: str = "float32") -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model: Any = None
+        self.processor: Any = None
+        self.adapter: VLMAdapter | None = None
+
+    def configure_model(self) -> None:
+        """Build (or load) the HF model and processor once; freeze the weights."""
+        if self.model is not None:
+            return
+        model, processor = resolve_model(self.hparams.model, dtype=self.hparams.dtype)
+        self.attach(model, processor)
+
+    def attach(self, model: Any, processor: Any) -> TLQModule:
+        """Use an already-built HF model and processor (e.g. from an existing Lightning project)."""
+        model.eval().requires_grad_(False)
+        self.model, self.processor = model, processor
+        self.adapter = get_adapter(model)
+        return self
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        """Logits of the wrapped model for a collated batch."""
+        return self.model(**self.adapter.forward_inputs(batch)).logits
+
+    def sft_loss(self, batch: dict[str, Tensor]) -> Tensor:
+        """Next-token cross-entropy summed over answer tokens (``labels != -100``).
+
+        A sum (not a mean) keeps each token's gradient independent of how many answer tokens share its batch.
+        """
+        labels = batch["labels"]
+        if not (labels[:, 1:] != -100).any():
+            raise ValueError("The batch has no answer tokens (all labels are -100): importance needs an answer.")
+        handle = enable_activation_grads(self.model)
+        try:
+            logits = self(batch)
+        finally:
+            handle.remove()
+        return F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum"
+        )

@@ -1,0 +1,113 @@
+"""The calibration report (``tlq_report.json``), its summary table, and atomic output directories."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+REPORT_NAME = "tlq_report.json"
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Means over modules of the per-module errors, plus per-layer means added to each record (in place)."""
+    all_w, all_u = [], []
+    for rec in records:
+        mods = rec["modules"].values()
+        rec["mean_weighted_rel_error"] = _mean([m["weighted_rel_error"] for m in mods])
+        rec["mean_rel_error"] = _mean([m["rel_error"] for m in mods])
+        all_w += [m["weighted_rel_error"] for m in mods]
+        all_u += [m["rel_error"] for m in mods]
+    return {
+        "mean_weighted_rel_error": _mean(all_w),
+        "mean_rel_error": _mean(all_u),
+        "max_damp_retries": max((m["retries"] for r in records for m in r["modules"].values()), default=0),
+    }
+
+
+def _fmt(value: float | None, spec: str = ".3e") -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def format_summary(report: dict[str, Any]) -> str:
+    """A readable table: one line per layer, then the totals."""
+    s = report["settings"]["quant"]
+    head = (
+        f"lightning-tlq: {s['method']} W{s['bits']}A16 g{s['group_size']} "
+        f"{'sym' if s['symmetric'] else 'asym'} on {report['model']} "
+        f"({report['data']['samples']} samples, {report['data']['tokens']} tokens)"
+    )
+    lines = [head, f"{'layer':>5} {'kept/tokens':>13} {'weighted err':>13} {'plain err':>11} {'max damp':>9} {'s':>6}"]
+    for rec in report["layers"]:
+        kept = f"{rec.get('tokens_kept', rec['tokens_total'])}/{rec['tokens_total']}"
+        damps = [m["damp"] for m in rec["modules"].values() if m["damp"] is not None]
+        lines.append(
+            f"{rec['index']:>5} {kept:>13} {_fmt(rec['mean_weighted_rel_error']):>13} "
+            f"{_fmt(rec['mean_rel_error']):>11} {_fmt(max(damps) if damps else None, '.2g'):>9} {rec['seconds']:>6.2f}"
+        )
+    summ = report["summary"]
+    lines.append(
+        f"mean relative output error: weighted {_fmt(summ['mean_weighted_rel_error'])}, "
+        f"plain {_fmt(summ['mean_rel_error'])}; wall {report['seconds']['total']:.1f} s "
+        f"(importance {report['seconds'].get('importance', 0):.1f} s, "
+        f"layers {report['seconds'].get('layers', 0):.1f} s)"
+    )
+    lines.append(f"saved to {report['output_dir']}")
+    return "\n".join(lines)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def write_report(report: dict[str, Any], directory: Path) -> Path:
+    """Write ``tlq_report.json`` into ``directory``; non-finite numbers are refused."""
+    path = Path(directory) / REPORT_NAME
+    path.write_text(json.dumps(report, indent=2, default=_json_default, allow_nan=False) + "\n")
+    return path
+
+
+def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
+    """Fail before any work if ``path`` exists and ``overwrite`` is not set."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"Output directory {path} already exists; pass --overwrite true or choose another path.")
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"Output path {path} exists and is not a directory.")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside ``path``; rename it to ``path`` only if the block succeeds.
+
+    Nothing half-written is ever left at ``path``: on error the temporary directory is removed.
+    """
+    path = check_output_dir(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,210 @@
+"""One decoder layer's calibration as an explicit stage: accumulate -> reduce -> solve -> propagate.
+
+Pure torch: the stage gets its collective as a plain callable (``reduce_sum``), so the Fabric loop only supplies
+``fabric.all_reduce`` and a distributed owner/broadcast scheme only has to replace :meth:`LayerStage.reduce` and
+the broadcast after :meth:`LayerStage.solve`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_tlq.config import QuantArgs
+from lightning_tlq.core.gptq import gptq_quantize
+from lightning_tlq.core.hessian import HessianAccumulator, relative_output_error
+from lightning_tlq.core.quantizer import rtn
+
+
+@dataclass
+class TokenWeights:
+    """Which tokens of one batch enter which statistic, for one layer."""
+
+    valid: Tensor
+    """``[B, S]`` bool: real (non-pad) tokens."""
+    importance: dict[str, Tensor] | None = None
+    """Module name (relative to the layer) -> ``[B, S, G]`` importance weights, mean 1 over real tokens."""
+    multiplier: Tensor | None = None
+    """``[B, S]`` token-set multipliers (0 = not in the calibration set); None keeps every real token."""
+
+
+@dataclass
+class ModuleResult:
+    """What the solve produced for one module (integer codes kept for export)."""
+
+    codes: Tensor
+    scale: Tensor
+    zero: Tensor
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+class _Stats:
+    """The Hessians one module needs: ``solve`` for the method, ``plain``/``weighted`` for the report."""
+
+    def __init__(self, in_features: int, groups: int, method: str, metrics: bool, weighted: bool, device: Any):
+        self.plain = HessianAccumulator(in_features, device=device) if (metrics or method == "gptq") else None
+        self.weighted = HessianAccumulator(in_features, groups, device=device) if (metrics and weighted) else None
+        self.solve = HessianAccumulator(in_features, groups, device=device) if method == "tlq" else self.plain
+
+    def accumulators(self) -> list[HessianAccumulator]:
+        unique = {id(a): a for a in (self.plain, self.weighted, self.solve) if a is not None}
+        return list(unique.values())
+
+
+class LayerStage:
+    """Calibrates one decoder layer in place.
+
+    Args:
+        index: decoder layer index.
+        layer: the decoder layer (already on the compute device).
+        module_groups: names (relative to ``layer``) of the linear modules, grouped in inference order.
+        quant: quantization settings (``quant.method`` picks rtn / gptq / tlq).
+        reduce_sum: sums a tensor over ranks (identity on one process).
+        metrics: also accumulate the unweighted and importance-weighted Hessians over all real tokens, to report
+            each module's relative output error.
+        groups: importance groups per module (Hessians per output-channel group).
+    """
+
+    def __init__(
+        self,
+        index: int,
+        layer: nn.Module,
+        module_groups: Sequence[Sequence[str]],
+        quant: QuantArgs,
+        *,
+        reduce_sum: Callable[[Tensor], Tensor] = lambda t: t,
+        metrics: bool = True,
+        groups: int = 1,
+    ) -> None:
+        self.index = index
+        self.layer = layer
+        self.module_groups = [list(g) for g in module_groups]
+        self.quant = quant
+        self.reduce_sum = reduce_sum
+        self.metrics = metrics
+        self.groups = groups
+        self.modules = {name: layer.get_submodule(name) for group in self.module_groups for name in group}
+        for name, module in self.modules.items():
+            quant.spec.check_shape(module.in_features, name=f"layer {index} {name}")
+        self.results: dict[str, ModuleResult] = {}
+        self._stats: dict[str, _Stats] = {}
+
+    def run(
+        self, forward: Callable[[int, Tensor], Tensor], inputs: Sequence[Tensor], weights: Sequence[TokenWeights]
+    ) -> list[Tensor]:
+        """Calibrate every module group in order, then return the quantized layer's outputs for ``inputs``.
+
+        Args:
+            forward: ``forward(batch_index, hidden)`` runs this layer on one batch.
+            inputs: per batch, the layer's input (the quantized path's output of the previous layer).
+            weights: per batch, token weights for this layer.
+        """
+        groups = self.module_groups if self.quant.true_sequential else [sum(self.module_groups, [])]
+        for names in groups:
+            self.accumulate(names, forward, inputs, weights)
+            self.reduce(names)
+            self.solve(names)
+        return self.propagate(forward, inputs)
+
+    # --- steps -------------------------------------------------------------------------------------------------
+    def accumulate(
+        self,
+        names: Sequence[str],
+        forward: Callable[[int, Tensor], Tensor],
+        inputs: Sequence[Tensor],
+        weights: Sequence[TokenWeights],
+    ) -> None:
+        """Run the layer over all batches, adding each module's weighted input statistics."""
+        has_importance = weights[0].importance is not None
+        for name in names:
+            module = self.modules[name]
+            self._stats[name] = _Stats(
+                module.in_features, self.groups, self.quant.method, self.metrics, has_importance, module.weight.device
+            )
+        if all(not self._stats[n].accumulators() for n in names):
+            return  # rtn without metrics: nothing to measure
+        current: dict[str, TokenWeights] = {}
+        handles = [
+            self.modules[n].register_forward_hook(lambda m, a, o, n=n: self._add(n, a[0], current["w"])) for n in names
+        ]
+        try:
+            with torch.no_grad():
+                for b, hidden in enumerate(inputs):
+                    current["w"] = weights[b]
+                    forward(b, hidden)
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _add(self, name: str, x: Tensor, tw: TokenWeights) -> None:
+        stats = self._stats[name]
+        x = x.detach()
+        valid = tw.valid.to(x.device)
+        rows = x[valid]  # [N, in]
+        if stats.plain is not None:
+            stats.plain.add(rows)
+        imp = tw.importance[name].to(x.device)[valid] if tw.importance is not None else None
+        if stats.weighted is not None:
+            stats.weighted.add(rows, imp)
+        if self.quant.method == "tlq":
+            w = imp if imp is not None else torch.ones(rows.shape[0], self.groups, device=x.device)
+            if tw.multiplier is not None:
+                w = w * tw.multiplier.to(x.device)[valid].unsqueeze(-1)
+            keep = (w > 0).any(-1)
+            stats.solve.add(rows[keep], w[keep])
+
+    def reduce(self, names: Sequence[str]) -> None:
+        """Sum every statistic over ranks (one reduction per module and statistic, never per batch)."""
+        for name in names:
+            for acc in self._stats[name].accumulators():
+                acc.H = self.reduce_sum(acc.H)
+                counts = self.reduce_sum(torch.tensor([float(acc.tokens), float(acc.weight_sum)], device=acc.H.device))
+                acc.tokens, acc.weight_sum = int(round(float(counts[0]))), float(counts[1])
+
+    def solve(self, names: Sequence[str]) -> None:
+        """Quantize each module's weight in place and record errors, damping and time."""
+        for name in names:
+            module, stats = self.modules[name], self._stats.pop(name)
+            start = time.perf_counter()
+            original = module.weight.detach().clone()
+            record: dict[str, Any] = {"damp": None, "retries": 0}
+            if self.quant.method == "rtn":
+                res = rtn(original, self.quant.spec)
+            else:
+                solve_tokens = stats.solve.tokens
+                if solve_tokens == 0:
+                    raise RuntimeError(f"Layer {self.index} {name}: no calibration token reached this module.")
+                res = gptq_quantize(
+                    original,
+                    stats.solve.H,
+                    self.quant.spec,
+                    block_size=self.quant.block_size,
+                    damp=self.quant.damp,
+                    act_order=self.quant.act_order,
+                    name=f"layer {self.index} {name}",
+                )
+                record.update(damp=res.damp, retries=res.retries)
+            module.weight.data.copy_(res.weight)
+            record["seconds"] = time.perf_counter() - start
+            record["tokens"] = stats.solve.tokens if stats.solve is not None else 0
+            record.update(self._errors(original, module.weight.detach(), stats))
+            self.results[name] = ModuleResult(res.codes.cpu(), res.scale.cpu(), res.zero.cpu(), record)
+
+    def _errors(self, original: Tensor, quantized: Tensor, stats: _Stats) -> dict[str, float | None]:
+        out: dict[str, float | None] = {"rel_error": None, "weighted_rel_error": None}
+        if stats.plain is not None and self.metrics:
+            out["rel_error"] = relative_output_error(original, quantized, stats.plain.H)
+            out["weighted_rel_error"] = out["rel_error"]
+        if stats.weighted is not None:
+            out["weighted_rel_error"] = relative_output_error(original, quantized, stats.weighted.H)
+        return out
+
+    def propagate(self, forward: Callable[[int, Tensor], Tensor], inputs: Sequence[Tensor]) -> list[Tensor]:
+        """The quantized layer's outputs: the next layer's inputs on the quantized inference path."""
+        with torch.no_grad():
+            return [forward(b, hidden) for b, hidden in enumerate(inputs)]
