@@ -14,9 +14,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``lightning-tlq`` console script."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from jsonargparse import auto_cli
+    from transformers.utils import logging as hf_logging
 
     from lightning_tlq.calibrate import calibrate
 
+    hf_logging.disable_progress_bar()  # keep the summary readable
     auto_cli({"calibrate": calibrate}, args=list(argv) if argv is not None else None, as_positional=False)
 
 
