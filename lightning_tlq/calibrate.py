@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 
-from lightning_tlq.config import DataArgs, ImportanceArgs, QuantArgs, TokenSetArgs
+from lightning_tlq.config import DataArgs, ImportanceArgs, MemoryArgs, QuantArgs, TokenSetArgs
 from lightning_tlq.data import Sample, encode_sample, load_jsonl, make_batches, synthetic_samples
+from lightning_tlq.distributed import Collective, shard_range
 from lightning_tlq.importance import TokenImportance
 from lightning_tlq.loop import CalibrationLoop
 from lightning_tlq.module import TLQModule
@@ -28,11 +29,14 @@ def calibrate(
     quant: QuantArgs = QuantArgs(),
     importance: ImportanceArgs = ImportanceArgs(),
     token_set: TokenSetArgs = TokenSetArgs(),
+    memory: MemoryArgs = MemoryArgs(),
     output_dir: str = "tlq_out",
     overwrite: bool = False,
     dtype: str = "float32",
     accelerator: str = "auto",
     devices: int = 1,
+    num_nodes: int = 1,
+    strategy: str = "auto",
     metrics: bool = True,
     seed: int = 0,
     quiet: bool = False,
@@ -45,11 +49,14 @@ def calibrate(
         quant: quantization settings, incl. ``method``.
         importance: token importance settings.
         token_set: token-level calibration set settings.
+        memory: where weights and activations live (layer-wise offload, activation offload, GPU memory cap).
         output_dir: where the quantized model (``from_pretrained``-loadable) and ``tlq_report.json`` go.
         overwrite: replace ``output_dir`` if it exists.
         dtype: dtype the model runs in: ``float32``, ``bfloat16`` or ``float16``.
         accelerator: Fabric accelerator (``auto``, ``cpu``, ``cuda``).
-        devices: processes per node.
+        devices: processes per node; calibration samples are sharded over all processes.
+        num_nodes: nodes (launch the same command on each, e.g. with ``torchrun`` or ``fabric run``).
+        strategy: Fabric strategy (``auto`` = ``ddp`` on several processes; ``ddp_spawn`` for notebooks/tests).
         metrics: report every module's weighted and plain relative output error (costs extra statistics).
         seed: global seed.
         quiet: do not print the summary.
@@ -61,9 +68,13 @@ def calibrate(
 
     check_output_dir(output_dir, overwrite)
     fabric = Fabric(
-        accelerator=accelerator, devices=devices, callbacks=[TokenImportance(importance.score, importance.groups)]
+        accelerator=accelerator,
+        devices=devices,
+        num_nodes=num_nodes,
+        strategy=strategy,
+        callbacks=[TokenImportance(importance.score, importance.groups)],
     )
-    args = (model, data, quant, importance, token_set, output_dir, overwrite, dtype, metrics, seed, quiet)
+    args = (model, data, quant, importance, token_set, memory, output_dir, overwrite, dtype, metrics, seed, quiet)
     if os.environ.get("LT_CLI_USED"):  # under `fabric run` the processes already exist
         return _main(fabric, *args)
     return fabric.launch(_main, *args)
@@ -76,6 +87,7 @@ def _main(
     quant: QuantArgs,
     importance: ImportanceArgs,
     token_set: TokenSetArgs,
+    memory: MemoryArgs,
     output_dir: str,
     overwrite: bool,
     dtype: str,
@@ -85,16 +97,22 @@ def _main(
 ) -> dict[str, Any]:
     start = time.perf_counter()
     fabric.seed_everything(seed, verbose=False)
+    _cap_gpu_memory(fabric.device, memory.max_gpu_memory_gib)
     module = TLQModule(model, dtype=dtype)
     module.configure_model()
     samples = _load_samples(data)
+    shard = shard_range(len(samples), fabric.world_size, fabric.global_rank)
     limit = data.max_length or _model_max_length(module.model)
-    encoded = [encode_sample(module.processor, s, max_length=limit) for s in samples]
+    encoded = [encode_sample(module.processor, samples[i], max_length=limit, name=f"sample {i}") for i in shard]
     batches = make_batches(encoded, data.batch_size, module.adapter.pad_token_id)
+    ids = torch.tensor(list(shard))
+    for b, batch in enumerate(batches):
+        batch["sample_id"] = ids[b * data.batch_size : b * data.batch_size + batch["input_ids"].shape[0]]
 
-    loop = CalibrationLoop(fabric, module, quant, importance, token_set, metrics=metrics)
+    loop = CalibrationLoop(fabric, module, quant, importance, token_set, memory=memory, metrics=metrics)
     records = loop.run(batches)
     module.model.to("cpu")
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     report = {
         "model": model,
         "output_dir": str(Path(output_dir).resolve()),
@@ -103,12 +121,15 @@ def _main(
             "importance": asdict(importance),
             "token_set": asdict(token_set),
             "data": asdict(data),
+            "memory": asdict(memory),
             "dtype": dtype,
             "world_size": fabric.world_size,
+            "device": str(fabric.device),
         },
-        "data": {"samples": len(samples), "tokens": sum(int(b["attention_mask"].sum()) for b in batches)},
+        "data": {"samples": len(samples), "tokens": int(loop.collective.all_reduce(torch.tensor([tokens])).item())},
         "summary": summarize(records),
         "seconds": {**loop.phase_seconds},
+        "peak_gpu_memory_gib_per_rank": _peak_memory(fabric.device, loop.collective),
         "layers": records,
     }
     if fabric.is_global_zero:
@@ -121,6 +142,20 @@ def _main(
             print(format_summary(report))
     fabric.barrier()
     return report
+
+
+def _cap_gpu_memory(device: torch.device, gib: float | None) -> None:
+    if gib is None or device.type != "cuda":
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, gib * 2**30 / total), device)
+
+
+def _peak_memory(device: torch.device, collective: Collective) -> list[float] | None:
+    if device.type != "cuda":
+        return None
+    peak = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30], dtype=torch.float64)
+    return [round(v, 3) for v in collective.gather_cat(peak).tolist()]
 
 
 def _load_samples(data: DataArgs) -> list[Sample]:

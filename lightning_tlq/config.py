@@ -131,3 +131,21 @@ class DataArgs:
             raise ValueError(f"data.num_samples={self.num_samples} must be >= 1.")
         if self.batch_size < 1:
             raise ValueError(f"data.batch_size={self.batch_size} must be >= 1.")
+
+
+@dataclass
+class MemoryArgs:
+    """Where weights and activations live during calibration (METHOD.md section 4)."""
+
+    layerwise: bool = True
+    """Keep the decoder layers on the CPU and move one at a time to the accelerator (the next one prefetched);
+    the importance pass then also runs layer by layer (forward storing layer inputs, backward recomputing one
+    layer at a time). False puts the whole model on the accelerator and back-propagates through it at once."""
+    offload_activations: bool = False
+    """Keep calibration activations (layer inputs of every sample) in pinned CPU memory instead of on the GPU."""
+    max_gpu_memory_gib: float | None = None
+    """Cap the GPU memory this process may allocate (e.g. 24 to emulate 24 GiB cards); None = no cap."""
+
+    def __post_init__(self) -> None:
+        if self.max_gpu_memory_gib is not None and self.max_gpu_memory_gib <= 0:
+            raise ValueError(f"memory.max_gpu_memory_gib={self.max_gpu_memory_gib} must be positive (GiB) or null.")

@@ -26,8 +26,10 @@ class TokenImportance:
         groups: output-channel groups per module (one score per group).
         offload: keep the collected scores on the CPU (they are small: ``B x S x groups`` per module).
 
-    Events (called with ``fabric.call``): ``on_importance_start(fabric, targets)``, then per batch
-    ``on_importance_batch_end(fabric, batch_idx)`` after the backward pass, then ``on_importance_end(fabric)``.
+    Events (called with ``fabric.call``): ``on_importance_start(fabric, targets)``; around each backward pass
+    ``on_importance_batch_start(fabric, batch_idx)`` and ``on_importance_batch_end(fabric, batch_idx)`` (a
+    layer-by-layer backward calls them once per layer and batch); then ``on_importance_end(fabric)``, which checks
+    that every target received a gradient for every batch.
     """
 
     def __init__(self, score: Score = "fisher", groups: int = 1, offload: bool = True) -> None:
@@ -35,32 +37,44 @@ class TokenImportance:
         self.groups = groups
         self.offload = offload
         self.scores: dict[str, list[Tensor]] = {}
+        self._collected: dict[str, dict[int, Tensor]] = {}
         self._pending: dict[str, Tensor] = {}
+        self._batches: set[int] = set()
         self._handles: list[Any] = []
 
     def on_importance_start(self, fabric: Any = None, targets: Mapping[str, nn.Module] | None = None) -> None:
         """Hook the output of every target module."""
         self._remove_hooks()
-        self.scores = {name: [] for name in targets or {}}
-        self._pending = {}
+        self.scores, self._pending, self._batches = {}, {}, set()
+        self._collected = {name: {} for name in targets or {}}
         for name, module in (targets or {}).items():
             self._handles.append(module.register_forward_hook(partial(self._on_forward, name)))
 
+    def on_importance_batch_start(self, fabric: Any = None, batch_idx: int = 0) -> None:
+        """Start collecting for ``batch_idx``."""
+        self._pending = {}
+
     def on_importance_batch_end(self, fabric: Any = None, batch_idx: int = 0) -> None:
-        """Move this batch's scores into :attr:`scores`; every target must have received a gradient."""
-        missing = [name for name in self.scores if name not in self._pending]
+        """File the scores of this backward pass under ``batch_idx``."""
+        self._batches.add(batch_idx)
+        for name, value in self._pending.items():
+            if batch_idx in self._collected[name]:
+                raise RuntimeError(f"Module {name} received two gradients for calibration batch {batch_idx}.")
+            self._collected[name][batch_idx] = value
+        self._pending = {}
+
+    def on_importance_end(self, fabric: Any = None) -> None:
+        """Remove the hooks; expose :attr:`scores` (per module, a list ordered by batch index)."""
+        self._remove_hooks()
+        batches = sorted(self._batches)
+        missing = [name for name, got in self._collected.items() if sorted(got) != batches]
         if missing:
             raise RuntimeError(
                 f"No output gradient reached {len(missing)} module(s), e.g. {missing[:3]}: the loss must depend on "
                 "them and gradients must be enabled (not under torch.inference_mode / no_grad)."
             )
-        for name, value in self._pending.items():
-            self.scores[name].append(value)
-        self._pending = {}
-
-    def on_importance_end(self, fabric: Any = None) -> None:
-        """Remove the hooks."""
-        self._remove_hooks()
+        self.scores = {name: [got[b] for b in batches] for name, got in self._collected.items()}
+        self._collected = {}
 
     def _on_forward(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
         if isinstance(output, Tensor) and output.requires_grad:

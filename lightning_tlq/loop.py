@@ -1,37 +1,63 @@
-"""The Fabric calibration loop: importance pass, token set, then quantization-exposed layer-wise stages."""
+"""The Fabric calibration loop: importance pass, token set, then quantization-exposed layer-wise stages.
+
+Every rank runs this on its own shard of the calibration samples (``sample_id`` in each batch gives the global
+sample index). Statistics that must be global -- importance normalisation, the token-set threshold, Hessians --
+go through :class:`~lightning_tlq.distributed.Collective`, so the result does not depend on the number of ranks
+beyond floating-point summation order.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from lightning_tlq.adapters.base import move_to
-from lightning_tlq.config import ImportanceArgs, QuantArgs, TokenSetArgs
-from lightning_tlq.core.importance import postprocess
-from lightning_tlq.core.tokenset import select_tokens, token_uniforms
+from lightning_tlq.adapters.base import CapturedInputs, move_to
+from lightning_tlq.config import ImportanceArgs, MemoryArgs, QuantArgs, TokenSetArgs
+from lightning_tlq.core.importance import postprocess_flat, scatter_back
+from lightning_tlq.core.tokenset import mass_threshold, select_tokens, token_uniforms
 from lightning_tlq.data import TokenMasks, token_masks
+from lightning_tlq.distributed import Collective
 from lightning_tlq.importance import TokenImportance
-from lightning_tlq.module import TLQModule
+from lightning_tlq.module import TLQModule, answer_loss, check_has_answer
+from lightning_tlq.placement import LayerPlacement
 from lightning_tlq.stage import LayerStage, TokenWeights
 
 log = logging.getLogger(__name__)
+
+
+def _fingerprint(multiplier: Tensor, valid: Sequence[Tensor], sample_ids: Sequence[Tensor]) -> int:
+    """Order-independent digest of a token set: sums of per-token hashes of (sample id, position, multiplier).
+
+    Summed over ranks it is the same for any sharding, so 1-vs-N-rank runs can be compared exactly.
+    """
+    total, start = 0, 0
+    for v, ids in zip(valid, sample_ids):
+        n = int(v.sum())
+        rows, cols = v.nonzero(as_tuple=True)
+        mult = multiplier[start : start + n]
+        start += n
+        keep = mult > 0
+        key = ids[rows[keep]].long() * 1_000_003 + cols[keep].long() * 7919 + (mult[keep] * 1000).round().long()
+        total += int((key * 2_654_435_761 % 2_147_483_647).sum())
+    return total % (2**50)
 
 
 class CalibrationLoop:
     """Calibrates the decoder layers of ``module``'s VLM in place, layer by layer on the quantized path.
 
     Args:
-        fabric: a launched ``lightning.fabric.Fabric``; its device runs the work, its collectives sum statistics,
-            and ``fabric.call`` emits ``on_importance_*``, ``on_layer_start(fabric, index)`` and
-            ``on_layer_end(fabric, index, record)`` to its callbacks. When importance is needed (``tlq``, or
-            ``metrics``), one of its callbacks must be a :class:`TokenImportance`, which collects the scores.
-        module: the wrapped model (``configure_model`` already called).
-        quant, importance, token_set: settings.
+        fabric: a launched ``lightning.fabric.Fabric``; its device runs the work and ``fabric.call`` emits
+            ``on_importance_*``, ``on_layer_start(fabric, index)`` and ``on_layer_end(fabric, index, record)`` to
+            its callbacks. When importance is needed (``tlq``, or ``metrics``), one of its callbacks must be a
+            :class:`TokenImportance`, which collects the scores.
+        module: the wrapped model (``configure_model`` already called; weights on the CPU).
+        quant, importance, token_set, memory: settings.
         metrics: accumulate the statistics needed to report every module's (weighted) output error.
     """
 
@@ -43,58 +69,68 @@ class CalibrationLoop:
         importance: ImportanceArgs,
         token_set: TokenSetArgs,
         *,
+        memory: MemoryArgs | None = None,
         metrics: bool = True,
     ) -> None:
         self.fabric = fabric
         self.module = module
         self.adapter = module.adapter
         self.quant, self.importance_args, self.token_set = quant, importance, token_set
-        self.collector = self._find_collector(fabric)
+        self.memory = memory or MemoryArgs()
         self.metrics = metrics
+        self.collector = self._find_collector(fabric)
+        self.collective = Collective()
         self.results: dict[str, Any] = {}
         self.phase_seconds: dict[str, float] = {}
+        self.placement = LayerPlacement(self.adapter.decoder_layers(), fabric.device, self.memory.layerwise)
 
     # --- driver ------------------------------------------------------------------------------------------------
     def run(self, batches: Sequence[dict[str, Tensor]]) -> list[dict[str, Any]]:
-        """Calibrate; returns one record per decoder layer."""
+        """Calibrate on this rank's batches; returns one record per decoder layer (identical on every rank)."""
         if not batches:
-            raise ValueError("Calibration got no batches: the dataset is empty.")
-        device = self.fabric.device
-        self.module.model.to(device)
-        batches = [move_to(b, device) for b in batches]
-        masks = [token_masks(b, self.adapter.image_token_id) for b in batches]
-        sample_ids = self._sample_ids(batches)
+            raise ValueError("Calibration got no batches on this rank: the dataset is empty or too small.")
+        for batch in batches:
+            check_has_answer(batch["labels"])
+        with self.placement.rest_on_device(self.module.model):
+            batches = [move_to(b, self.fabric.device) for b in batches]
+            masks = [token_masks(b, self.adapter.image_token_id) for b in batches]
+            sample_ids = self._sample_ids(batches)
+            with self._timed("capture"), torch.no_grad():
+                captured = [
+                    self.adapter.capture(self.adapter.forward_inputs(b), skip_layers=self.placement.layerwise)
+                    for b in batches
+                ]
+            with self._timed("importance"):
+                importance = self._importance(batches, masks, captured)
+            with self._timed("layers"):
+                return self._layers(captured, importance, masks, sample_ids)
 
-        t = time.perf_counter()
-        importance = self._importance(batches, masks)
-        self.phase_seconds["importance"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        with torch.no_grad():
-            captured = [self.adapter.capture(self.adapter.forward_inputs(b)) for b in batches]
-        hidden = [c.hidden for c in captured]
-        self.phase_seconds["capture"] = time.perf_counter() - t
-
-        t = time.perf_counter()
+    def _layers(
+        self,
+        captured: Sequence[CapturedInputs],
+        importance: dict[str, list[Tensor]],
+        masks: Sequence[TokenMasks],
+        sample_ids: Sequence[Tensor],
+    ) -> list[dict[str, Any]]:
+        hidden = [self._store(c.hidden) for c in captured]
         records = []
-        for index, layer in enumerate(self.adapter.decoder_layers()):
+        for index in range(self.adapter.num_layers):
             self.fabric.call("on_layer_start", fabric=self.fabric, index=index)
             start = time.perf_counter()
+            layer = self.placement.onload(index)
+            self.placement.prefetch(index + 1)
             weights, set_record = self._token_weights(index, importance, masks, sample_ids)
             stage = LayerStage(
                 index,
                 layer,
                 self.adapter.module_groups(index),
                 self.quant,
-                reduce_sum=self._reduce_sum,
+                collective=self.collective,
                 metrics=self.metrics,
                 groups=self.importance_args.groups,
             )
-
-            def forward(b: int, h: Tensor, index: int = index) -> Tensor:
-                return self.adapter.run_layer(index, h, captured[b].layer_kwargs[index])
-
-            hidden = stage.run(forward, hidden, weights)
+            hidden = stage.run(self._layer_forward(index, captured), hidden, weights)
+            self.placement.offload(index)
             self._check_finite(index, hidden)
             for name, result in stage.results.items():
                 self.results[f"{index}.{name}"] = result
@@ -102,8 +138,22 @@ class CalibrationLoop:
             record["modules"] = {name: r.record for name, r in stage.results.items()}
             records.append(record)
             self.fabric.call("on_layer_end", fabric=self.fabric, index=index, record=record)
-        self.phase_seconds["layers"] = time.perf_counter() - t
         return records
+
+    def _layer_forward(self, index: int, captured: Sequence[CapturedInputs]) -> Callable[[int, Tensor], Tensor]:
+        device = self.fabric.device
+
+        def forward(b: int, h: Tensor) -> Tensor:
+            out = self.adapter.run_layer(index, h.to(device, non_blocking=True), captured[b].layer_kwargs[index])
+            return self._store(out)
+
+        return forward
+
+    def _store(self, t: Tensor) -> Tensor:
+        """Where calibration activations are kept: on the device, or in pinned host memory."""
+        if not self.memory.offload_activations or t.device.type != "cuda":
+            return t
+        return t.to("cpu", non_blocking=False).pin_memory()
 
     # --- importance --------------------------------------------------------------------------------------------
     def _needs_importance(self) -> bool:
@@ -120,39 +170,101 @@ class CalibrationLoop:
             for name in group
         }
 
-    def _importance(self, batches: Sequence[dict[str, Tensor]], masks: Sequence[TokenMasks]) -> dict[str, list]:
+    def _importance(
+        self, batches: Sequence[dict[str, Tensor]], masks: Sequence[TokenMasks], captured: Sequence[CapturedInputs]
+    ) -> dict[str, list[Tensor]]:
         """Per module, post-processed token weights ``[B, S, G]`` per batch (empty when not needed)."""
         if not self._needs_importance():
             return {}
         self.fabric.call("on_importance_start", fabric=self.fabric, targets=self._targets())
         try:
-            for batch_idx, batch in enumerate(batches):
-                with torch.enable_grad():
-                    loss = self.module.sft_loss(batch)
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"The SFT loss of calibration batch {batch_idx} is {loss.item()}.")
-                    loss.backward()
-                self.fabric.call("on_importance_batch_end", fabric=self.fabric, batch_idx=batch_idx)
+            if self.placement.layerwise:
+                self._backward_layerwise(batches, captured)
+            else:
+                self._backward_whole(batches)
         finally:
             self.fabric.call("on_importance_end", fabric=self.fabric)
+        return self._postprocess(self.collector.scores, masks)
+
+    def _backward_whole(self, batches: Sequence[dict[str, Tensor]]) -> None:
+        for batch_idx, batch in enumerate(batches):
+            self.fabric.call("on_importance_batch_start", fabric=self.fabric, batch_idx=batch_idx)
+            with torch.enable_grad():
+                loss = self.module.sft_loss(batch)
+                self._check_loss(loss, batch_idx)
+                loss.backward()
+            self.fabric.call("on_importance_batch_end", fabric=self.fabric, batch_idx=batch_idx)
+
+    def _backward_layerwise(self, batches: Sequence[dict[str, Tensor]], captured: Sequence[CapturedInputs]) -> None:
+        """Backward of the SFT loss one decoder layer at a time; equals a whole-model backward.
+
+        Forward: store every layer's input. Head: loss and ``dL/dh_L``. Backward: for the last layer down to the
+        first, recompute the layer with its input requiring grad and back-propagate the incoming gradient.
+        """
+        n_layers, device = self.adapter.num_layers, self.fabric.device
+        inputs: list[list[Tensor]] = [[self._store(c.hidden) for c in captured]]
+        for index in range(n_layers):
+            self.placement.onload(index)
+            self.placement.prefetch(index + 1)
+            with torch.no_grad():
+                forward = self._layer_forward(index, captured)
+                inputs.append([forward(b, h) for b, h in enumerate(inputs[-1])])
+            self.placement.offload(index)
+        grads = []
+        for b, batch in enumerate(inputs.pop()):
+            h = batch.to(device).detach().requires_grad_(True)
+            with torch.enable_grad():
+                loss = answer_loss(self.adapter.head(h), batches[b]["labels"])
+                self._check_loss(loss, b)
+                (grad,) = torch.autograd.grad(loss, h)
+            grads.append(grad)
+        for index in reversed(range(n_layers)):
+            self.placement.onload(index)
+            self.placement.prefetch(index - 1)
+            layer_inputs = inputs.pop()
+            for b in range(len(batches)):
+                self.fabric.call("on_importance_batch_start", fabric=self.fabric, batch_idx=b)
+                h = layer_inputs[b].to(device).detach().requires_grad_(True)
+                with torch.enable_grad():
+                    out = self.adapter.run_layer(index, h, captured[b].layer_kwargs[index])
+                    out.backward(grads[b])
+                grads[b] = h.grad
+                self.fabric.call("on_importance_batch_end", fabric=self.fabric, batch_idx=b)
+            self.placement.offload(index)
+
+    def _postprocess(self, scores: dict[str, list[Tensor]], masks: Sequence[TokenMasks]) -> dict[str, list[Tensor]]:
+        """Normalise / floor / clip each module's scores over *all* ranks' tokens (gathered), keep this rank's."""
         args = self.importance_args
-        valid = [~m.pad for m in masks]
-        vision = [m.image for m in masks]
-        return {
-            name: postprocess(scores, valid, vision, floor=args.floor, clip_quantile=args.clip_quantile, mode=args.mode)
-            for name, scores in self.collector.scores.items()
-        }
+        valid = [(~m.pad).cpu() for m in masks]
+        is_vision = torch.cat([m.image.cpu()[v] for m, v in zip(masks, valid)])
+        n_local = int(is_vision.numel())
+        offset = self.collective.exclusive_offset(n_local)
+        global_vision = self.collective.gather_cat(is_vision)
+        out = {}
+        for name, per_batch in scores.items():
+            local = torch.cat([s.cpu()[v] for s, v in zip(per_batch, valid)])
+            flat = postprocess_flat(
+                self.collective.gather_cat(local),
+                global_vision,
+                floor=args.floor,
+                clip_quantile=args.clip_quantile,
+                mode=args.mode,
+            )
+            out[name] = scatter_back(flat[offset : offset + n_local], per_batch, valid)
+        return out
 
     # --- token set ---------------------------------------------------------------------------------------------
     def _token_weights(
         self, index: int, importance: dict[str, list], masks: Sequence[TokenMasks], sample_ids: Sequence[Tensor]
     ) -> tuple[list[TokenWeights], dict[str, Any]]:
         names = [n for g in self.adapter.module_groups(index) for n in g]
-        per_module = {n: importance[f"{index}.{n}"] for n in names} if importance else None
         valid = [(~m.pad).cpu() for m in masks]
         n_batches = len(masks)
-        layer_imp = [{n: per_module[n][b] for n in names} if per_module else None for b in range(n_batches)]
-        record: dict[str, Any] = {"tokens_total": int(sum(int(v.sum()) for v in valid))}
+        layer_imp = [
+            {n: importance[f"{index}.{n}"][b] for n in names} if importance else None for b in range(n_batches)
+        ]
+        total = self.collective.all_reduce(torch.tensor([sum(int(v.sum()) for v in valid)], dtype=torch.float64))
+        record: dict[str, Any] = {"tokens_total": int(total.item())}
         multipliers: list[Tensor | None] = [None] * n_batches
         if self.quant.method == "tlq":
             multipliers, set_record = self._select(index, layer_imp, masks, valid, sample_ids)
@@ -174,32 +286,40 @@ class CalibrationLoop:
             for imp, v in zip(layer_imp, valid)
         ]
         flat = torch.cat([s[v] for s, v in zip(scores, valid)])
+        every = self.collective.gather_cat(flat)
+        threshold = mass_threshold(every, self.token_set.keep_mass)
         uniforms = torch.cat(
             [token_uniforms(self.token_set.seed, index, ids, v.shape[1])[v] for ids, v in zip(sample_ids, valid)]
         )
-        sel = select_tokens(flat, uniforms, self.token_set.keep_mass, self.token_set.p_rest)
+        sel = select_tokens(flat, uniforms, self.token_set.keep_mass, self.token_set.p_rest, threshold=threshold)
         kept = sel.kept
         image = torch.cat([m.image.cpu()[v] for m, v in zip(masks, valid)])
         answer = torch.cat([m.answer.cpu()[v] for m, v in zip(masks, valid)])
-        n_kept = int(kept.sum())
+        counts = torch.tensor(
+            [
+                float(_fingerprint(sel.multiplier, valid, sample_ids)),
+                float(kept.sum()),
+                float(sel.by_mass.sum()),
+                float((kept & image).sum()),
+                float((kept & answer).sum()),
+                float(flat[sel.by_mass].double().sum()),
+            ],
+            dtype=torch.float64,
+        )
+        fingerprint, n_kept, by_mass, vision, answers, mass = self.collective.all_reduce(counts).tolist()
+        total_mass = float(every.double().sum())
         record = {
-            "tokens_kept": n_kept,
-            "tokens_by_mass": int(sel.by_mass.sum()),
-            "mass_covered": sel.mass_covered,
+            "token_set_fingerprint": int(fingerprint),
+            "tokens_kept": int(n_kept),
+            "tokens_by_mass": int(by_mass),
+            "mass_covered": mass / total_mass if total_mass > 0 else 1.0,
             "kept_share": {
-                "vision": float(image[kept].sum()) / max(n_kept, 1),
-                "text": float((~image[kept]).sum()) / max(n_kept, 1),
-                "answer": float(answer[kept].sum()) / max(n_kept, 1),
+                "vision": vision / max(n_kept, 1),
+                "text": (n_kept - vision) / max(n_kept, 1),
+                "answer": answers / max(n_kept, 1),
             },
         }
-        out, start = [], 0
-        for v in valid:
-            full = torch.zeros(v.shape)
-            n = int(v.sum())
-            full[v] = sel.multiplier[start : start + n]
-            out.append(full)
-            start += n
-        return out, record
+        return scatter_back(sel.multiplier, [v.float() for v in valid], valid), record
 
     # --- helpers -----------------------------------------------------------------------------------------------
     def _find_collector(self, fabric: Any) -> TokenImportance | None:
@@ -213,6 +333,14 @@ class CalibrationLoop:
             )
         return found[0] if found else None
 
+    @contextlib.contextmanager
+    def _timed(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + time.perf_counter() - start
+
     @staticmethod
     def _sample_ids(batches: Sequence[dict[str, Tensor]]) -> list[Tensor]:
         if all("sample_id" in b for b in batches):
@@ -224,10 +352,13 @@ class CalibrationLoop:
             start += n
         return ids
 
-    def _reduce_sum(self, tensor: Tensor) -> Tensor:
-        if self.fabric.world_size == 1:
-            return tensor
-        return self.fabric.all_reduce(tensor, reduce_op="sum")
+    @staticmethod
+    def _check_loss(loss: Tensor, batch_idx: int) -> None:
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"The SFT loss of calibration batch {batch_idx} is {loss.item()}: the model's weights or "
+                "activations hold NaN/Inf (check the checkpoint and the dtype)."
+            )
 
     @staticmethod
     def _check_finite(index: int, hidden: Sequence[Tensor]) -> None:

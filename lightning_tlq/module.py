@@ -55,14 +55,23 @@ class TLQModule(pl.LightningModule):
 
         A sum (not a mean) keeps each token's gradient independent of how many answer tokens share its batch.
         """
-        labels = batch["labels"]
-        if not (labels[:, 1:] != -100).any():
-            raise ValueError("The batch has no answer tokens (all labels are -100): importance needs an answer.")
+        check_has_answer(batch["labels"])
         handle = enable_activation_grads(self.model)
         try:
             logits = self(batch)
         finally:
             handle.remove()
-        return F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum"
-        )
+        return answer_loss(logits, batch["labels"])
+
+
+def check_has_answer(labels: Tensor) -> None:
+    """Raise if no position carries a label (the SFT loss, hence the importance, would be empty)."""
+    if not (labels[:, 1:] != -100).any():
+        raise ValueError("The batch has no answer tokens (all labels are -100): importance needs an answer.")
+
+
+def answer_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Next-token cross-entropy summed over the positions whose label is not -100 (fp32)."""
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum"
+    )

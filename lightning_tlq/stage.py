@@ -1,8 +1,7 @@
 """One decoder layer's calibration as an explicit stage: accumulate -> reduce -> solve -> propagate.
 
-Pure torch: the stage gets its collective as a plain callable (``reduce_sum``), so the Fabric loop only supplies
-``fabric.all_reduce`` and a distributed owner/broadcast scheme only has to replace :meth:`LayerStage.reduce` and
-the broadcast after :meth:`LayerStage.solve`.
+Pure torch: on several ranks each module's statistics are reduced to the rank that owns it, the owner solves,
+and the results are broadcast (:class:`lightning_tlq.distributed.Collective`, no-ops on one process).
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ from lightning_tlq.config import QuantArgs
 from lightning_tlq.core.gptq import gptq_quantize
 from lightning_tlq.core.hessian import HessianAccumulator, relative_output_error
 from lightning_tlq.core.quantizer import rtn
+from lightning_tlq.distributed import Collective, assign_owners
 
 
 @dataclass
@@ -37,10 +37,28 @@ class TokenWeights:
 class ModuleResult:
     """What the solve produced for one module (integer codes kept for export)."""
 
+    weight: Tensor | None
+    """The fake-quantized weight (dropped once copied into the module)."""
     codes: Tensor
     scale: Tensor
     zero: Tensor
     record: dict[str, Any] = field(default_factory=dict)
+
+
+_RECORD_KEYS = ("damp", "retries", "seconds", "tokens", "rel_error", "weighted_rel_error")
+
+
+def _pack_record(record: dict[str, Any], device: Any) -> Tensor:
+    values = [record.get(k) for k in _RECORD_KEYS]
+    return torch.tensor([float("nan") if v is None else float(v) for v in values], dtype=torch.float64, device=device)
+
+
+def _unpack_record(packed: Tensor) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in zip(_RECORD_KEYS, packed.tolist()):
+        out[key] = None if value != value else value  # NaN marks "not measured"
+    out["retries"], out["tokens"] = int(out["retries"]), int(out["tokens"])
+    return out
 
 
 class _Stats:
@@ -64,7 +82,7 @@ class LayerStage:
         layer: the decoder layer (already on the compute device).
         module_groups: names (relative to ``layer``) of the linear modules, grouped in inference order.
         quant: quantization settings (``quant.method`` picks rtn / gptq / tlq).
-        reduce_sum: sums a tensor over ranks (identity on one process).
+        collective: reductions to module owners and broadcasts (no-ops on one process).
         metrics: also accumulate the unweighted and importance-weighted Hessians over all real tokens, to report
             each module's relative output error.
         groups: importance groups per module (Hessians per output-channel group).
@@ -77,7 +95,7 @@ class LayerStage:
         module_groups: Sequence[Sequence[str]],
         quant: QuantArgs,
         *,
-        reduce_sum: Callable[[Tensor], Tensor] = lambda t: t,
+        collective: Collective | None = None,
         metrics: bool = True,
         groups: int = 1,
     ) -> None:
@@ -85,7 +103,7 @@ class LayerStage:
         self.layer = layer
         self.module_groups = [list(g) for g in module_groups]
         self.quant = quant
-        self.reduce_sum = reduce_sum
+        self.collective = collective or Collective()
         self.metrics = metrics
         self.groups = groups
         self.modules = {name: layer.get_submodule(name) for group in self.module_groups for name in group}
@@ -93,6 +111,7 @@ class LayerStage:
             quant.spec.check_shape(module.in_features, name=f"layer {index} {name}")
         self.results: dict[str, ModuleResult] = {}
         self._stats: dict[str, _Stats] = {}
+        self._owners: dict[str, int] = {}
 
     def run(
         self, forward: Callable[[int, Tensor], Tensor], inputs: Sequence[Tensor], weights: Sequence[TokenWeights]
@@ -159,41 +178,70 @@ class LayerStage:
             stats.solve.add(rows[keep], w[keep])
 
     def reduce(self, names: Sequence[str]) -> None:
-        """Sum every statistic over ranks (one reduction per module and statistic, never per batch)."""
-        for name in names:
+        """Sum each module's statistics over ranks into the rank that owns (will solve) it.
+
+        Owners come from greedy bin packing on solve cost (``d_in^3`` per Hessian); one reduction per module and
+        statistic, never per batch.
+        """
+        coll = self.collective
+        costs = [float(self.modules[n].in_features) ** 3 * self.groups for n in names]
+        for name, owner in zip(names, assign_owners(costs, coll.world_size)):
+            self._owners[name] = owner
             for acc in self._stats[name].accumulators():
-                acc.H = self.reduce_sum(acc.H)
-                counts = self.reduce_sum(torch.tensor([float(acc.tokens), float(acc.weight_sum)], device=acc.H.device))
+                acc.H = coll.reduce_to(acc.H, owner)
+                counts = torch.tensor([float(acc.tokens), float(acc.weight_sum)], dtype=torch.float64)
+                counts = coll.reduce_to(counts.to(acc.H.device), owner)
                 acc.tokens, acc.weight_sum = int(round(float(counts[0]))), float(counts[1])
 
     def solve(self, names: Sequence[str]) -> None:
-        """Quantize each module's weight in place and record errors, damping and time."""
+        """Owners quantize their modules; weights, codes, scales, zero points and records are broadcast."""
         for name in names:
             module, stats = self.modules[name], self._stats.pop(name)
-            start = time.perf_counter()
-            original = module.weight.detach().clone()
-            record: dict[str, Any] = {"damp": None, "retries": 0}
-            if self.quant.method == "rtn":
-                res = rtn(original, self.quant.spec)
+            owner = self._owners.get(name, 0)
+            if self.collective.rank == owner:
+                res, record = self._solve_one(name, module.weight.detach(), stats)
             else:
-                solve_tokens = stats.solve.tokens
-                if solve_tokens == 0:
-                    raise RuntimeError(f"Layer {self.index} {name}: no calibration token reached this module.")
-                res = gptq_quantize(
-                    original,
-                    stats.solve.H,
-                    self.quant.spec,
-                    block_size=self.quant.block_size,
-                    damp=self.quant.damp,
-                    act_order=self.quant.act_order,
-                    name=f"layer {self.index} {name}",
-                )
-                record.update(damp=res.damp, retries=res.retries)
+                res, record = self._empty_result(module.weight), {}
+            res = ModuleResult(
+                *(self.collective.broadcast(t, owner) for t in (res.weight, res.codes, res.scale, res.zero))
+            )
+            record = _unpack_record(self.collective.broadcast(_pack_record(record, module.weight.device), owner))
             module.weight.data.copy_(res.weight)
-            record["seconds"] = time.perf_counter() - start
-            record["tokens"] = stats.solve.tokens if stats.solve is not None else 0
-            record.update(self._errors(original, module.weight.detach(), stats))
-            self.results[name] = ModuleResult(res.codes.cpu(), res.scale.cpu(), res.zero.cpu(), record)
+            self.results[name] = ModuleResult(None, res.codes.cpu(), res.scale.cpu(), res.zero.cpu(), record)
+
+    def _solve_one(self, name: str, original: Tensor, stats: _Stats) -> tuple[ModuleResult, dict[str, Any]]:
+        start = time.perf_counter()
+        record: dict[str, Any] = {"damp": None, "retries": 0}
+        if self.quant.method == "rtn":
+            res = rtn(original, self.quant.spec)
+        else:
+            if stats.solve.tokens == 0:
+                raise RuntimeError(f"Layer {self.index} {name}: no calibration token reached this module.")
+            res = gptq_quantize(
+                original,
+                stats.solve.H,
+                self.quant.spec,
+                block_size=self.quant.block_size,
+                damp=self.quant.damp,
+                act_order=self.quant.act_order,
+                name=f"layer {self.index} {name}",
+            )
+            record.update(damp=res.damp, retries=res.retries)
+        record["seconds"] = time.perf_counter() - start
+        record["tokens"] = stats.solve.tokens if stats.solve is not None else 0
+        record.update(self._errors(original, res.weight, stats))
+        return ModuleResult(res.weight, res.codes, res.scale, res.zero), record
+
+    def _empty_result(self, weight: Tensor) -> ModuleResult:
+        out_f, in_f = weight.shape
+        spec = self.quant.spec
+        groups = spec.n_groups(in_f)
+        return ModuleResult(
+            torch.empty_like(weight),
+            torch.empty(out_f, in_f, dtype=spec.code_dtype, device=weight.device),
+            torch.empty(out_f, groups, dtype=torch.float32, device=weight.device),
+            torch.empty(out_f, groups, dtype=torch.float32, device=weight.device),
+        )
 
     def _errors(self, original: Tensor, quantized: Tensor, stats: _Stats) -> dict[str, float | None]:
         out: dict[str, float | None] = {"rel_error": None, "weighted_rel_error": None}

@@ -61,6 +61,7 @@ def test_callback_scores_equal_autograd(family, score, groups):
     expected = _direct(module, batch, targets, score, groups)
     collector = TokenImportance(score, groups)
     collector.on_importance_start(None, targets)
+    collector.on_importance_batch_start(None, 0)
     with torch.enable_grad():
         module.sft_loss(batch).backward()
     collector.on_importance_batch_end(None, 0)
@@ -82,9 +83,10 @@ def test_missing_gradient_is_reported():
     collector.on_importance_start(None, targets)
     with torch.no_grad():
         module(batch)
+    collector.on_importance_batch_end(None, 0)
     with pytest.raises(RuntimeError, match="No output gradient"):
-        collector.on_importance_batch_end(None, 0)
-    collector.on_importance_end(None)
+        collector.on_importance_end(None)
+    assert not any(m._forward_hooks for m in targets.values())
 
 
 def test_twice_called_module_is_refused():

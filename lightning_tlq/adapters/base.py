@@ -160,6 +160,11 @@ def _split_layer_call(module: nn.Module, args: tuple, kwargs: dict[str, Any]) ->
     return args[0], kwargs
 
 
+def _passthrough(*args: Any, **kwargs: Any) -> Tensor:
+    """Stand-in for a decoder layer's forward that returns its hidden-states input unchanged."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
 def _first_tensor(output: Any, layer_index: int) -> Tensor:
     """Return the hidden states from a decoder layer output (a tensor, or a tuple/list starting with one)."""
     if isinstance(output, (tuple, list)) and output:
@@ -333,7 +338,7 @@ class VLMAdapter:
         inputs["use_cache"] = False
         return inputs
 
-    def capture(self, batch: Mapping[str, Any]) -> CapturedInputs:
+    def capture(self, batch: Mapping[str, Any], skip_layers: bool = False) -> CapturedInputs:
         """Run the model once (no grad) and record the inputs of every text decoder layer.
 
         The forward stops right before the last decoder layer would run, so the work after it (final norm,
@@ -341,6 +346,9 @@ class VLMAdapter:
 
         Args:
             batch: Collated batch, already on the model's device.
+            skip_layers: replace every decoder layer's computation by the identity while capturing, so the
+                decoder layers may stay on the CPU (only embeddings, vision tower and rotary embeddings run).
+                Layer kwargs (masks, rotary embeddings) do not depend on the hidden states, so they are exact.
 
         Returns:
             Layer-0 hidden states and the kwargs of each decoder layer.
@@ -353,10 +361,13 @@ class VLMAdapter:
         records: list[dict[str, Any] | None] = [None] * len(layers)
         first: list[Tensor] = []
         handles = []
+        saved_forwards = [layer.__dict__.get("forward") for layer in layers]
         try:
             for i, layer in enumerate(layers):
                 hook = self._capture_hook(i, len(layers), records, first)
                 handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+                if skip_layers:
+                    layer.forward = _passthrough
             with torch.no_grad():
                 self.model(**inputs)
         except _StopForward:
@@ -364,6 +375,11 @@ class VLMAdapter:
         finally:
             for handle in handles:
                 handle.remove()
+            for layer, saved in zip(layers, saved_forwards):
+                if saved is not None:
+                    layer.forward = saved
+                else:
+                    layer.__dict__.pop("forward", None)
         missing = [i for i, kw in enumerate(records) if kw is None]
         if missing or not first:
             raise RuntimeError(

@@ -66,51 +66,59 @@ def _clip_quantile(values: Tensor, quantile: float) -> Tensor:
     return torch.minimum(values, threshold)
 
 
-def postprocess(
-    scores: Sequence[Tensor],
-    valid: Sequence[Tensor],
-    vision: Sequence[Tensor],
+def postprocess_flat(
+    flat: Tensor,
+    is_vision: Tensor,
     *,
     floor: float = 0.1,
     clip_quantile: float = 0.999,
     mode: Literal["token", "modality", "none"] = "token",
-) -> list[Tensor]:
-    """Turn one module's raw scores into token weights with mean 1 over real tokens.
+) -> Tensor:
+    """Turn one module's raw scores over all real calibration tokens into weights with mean 1.
 
     Steps: normalise to mean 1; floor/mix ``(1 - floor) * s + floor * mean_modality(s)``; clip at the
-    ``clip_quantile``; renormalise to mean 1. Pad tokens get weight 0. ``mode="modality"`` replaces every
-    score by its modality mean (MBQ-style); ``mode="none"`` gives weight 1 to every real token.
+    ``clip_quantile``; renormalise to mean 1. ``mode="modality"`` replaces every score by its modality mean
+    (MBQ-style); ``mode="none"`` gives weight 1 to every token. The result depends only on the set of tokens, so
+    ranks that gather all tokens compute identical weights.
 
     Args:
-        scores: per batch, raw scores ``[B, S, G]``.
-        valid: per batch, bool ``[B, S]``, True for real (non-pad) tokens.
-        vision: per batch, bool ``[B, S]``, True for vision tokens.
+        flat: ``[N, G]`` raw scores of the ``N`` real (non-pad) tokens.
+        is_vision: ``[N]`` bool, True for vision tokens.
         floor: mixing weight of the modality mean.
         clip_quantile: quantile above which weights are clipped (1.0 disables).
         mode: ``token``, ``modality`` or ``none``.
 
     Returns:
-        per batch, weights ``[B, S, G]`` (fp32).
+        ``[N, G]`` fp32 weights.
     """
-    flat = torch.cat([s[m] for s, m in zip(scores, valid)]).float()  # [N, G]
-    is_vision = torch.cat([v[m] for v, m in zip(vision, valid)])
+    flat = flat.float()
     if flat.numel() == 0:
         raise ValueError("Importance post-processing got no real (non-pad) tokens.")
     if not torch.isfinite(flat).all():
         raise FloatingPointError("Importance scores contain NaN/Inf: the model's activations or loss overflowed.")
     if mode == "none":
-        weights = torch.ones_like(flat)
-    else:
-        weights = _normalise(flat)
-        if mode == "modality":
-            weights = _modality_mean(weights, is_vision)
-        else:
-            weights = (1.0 - floor) * weights + floor * _modality_mean(weights, is_vision)
-            weights = _normalise(_clip_quantile(weights, clip_quantile))
-    return _scatter_back(weights, scores, valid)
+        return torch.ones_like(flat)
+    weights = _normalise(flat)
+    if mode == "modality":
+        return _modality_mean(weights, is_vision)
+    weights = (1.0 - floor) * weights + floor * _modality_mean(weights, is_vision)
+    return _normalise(_clip_quantile(weights, clip_quantile))
 
 
-def _scatter_back(flat: Tensor, like: Sequence[Tensor], valid: Sequence[Tensor]) -> list[Tensor]:
+def postprocess(
+    scores: Sequence[Tensor],
+    valid: Sequence[Tensor],
+    vision: Sequence[Tensor],
+    **kwargs: object,
+) -> list[Tensor]:
+    """:func:`postprocess_flat` on per-batch tensors: ``[B, S, G]`` scores, ``[B, S]`` masks; pads get 0."""
+    flat = torch.cat([s[m] for s, m in zip(scores, valid)])
+    is_vision = torch.cat([v[m] for v, m in zip(vision, valid)])
+    return scatter_back(postprocess_flat(flat, is_vision, **kwargs), scores, valid)
+
+
+def scatter_back(flat: Tensor, like: Sequence[Tensor], valid: Sequence[Tensor]) -> list[Tensor]:
+    """Inverse of ``torch.cat([x[m] for x, m in zip(like, valid)])``: zeros where ``valid`` is False."""
     out, start = [], 0
     for s, m in zip(like, valid):
         full = torch.zeros(s.shape, dtype=flat.dtype, device=flat.device)

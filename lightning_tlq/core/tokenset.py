@@ -82,7 +82,9 @@ def mass_threshold(scores: Tensor, keep_mass: float) -> float:
     return float(ordered[index])
 
 
-def select_tokens(scores: Tensor, uniforms: Tensor, keep_mass: float, p_rest: float) -> TokenSelection:
+def select_tokens(
+    scores: Tensor, uniforms: Tensor, keep_mass: float, p_rest: float, *, threshold: float | None = None
+) -> TokenSelection:
     """Choose the calibration tokens of one layer.
 
     Args:
@@ -90,13 +92,16 @@ def select_tokens(scores: Tensor, uniforms: Tensor, keep_mass: float, p_rest: fl
         uniforms: ``[N]`` draws from :func:`token_uniforms` for the same tokens.
         keep_mass: share of the importance mass to keep deterministically.
         p_rest: probability of keeping each remaining token (its weight is then divided by ``p_rest``).
+        threshold: the :func:`mass_threshold` of *all* calibration tokens, when ``scores`` are only one rank's
+            share of them (default: computed from ``scores``).
 
     Returns:
-        The selection, with per-token weight multipliers.
+        The selection, with per-token weight multipliers (``mass_covered`` is over ``scores`` only).
     """
     if scores.shape != uniforms.shape:
         raise ValueError(f"scores {tuple(scores.shape)} and uniforms {tuple(uniforms.shape)} differ in shape.")
-    threshold = mass_threshold(scores, keep_mass)
+    if threshold is None:
+        threshold = mass_threshold(scores, keep_mass)
     by_mass = scores >= threshold if keep_mass < 1.0 else torch.ones_like(scores, dtype=torch.bool)
     multiplier = by_mass.float()
     if p_rest > 0:

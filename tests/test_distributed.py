@@ -1,0 +1,156 @@
+"""Calibration over ranks: sharding, owners, layer-wise importance, and 1-vs-N-process invariance (gloo, CPU)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.fabric import Fabric
+from safetensors.torch import load_file
+
+from lightning_tlq.calibrate import calibrate
+from lightning_tlq.config import ImportanceArgs, MemoryArgs, QuantArgs, TokenSetArgs
+from lightning_tlq.data import encode_sample, make_batches, synthetic_samples
+from lightning_tlq.distributed import assign_owners, shard_range
+from lightning_tlq.importance import TokenImportance
+from lightning_tlq.loop import CalibrationLoop
+from lightning_tlq.models.tiny import build_tiny_vlm
+from lightning_tlq.module import TLQModule
+from lightning_tlq.report import REPORT_NAME
+
+_DIST_ENV = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK", "RANK")
+
+
+def test_shards_cover_without_padding_or_repetition():
+    for n in (5, 8, 13):
+        for world in (1, 2, 3, 4):
+            shards = [shard_range(n, world, r) for r in range(world)]
+            assert [i for s in shards for i in s] == list(range(n))
+            assert max(map(len, shards)) - min(map(len, shards)) <= 1
+    with pytest.raises(ValueError, match="without repetition"):
+        shard_range(1, 2, 0)
+
+
+def test_owners_balance_solve_cost():
+    costs = [8.0, 1.0, 1.0, 4.0, 4.0, 2.0]
+    owners = assign_owners(costs, 2)
+    loads = [sum(c for c, o in zip(costs, owners) if o == r) for r in range(2)]
+    assert sorted(loads) == [10.0, 10.0]
+    assert assign_owners(costs, 1) == [0] * 6
+    assert owners == assign_owners(costs, 2)  # deterministic
+
+
+def _loop_scores(family, layerwise):
+    model, processor = build_tiny_vlm(family, seed=0)
+    module = TLQModule().attach(model, processor)
+    encoded = [encode_sample(processor, s) for s in synthetic_samples(6, seed=3)]
+    batches = make_batches(encoded, 3, module.adapter.pad_token_id)
+    fabric = Fabric(accelerator="cpu", devices=1, callbacks=[TokenImportance("fisher")])
+    loop = CalibrationLoop(
+        fabric, module, QuantArgs(method="tlq", group_size=64), ImportanceArgs(), TokenSetArgs(),
+        memory=MemoryArgs(layerwise=layerwise),
+    )  # fmt: skip
+    records = loop.run(batches)
+    return loop.collector.scores, records, {k: r.codes for k, r in loop.results.items()}
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_layerwise_importance_equals_whole_model_backward(family):
+    whole, rec_whole, codes_whole = _loop_scores(family, layerwise=False)
+    layered, rec_layered, codes_layered = _loop_scores(family, layerwise=True)
+    assert set(whole) == set(layered)
+    for name in whole:
+        for a, b in zip(whole[name], layered[name]):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-10)
+    assert [r["token_set_fingerprint"] for r in rec_whole] == [r["token_set_fingerprint"] for r in rec_layered]
+    same = sum(int((codes_whole[k] == codes_layered[k]).sum()) for k in codes_whole)
+    assert same / sum(c.numel() for c in codes_whole.values()) > 0.999
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_ARGS = ["--model", "tiny-llava", "--data.num_samples", "10", "--data.batch_size", "2", "--quant.bits", "3",
+         "--quant.group_size", "64", "--accelerator", "cpu", "--quiet", "true"]  # fmt: skip
+
+
+def _run_cli(out, *extra, env=None):
+    cmd = [sys.executable, "-m", "lightning_tlq", "calibrate", *_ARGS, "--output_dir", str(out), *extra]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _clean_env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV and not k.startswith("LT_")}
+    env.update(HF_HUB_OFFLINE="1", GLOO_SOCKET_IFNAME="lo", **extra)
+    return env
+
+
+def _compare(reference: Path, other: Path):
+    ref, got = json.loads((reference / REPORT_NAME).read_text()), json.loads((other / REPORT_NAME).read_text())
+    assert got["settings"]["world_size"] == 2
+    assert got["data"] == ref["data"]
+    for a, b in zip(ref["layers"], got["layers"]):
+        assert a["token_set_fingerprint"] == b["token_set_fingerprint"]
+        assert a["tokens_kept"] == b["tokens_kept"]
+    w_ref, w_got = load_file(reference / "model.safetensors"), load_file(other / "model.safetensors")
+    quantized = [k for k in w_ref if "language_model" in k and ".layers." in k and k.endswith("proj.weight")]
+    assert quantized
+    same = total = 0
+    for k in quantized:
+        equal = w_ref[k] == w_got[k]
+        same, total = same + int(equal.sum()), total + equal.numel()
+        step = (w_ref[k] - w_got[k]).abs()[~equal]
+        # a differing code is one grid step away: at most one group's scale (absmax / 3.5 at 3 bits)
+        scale = w_ref[k].reshape(w_ref[k].shape[0], -1, 64).abs().amax(-1, keepdim=True) / 3.5
+        scale = scale.expand(-1, -1, 64).reshape(w_ref[k].shape)[~equal]
+        assert (step <= scale * 1.01 + 1e-6).all(), k
+    assert same / total >= 0.999, same / total
+    others = [k for k in w_ref if k not in quantized]
+    assert all(torch.equal(w_ref[k], w_got[k]) for k in others)
+
+
+@pytest.fixture(scope="module")
+def single_process_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("one") / "out"
+    proc = _run_cli(out, env=_clean_env())
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, log
+    return out
+
+
+def test_two_processes_match_one(single_process_run, tmp_path):
+    out = tmp_path / "two"
+    proc = _run_cli(out, "--devices", "2", "--strategy", "ddp", env=_clean_env())
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, log
+    _compare(single_process_run, out)
+
+
+def test_two_nodes_on_localhost_match_one(single_process_run, tmp_path):
+    out = tmp_path / "nodes"
+    port = str(_free_port())
+    procs = [
+        _run_cli(out, "--num_nodes", "2", "--strategy", "ddp",
+                 env=_clean_env(NODE_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+        for rank in range(2)
+    ]  # fmt: skip
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    _compare(single_process_run, out)
+
+
+def test_ddp_spawn_in_process(tmp_path):
+    """The Python API under ddp_spawn (what notebooks use): rank 0 writes, the report says 2 ranks."""
+    report = calibrate(
+        model="tiny-qwen2_vl", quant=QuantArgs(group_size=64), output_dir=str(tmp_path / "spawn"),
+        accelerator="cpu", devices=2, strategy="ddp_spawn", quiet=True,
+    )  # fmt: skip
+    assert report["settings"]["world_size"] == 2
+    assert (tmp_path / "spawn" / REPORT_NAME).exists()
