@@ -130,6 +130,8 @@ class CalibrationLoop:
                 groups=self.importance_args.groups,
             )
             hidden = stage.run(self._layer_forward(index, captured), hidden, weights)
+            for step, sec in stage.seconds.items():
+                self.phase_seconds[f"layers.{step}"] = self.phase_seconds.get(f"layers.{step}", 0.0) + sec
             self.placement.offload(index)
             self._check_finite(index, hidden)
             for name, result in stage.results.items():
@@ -153,7 +155,7 @@ class CalibrationLoop:
         """Where calibration activations are kept: on the device, or in pinned host memory."""
         if not self.memory.offload_activations or t.device.type != "cuda":
             return t
-        return t.to("cpu", non_blocking=False).pin_memory()
+        return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
 
     # --- importance --------------------------------------------------------------------------------------------
     def _needs_importance(self) -> bool:

@@ -98,5 +98,7 @@ class LayerPlacement:
             return
         layer = self.layers[index]
         for t in _tensors(layer):
-            host = t.data.to("cpu")
-            t.data = host.pin_memory() if self._cuda else host
+            if self._cuda:
+                t.data = torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t.data)
+            else:
+                t.data = t.data.to("cpu")

@@ -112,6 +112,8 @@ class LayerStage:
         self.results: dict[str, ModuleResult] = {}
         self._stats: dict[str, _Stats] = {}
         self._owners: dict[str, int] = {}
+        self.seconds: dict[str, float] = {}
+        self.layer_device = next(iter(self.modules.values())).weight.device
 
     def run(
         self, forward: Callable[[int, Tensor], Tensor], inputs: Sequence[Tensor], weights: Sequence[TokenWeights]
@@ -125,10 +127,22 @@ class LayerStage:
         """
         groups = self.module_groups if self.quant.true_sequential else [sum(self.module_groups, [])]
         for names in groups:
-            self.accumulate(names, forward, inputs, weights)
-            self.reduce(names)
-            self.solve(names)
-        return self.propagate(forward, inputs)
+            self._timed("accumulate", self.accumulate, names, forward, inputs, weights)
+            self._timed("reduce", self.reduce, names)
+            self._timed("solve", self.solve, names)
+        return self._timed("propagate", self.propagate, forward, inputs)
+
+    def _timed(self, step: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run one step and add its wall time (device-synchronised) to :attr:`seconds`."""
+        device = self.layer_device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        out = fn(*args)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.seconds[step] = self.seconds.get(step, 0.0) + time.perf_counter() - start
+        return out
 
     # --- steps -------------------------------------------------------------------------------------------------
     def accumulate(

@@ -18,10 +18,12 @@ into ``G`` contiguous equal blocks, each solved independently with its own Hessi
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
 
+from lightning_tlq.core import gptq_triton
 from lightning_tlq.core.quantizer import QuantSpec, codes_to_values, compute_qparams, dequantize, round_to_grid
 
 logger = logging.getLogger(__name__)
@@ -150,10 +152,18 @@ def _quantize_columns(
     """
     n = W.shape[1]
     codes = torch.empty_like(W)
+    fused = W.is_cuda and block_size <= 128 and os.environ.get("LIGHTNING_TLQ_TRITON", "1") != "0"
+    fused = fused and gptq_triton.available()
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
         W1 = W[:, i1:i2].clone()
         U1 = U[i1:i2, i1:i2]
+        if fused:
+            codes[:, i1:i2], Err1 = gptq_triton.block_step(
+                W1, U1, scale_cols[:, i1:i2], zero_cols[:, i1:i2], spec.qmin, spec.qmax
+            )
+            W[:, i2:].sub_(Err1 @ U[i1:i2, i2:])
+            continue
         Err1 = torch.empty_like(W1)
         for i in range(i2 - i1):
             s, z = scale_cols[:, i1 + i], zero_cols[:, i1 + i]

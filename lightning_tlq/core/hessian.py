@@ -8,9 +8,29 @@ own weights ``w_{t,g}`` and Hessian ``H[g]``; ``H`` then has shape ``[groups, in
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
+
+
+@contextlib.contextmanager
+def _tf32_for_half_inputs(dtype: torch.dtype, device: torch.device) -> Iterator[None]:
+    """Let CUDA matmuls use TF32 while accumulating bf16/fp16 inputs (fp32 accumulation either way).
+
+    A bf16 value has 8 significant bits and an fp16 value 11, TF32 keeps 11: the inputs enter the tensor cores
+    exactly (only the token-weighted side is rounded, to 2^-11 relative). fp32 inputs keep full fp32 matmuls.
+    """
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        yield
+        return
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 class HessianAccumulator:
@@ -72,9 +92,10 @@ class HessianAccumulator:
         x2, w2 = self._flatten(x, weight)
         xf = x2.to(device=self.device, dtype=torch.float32)
         H = self.H.unsqueeze(0) if self.groups == 1 else self.H
-        for g in range(self.groups):
-            xw = xf if w2 is None else xf * w2[:, g : g + 1]
-            H[g].addmm_(xw.T, xf)
+        with _tf32_for_half_inputs(x.dtype, xf.device):
+            for g in range(self.groups):
+                xw = xf if w2 is None else xf * w2[:, g : g + 1]
+                H[g].addmm_(xw.T, xf)
         self.tokens += xf.shape[0]
         self.weight_sum += float(xf.shape[0]) if w2 is None else float(w2.sum(dtype=torch.float64)) / self.groups
 

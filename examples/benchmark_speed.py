@@ -1,0 +1,165 @@
+"""Calibration speed and memory on Qwen2-VL-shaped random-init models (no hub access needed).
+
+Builds a Qwen2-VL with the 2B or 7B shapes from a config (random bf16 weights), a workload of N samples x
+(image tokens + text tokens), and runs TLQ through :class:`lightning_tlq.CalibrationLoop` on 1..N GPUs with
+Fabric. Rank 0 prints (and writes with ``--json``) wall time per phase and peak GPU memory per rank.
+
+    python examples/benchmark_speed.py --shape 7b --devices 2 --json out.json
+    python examples/benchmark_speed.py --shape 7b --devices 1 --max-gpu-memory-gib 24 --offload-activations
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+SHAPES = {  # Qwen2-VL-2B / -7B language and vision sizes; "tiny" for a CPU smoke test
+    "tiny": {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 2,
+                 "num_key_value_heads": 1, "vocab_size": 151936},
+    "2b": {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12,
+               "num_key_value_heads": 2, "vocab_size": 151936},
+    "7b": {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+               "num_key_value_heads": 4, "vocab_size": 152064},
+}  # fmt: skip
+IMAGE, VIDEO, V_START, V_END = 151655, 151656, 151652, 151653
+
+
+def build_model(shape: str, layers: int | None, seed: int = 0) -> torch.nn.Module:
+    """A Qwen2-VL of the given shape with random N(0, 0.02) bf16 weights, built on the CPU without slow init."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    try:  # the location moved between transformers 5.x releases
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        from transformers.modeling_utils import no_init_weights
+
+    text = dict(SHAPES[shape], max_position_embeddings=32768, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})  # fmt: skip
+    if layers:
+        text["num_hidden_layers"] = layers
+    vision = {"depth": 32, "embed_dim": 1280, "hidden_size": text["hidden_size"], "num_heads": 16, "mlp_ratio": 4,
+                  "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3}  # fmt: skip
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE, video_token_id=VIDEO,
+                           vision_start_token_id=V_START, vision_end_token_id=V_END)  # fmt: skip
+    with no_init_weights():
+        model = Qwen2VLForConditionalGeneration(config).to(torch.bfloat16)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            elif p.dim() == 1:
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(0.02))
+    return model.eval()
+
+
+def build_batches(n: int, image_tokens: int, text_tokens: int, batch_size: int, ids: range, seed: int = 0):
+    """Samples ``ids`` of a fixed workload: vision block + text, labels on the last 32 text tokens."""
+    side = int(round((image_tokens * 4) ** 0.5))  # patches per side before the 2x2 merge
+    assert side * side == image_tokens * 4, "image_tokens must be a square number times 1"
+    batches = []
+    ids = list(ids)
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start : start + batch_size]
+        rows, pixels = [], []
+        for sid in chunk:
+            gen = torch.Generator().manual_seed(seed * 100003 + sid)
+            text = torch.randint(1000, 150000, (text_tokens,), generator=gen)
+            rows.append(torch.cat([torch.tensor([V_START]), torch.full((image_tokens,), IMAGE),
+                                   torch.tensor([V_END]), text]))  # fmt: skip
+            pixels.append(torch.randn(side * side, 3 * 2 * 14 * 14, generator=gen))
+        input_ids = torch.stack(rows)
+        labels = torch.full_like(input_ids, -100)
+        labels[:, -32:] = input_ids[:, -32:]
+        batches.append({
+            "input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels,
+            "mm_token_type_ids": (input_ids == IMAGE).int(), "pixel_values": torch.cat(pixels).to(torch.bfloat16),
+            "image_grid_thw": torch.tensor([[1, side, side]] * len(chunk)), "sample_id": torch.tensor(chunk),
+        })  # fmt: skip
+    return batches
+
+
+def main(fabric, args) -> dict | None:
+    from lightning_tlq import CalibrationLoop, ImportanceArgs, QuantArgs, TLQModule, TokenSetArgs
+    from lightning_tlq.config import MemoryArgs
+    from lightning_tlq.distributed import shard_range
+
+    cuda = fabric.device.type == "cuda"
+    if args.max_gpu_memory_gib and cuda:
+        total = torch.cuda.get_device_properties(fabric.device).total_memory
+        torch.cuda.set_per_process_memory_fraction(args.max_gpu_memory_gib * 2**30 / total, fabric.device)
+    t0 = time.perf_counter()
+    model = build_model(args.shape, args.layers)
+    build_s = time.perf_counter() - t0
+    module = TLQModule().attach(model, processor=None)
+    shard = shard_range(args.samples, fabric.world_size, fabric.global_rank)
+    batches = build_batches(args.samples, args.image_tokens, args.text_tokens, args.batch_size, shard)
+    quant = QuantArgs(method=args.method, bits=4, group_size=128)
+    memory = MemoryArgs(layerwise=True, offload_activations=args.offload_activations)
+    loop = CalibrationLoop(fabric, module, quant, ImportanceArgs(), TokenSetArgs(), memory=memory,
+                           metrics=args.metrics)  # fmt: skip
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(fabric.device)
+    fabric.barrier()
+    t1 = time.perf_counter()
+    records = loop.run(batches)
+    if cuda:
+        torch.cuda.synchronize(fabric.device)
+    wall = time.perf_counter() - t1
+    peak = torch.tensor([torch.cuda.max_memory_allocated(fabric.device) / 2**30 if cuda else 0.0], dtype=torch.float64)
+    peaks = loop.collective.gather_cat(peak).tolist()
+    walls = loop.collective.gather_cat(torch.tensor([wall], dtype=torch.float64)).tolist()
+    result = {
+        "shape": args.shape, "layers": args.layers or SHAPES[args.shape]["num_hidden_layers"], "method": args.method,
+        "devices": fabric.world_size, "gpu": torch.cuda.get_device_name(fabric.device) if cuda else "cpu",
+        "samples": args.samples, "tokens_per_sample": args.image_tokens + args.text_tokens + 2,
+        "metrics": args.metrics, "offload_activations": args.offload_activations,
+        "max_gpu_memory_gib": args.max_gpu_memory_gib, "wall_s": max(walls), "build_model_s": build_s,
+        "phases_s_rank0": loop.phase_seconds, "peak_gib_per_rank": [round(p, 2) for p in peaks],
+        "mean_weighted_rel_error": sum(r["modules"][m]["weighted_rel_error"] or 0 for r in records
+                                       for m in r["modules"]) / sum(len(r["modules"]) for r in records),
+        "torch": torch.__version__,
+    }  # fmt: skip
+    if fabric.is_global_zero:
+        print(json.dumps(result, indent=1))
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(result) + "\n")
+    return result
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="2b")
+    p.add_argument("--layers", type=int, default=None, help="override the number of decoder layers (smoke tests)")
+    p.add_argument("--devices", type=int, default=1)
+    p.add_argument("--samples", type=int, default=128)
+    p.add_argument("--image-tokens", type=int, default=256)
+    p.add_argument("--text-tokens", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--method", choices=["rtn", "gptq", "tlq"], default="tlq")
+    p.add_argument("--metrics", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--offload-activations", action="store_true")
+    p.add_argument("--max-gpu-memory-gib", type=float, default=None)
+    p.add_argument("--json", default=None, help="append the result as one JSON line to this file")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    from lightning.fabric import Fabric
+
+    from lightning_tlq.importance import TokenImportance
+
+    args = parse()
+    accelerator = "cuda" if torch.cuda.is_available() else "cpu"
+    fabric = Fabric(accelerator=accelerator, devices=args.devices, strategy="ddp" if args.devices > 1 else "auto",
+                    callbacks=[TokenImportance()])  # fmt: skip
+    fabric.launch(main, args)
