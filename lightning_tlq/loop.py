@@ -132,7 +132,7 @@ class CalibrationLoop:
             hidden = stage.run(self._layer_forward(index, captured), hidden, weights)
             for step, sec in stage.seconds.items():
                 self.phase_seconds[f"layers.{step}"] = self.phase_seconds.get(f"layers.{step}", 0.0) + sec
-            self.placement.offload(index)
+            self.placement.offload(index, modified=True)
             self._check_finite(index, hidden)
             for name, result in stage.results.items():
                 self.results[f"{index}.{name}"] = result

@@ -311,3 +311,21 @@ def test_bad_shapes_raise() -> None:
         gptq_quantize(torch.randn(4, 32), torch.eye(16), spec)
     with pytest.raises(ValueError, match="does not divide"):
         gptq_quantize(torch.randn(4, 24), torch.eye(24), spec, name="o_proj")
+
+
+@pytest.mark.parametrize("n", [1, 7, 130])
+def test_inverse_upper_factor_is_the_upper_cholesky_factor_of_the_inverse(n):
+    from lightning_tlq.core.gptq import _inverse_upper_factor
+
+    g = torch.Generator().manual_seed(n)
+    A = torch.randn(n, 2 * n, generator=g, dtype=torch.float64)
+    H = A @ A.T + 0.1 * torch.eye(n, dtype=torch.float64)
+    U, ok = _inverse_upper_factor(H)
+    assert ok
+    assert torch.equal(U, U.triu())
+    assert (torch.diagonal(U) > 0).all()
+    torch.testing.assert_close(U.T @ U, torch.linalg.inv(H), rtol=1e-9, atol=1e-12)
+    ref = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    torch.testing.assert_close(U, ref, rtol=1e-9, atol=1e-12)
+    _, ok = _inverse_upper_factor(-H)
+    assert not ok

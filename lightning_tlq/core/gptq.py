@@ -103,6 +103,20 @@ def _validate(
     return groups
 
 
+def _inverse_upper_factor(H: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Upper-triangular ``U`` with ``U^T U = H^-1``, from one Cholesky and one triangular inverse.
+
+    With ``J`` the index reversal and ``J H J = L L^T``: ``H^-1 = (J L^-1 J)^T (J L^-1 J)`` and ``J L^-1 J`` is upper
+    triangular. That is ``2n^3/3`` flops instead of ``5n^3/3`` for factor -> ``cholesky_inverse`` -> factor again.
+    """
+    L, info = torch.linalg.cholesky_ex(H.flip(0, 1))
+    if int(info) != 0:
+        return H, False
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    U = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
+    return U, bool(torch.isfinite(U).all())
+
+
 def _upper_inverse_cholesky(
     H: torch.Tensor, damp: float, max_retries: int, name: str
 ) -> tuple[torch.Tensor, float, int]:
@@ -115,11 +129,9 @@ def _upper_inverse_cholesky(
     eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     rel = damp
     for attempt in range(max_retries + 1):
-        L, info = torch.linalg.cholesky_ex(H + (rel * mean_diag) * eye)
-        if int(info) == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if int(info) == 0 and bool(torch.isfinite(U).all()):
-                return U, rel, attempt
+        U, ok = _inverse_upper_factor(H + (rel * mean_diag) * eye)
+        if ok:
+            return U, rel, attempt
         if attempt < max_retries:
             logger.warning(
                 "GPTQ module %s: Cholesky factorisation failed with relative damping %g; "
