@@ -29,7 +29,7 @@ from lightning_tlq.adapters import (
     VLMAdapter,
     get_adapter,
 )
-from lightning_tlq.config import ImportanceArgs, QuantArgs, TokenSetArgs
+from lightning_tlq.config import ImportanceArgs, MemoryArgs, QuantArgs, TokenSetArgs
 from lightning_tlq.importance import TokenImportance
 from lightning_tlq.loop import CalibrationLoop
 from lightning_tlq.module import TLQModule
@@ -99,6 +99,22 @@ def test_layerwise_replay_matches_model_forward(adapter: VLMAdapter, padded: boo
     batch = make_batch(_family(adapter), padded=padded, side=side)
     assert bool((batch["attention_mask"] == 0).any()) == padded
     assert _max_diff(adapter, batch, _replay(adapter, batch)) < 1e-4
+
+
+def test_capture_without_running_the_layers_gives_the_same_inputs(adapter: VLMAdapter) -> None:
+    # The loop captures with identity layers (decoder layers stay on the CPU); kwargs and deltas must not change.
+    batch = make_batch(_family(adapter), padded=True, side="left")
+    full, skipped = adapter.capture(batch), adapter.capture(batch, skip_layers=True)
+    assert torch.equal(full.hidden, skipped.hidden)
+    for kw_full, kw_skipped in zip(full.layer_kwargs, skipped.layer_kwargs, strict=True):
+        assert kw_full.keys() == kw_skipped.keys()
+        for key in kw_full:
+            torch.testing.assert_close(kw_skipped[key], kw_full[key], rtol=0, atol=0)
+    assert (full.residual_delta is None) == (skipped.residual_delta is None)
+    for d_full, d_skipped in zip(full.residual_delta or [], skipped.residual_delta or [], strict=True):
+        assert (d_full is None) == (d_skipped is None)
+        if d_full is not None:
+            torch.testing.assert_close(d_skipped, d_full, rtol=0, atol=1e-6)
 
 
 def test_module_groups_cover_every_decoder_linear(adapter: VLMAdapter) -> None:
@@ -239,7 +255,9 @@ def calibrated(request: pytest.FixtureRequest) -> dict[str, Any]:
         recorder.remove()
     # The propagate step is each layer's last run: one call per batch, on the quantized path's inputs.
     fed = [calls[-len(batches) :] for calls in recorder.inputs]
-    return {"family": family, "module": module, "before": before, "batches": batches, "records": records, "fed": fed}
+    scores = loop.collector.scores
+    return {"family": family, "module": module, "before": before, "batches": batches, "records": records, "fed": fed,
+            "scores": scores}  # fmt: skip
 
 
 def test_tlq_records_are_complete_and_finite(calibrated: dict[str, Any]) -> None:
@@ -289,6 +307,22 @@ def test_loop_replays_the_quantized_models_own_path(calibrated: dict[str, Any]) 
         for i in range(adapter.num_layers):
             real, fed = recorder.inputs[i][0], calibrated["fed"][i][b]
             assert (real[valid] - fed[valid]).abs().max().item() < 1e-4, f"layer {i} batch {b}"
+
+
+def test_layerwise_importance_equals_whole_model_backward(calibrated: dict[str, Any]) -> None:
+    # The calibrated run back-propagated one decoder layer at a time (the default); here the whole model at once.
+    module = TLQModule().attach(build_model(calibrated["family"]), processor=None)
+    fabric = Fabric(accelerator="cpu", devices=1, callbacks=[TokenImportance()])
+    quant = QuantArgs(method="rtn", bits=BITS, group_size=GROUP_SIZE)  # importance comes before any solve
+    memory = MemoryArgs(layerwise=False)
+    loop = CalibrationLoop(fabric, module, quant, ImportanceArgs(), TokenSetArgs(), memory=memory)
+    loop.run(calibrated["batches"])
+    whole, layered = loop.collector.scores, calibrated["scores"]
+    assert sorted(whole) == sorted(layered)
+    assert len(whole) == 7 * module.adapter.num_layers
+    for name in whole:
+        for a, b in zip(whole[name], layered[name], strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-10)
 
 
 def test_quantized_model_reloads_and_generates(calibrated: dict[str, Any], tmp_path: Any) -> None:
