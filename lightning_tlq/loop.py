@@ -147,7 +147,7 @@ class CalibrationLoop:
 
         def forward(b: int, h: Tensor) -> Tensor:
             out = self.adapter.run_layer(index, h.to(device, non_blocking=True), captured[b].layer_kwargs[index])
-            return self._store(out)
+            return self._store(captured[b].add_residual_delta(index, out))  # e.g. Qwen3-VL deepstack features
 
         return forward
 

@@ -229,16 +229,34 @@ def test_get_adapter_picks_family() -> None:
         Qwen2VLAdapter(_build_model("llava"))
 
 
-def test_get_adapter_rejects_unsupported_model() -> None:
+ALL_FAMILIES = (
+    "gemma3", "idefics3", "internvl", "llava", "llava_onevision", "qwen2_5_vl", "qwen2_vl", "qwen3_vl", "smolvlm",
+)  # fmt: skip
+
+
+def test_supported_model_types_lists_every_family() -> None:
+    assert supported_model_types() == ALL_FAMILIES
+
+
+@pytest.mark.parametrize("model_type", ["mllama", None])
+def test_get_adapter_rejects_unsupported_model(model_type: str | None) -> None:
     model = nn.Linear(2, 2)
-    model.config = SimpleNamespace(model_type="gemma3")
+    if model_type is not None:
+        model.config = SimpleNamespace(model_type=model_type)
     with pytest.raises(UnsupportedModelError) as err:
         get_adapter(model)
     message = str(err.value)
-    assert "'gemma3'" in message
-    assert "llava" in message
-    assert "qwen2_vl" in message
+    assert repr(model_type) in message
+    assert f"Supported model types: {', '.join(ALL_FAMILIES)}." in message
     assert "@register_adapter" in message
+    assert "docs/adapters.md" in message
+
+
+def test_get_adapter_rejects_text_only_model() -> None:
+    # A common mistake: a causal LM checkpoint instead of the image-text-to-text one.
+    config = transformers.LlamaConfig(**dict(TEXT, hidden_size=32, intermediate_size=64, num_hidden_layers=1))
+    with pytest.raises(UnsupportedModelError, match=r"No adapter for model type 'llama' \(LlamaForCausalLM\)"):
+        get_adapter(transformers.LlamaForCausalLM(config))
 
 
 def test_forward_inputs(adapter: VLMAdapter) -> None:

@@ -9,8 +9,9 @@ decorated with :func:`register_adapter`; :func:`get_adapter` then picks it by ``
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -114,10 +115,30 @@ class CapturedInputs:
         layer_kwargs: Keyword arguments each decoder layer ``i`` received (``position_embeddings``,
             ``attention_mask``, ``position_ids``, ...). Caches, ``use_cache`` and other leftovers that hold no
             tensor are dropped. Entries may share objects (the same RoPE tuple or mask for every layer).
+        residual_delta: Per decoder layer ``i``, what the model adds to layer ``i``'s output before layer ``i + 1``
+            (or the final norm) receives it, e.g. Qwen3-VL's deepstack visual features; ``None`` where nothing
+            is added. ``None`` as a whole means nothing is added anywhere. Whoever runs layers one by one must
+            pass every output through :meth:`add_residual_delta`.
     """
 
     hidden: Tensor
     layer_kwargs: list[dict[str, Any]]
+    residual_delta: list[Tensor | None] | None = None
+
+    def add_residual_delta(self, layer_index: int, output: Tensor) -> Tensor:
+        """Return decoder layer ``layer_index``'s output as the next layer (or the head) receives it.
+
+        Args:
+            layer_index: Index of the decoder layer that produced ``output``.
+            output: ``(B, S, D)`` output of that layer (full-precision or quantized).
+
+        Returns:
+            ``output`` plus the recorded delta of that layer, or ``output`` itself when there is none.
+        """
+        if self.residual_delta is None:
+            return output
+        delta = self.residual_delta[layer_index]
+        return output if delta is None else output + delta.to(output.dtype)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> CapturedInputs:
         """Return a copy on ``device``, with floating tensors cast to ``dtype``; shared objects stay shared.
@@ -133,7 +154,59 @@ class CapturedInputs:
         return CapturedInputs(
             hidden=_move(self.hidden, device, dtype, memo),
             layer_kwargs=[_move(kw, device, dtype, memo) for kw in self.layer_kwargs],
+            residual_delta=_move(self.residual_delta, device, dtype, memo),
         )
+
+
+class _Recorder:
+    """Capture hooks: each decoder layer's inputs, and what the model adds to the hidden states between layers.
+
+    Between two decoder layers a Llama-like model passes the very tensor the first one returned. Anything else
+    (Qwen3-VL adds deepstack visual features after the first layers) is recorded as ``received - output``.
+    """
+
+    def __init__(self, adapter: VLMAdapter, count: int, to_end: bool) -> None:
+        self.adapter, self.count, self.to_end = adapter, count, to_end
+        self.first: Tensor | None = None
+        self.kwargs: list[dict[str, Any] | None] = [None] * count
+        self.deltas: list[Tensor | None] = [None] * count
+        self._output: tuple[int, Tensor] | None = None
+
+    def before_layer(self, index: int, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        hidden, layer_kwargs = _split_layer_call(module, args, kwargs)
+        if index == 0:
+            self.first = hidden
+        else:
+            self._received(index - 1, hidden)
+        self.kwargs[index] = self.adapter._clean_layer_kwargs(layer_kwargs)
+        if index == self.count - 1 and not self.to_end:
+            raise _StopForward
+
+    def after_layer(self, index: int, module: nn.Module, args: tuple, output: Any) -> None:
+        self._output = (index, _first_tensor(output, index))
+
+    def before_norm(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        self._received(self.count - 1, args[0] if args else kwargs["hidden_states"])
+        raise _StopForward
+
+    def _received(self, index: int, received: Tensor) -> None:
+        """Record what reached the module after decoder layer ``index``, compared with that layer's output."""
+        if self._output is None or self._output[0] != index:
+            raise UnsupportedModelError(
+                f"Decoder layer {index} of {type(self.adapter.model).__name__} did not run right before the next "
+                f"module; override capture() in {type(self.adapter).__name__}."
+            )
+        output, self._output = self._output[1], None
+        if received is output:
+            return
+        if received.shape != output.shape:
+            raise UnsupportedModelError(
+                f"The hidden states change shape after decoder layer {index} ({tuple(output.shape)} -> "
+                f"{tuple(received.shape)}); override capture() in {type(self.adapter).__name__}."
+            )
+        delta = received - output
+        if bool(delta.any()):
+            self.deltas[index] = delta
 
 
 def _split_layer_call(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
@@ -189,6 +262,9 @@ class VLMAdapter:
         linear_groups: Linear module names relative to a decoder layer, grouped in inference order.
         vision_prefixes: Qualified names (relative to the model) of the vision tower and projector.
         kept_layer_kwargs: Layer kwargs kept by :meth:`capture` even though they hold no tensor.
+        injects_residuals: Whether the model adds something to the hidden states between decoder layers (Qwen3-VL
+            deepstack). Capture then records it per layer (:attr:`CapturedInputs.residual_delta`) and also runs
+            the last layer; otherwise finding such an addition is an error.
         model: The wrapped model.
     """
 
@@ -197,6 +273,7 @@ class VLMAdapter:
     linear_groups: ClassVar[tuple[tuple[str, ...], ...]] = _LLAMA_GROUPS
     vision_prefixes: ClassVar[tuple[str, ...]] = ()
     kept_layer_kwargs: ClassVar[frozenset[str]] = frozenset()
+    injects_residuals: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module) -> None:
         """Wrap ``model``.
@@ -342,32 +419,38 @@ class VLMAdapter:
         """Run the model once (no grad) and record the inputs of every text decoder layer.
 
         The forward stops right before the last decoder layer would run, so the work after it (final norm,
-        LM head) is skipped. All hooks are removed again, also when the forward raises.
+        LM head) is skipped; with :attr:`injects_residuals` it stops at the final norm instead, to record what is
+        added after the last layer. All hooks are removed again, also when the forward raises.
 
         Args:
             batch: Collated batch, already on the model's device.
             skip_layers: replace every decoder layer's computation by the identity while capturing, so the
                 decoder layers may stay on the CPU (only embeddings, vision tower and rotary embeddings run).
-                Layer kwargs (masks, rotary embeddings) do not depend on the hidden states, so they are exact.
+                Layer kwargs (masks, rotary embeddings) do not depend on the hidden states, so they are exact;
+                so are residual deltas, which are additions that do not depend on them either.
 
         Returns:
-            Layer-0 hidden states and the kwargs of each decoder layer.
+            Layer-0 hidden states, the kwargs of each decoder layer and the per-layer residual deltas.
 
         Raises:
             RuntimeError: If some decoder layer was not reached during the forward.
+            UnsupportedModelError: If the hidden states change between two decoder layers although
+                :attr:`injects_residuals` is off.
         """
         inputs = self.forward_inputs(batch)
         layers = self.decoder_layers()
-        records: list[dict[str, Any] | None] = [None] * len(layers)
-        first: list[Tensor] = []
+        recorder = _Recorder(self, len(layers), to_end=self.injects_residuals)
         handles = []
         saved_forwards = [layer.__dict__.get("forward") for layer in layers]
         try:
             for i, layer in enumerate(layers):
-                hook = self._capture_hook(i, len(layers), records, first)
-                handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+                handles.append(layer.register_forward_pre_hook(partial(recorder.before_layer, i), with_kwargs=True))
+                handles.append(layer.register_forward_hook(partial(recorder.after_layer, i)))
                 if skip_layers:
                     layer.forward = _passthrough
+            if self.injects_residuals:
+                norm = self._final_norm()
+                handles.append(norm.register_forward_pre_hook(recorder.before_norm, with_kwargs=True))
             with torch.no_grad():
                 self.model(**inputs)
         except _StopForward:
@@ -380,13 +463,21 @@ class VLMAdapter:
                     layer.forward = saved
                 else:
                     layer.__dict__.pop("forward", None)
-        missing = [i for i, kw in enumerate(records) if kw is None]
-        if missing or not first:
+        missing = [i for i, kw in enumerate(recorder.kwargs) if kw is None]
+        if missing or recorder.first is None:
             raise RuntimeError(
                 f"Decoder layers {missing} of {type(self.model).__name__} were not called during the capture "
                 f"forward; override capture() in {type(self).__name__}."
             )
-        return CapturedInputs(hidden=first[0], layer_kwargs=[kw for kw in records if kw is not None])
+        changed = [i for i, delta in enumerate(recorder.deltas) if delta is not None]
+        if changed and not self.injects_residuals:
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__} changes the hidden states between decoder layers {changed} and the "
+                f"next ones, so layer-by-layer replay would be wrong; set injects_residuals = True in "
+                f"{type(self).__name__} if the change is an addition that does not depend on the hidden states."
+            )
+        kwargs = [kw for kw in recorder.kwargs if kw is not None]
+        return CapturedInputs(recorder.first, kwargs, recorder.deltas if self.injects_residuals else None)
 
     def run_layer(self, layer_index: int, hidden: Tensor, kwargs: Mapping[str, Any]) -> Tensor:
         """Run one decoder layer on ``hidden`` with its captured kwargs.
@@ -407,19 +498,18 @@ class VLMAdapter:
         """Apply the final norm and the LM head to the last decoder layer's output.
 
         Args:
-            hidden: ``(B, S, D)`` output of the last decoder layer.
+            hidden: ``(B, S, D)`` output of the last decoder layer, passed through
+                :meth:`CapturedInputs.add_residual_delta`.
 
         Returns:
             ``(B, S, V)`` logits, as the model's forward computes them.
         """
-        norm = getattr(self.text_model(), "norm", None)
         lm_head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
-        if not isinstance(norm, nn.Module) or not isinstance(lm_head, nn.Module):
+        if not isinstance(lm_head, nn.Module):
             raise UnsupportedModelError(
-                f"{type(self.model).__name__} has no final `norm` on its text model or no output embeddings; "
-                f"override head() in {type(self).__name__}."
+                f"{type(self.model).__name__} has no output embeddings; override head() in {type(self).__name__}."
             )
-        return lm_head(norm(hidden))
+        return lm_head(self._final_norm()(hidden))
 
     # --------------------------------------------------------------------------------------------- helpers
     def _layer(self, layer_index: int) -> nn.Module:
@@ -428,20 +518,14 @@ class VLMAdapter:
             raise IndexError(f"Decoder layer index {layer_index} is out of range; the model has {len(layers)} layers.")
         return layers[layer_index]
 
-    def _capture_hook(
-        self, index: int, count: int, records: list[dict[str, Any] | None], first: list[Tensor]
-    ) -> Callable[[nn.Module, tuple, dict[str, Any]], None]:
-        """Build the pre-hook recording decoder layer ``index``'s inputs (and stopping after the last one)."""
-
-        def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-            hidden, layer_kwargs = _split_layer_call(module, args, kwargs)
-            if index == 0:
-                first.append(hidden)
-            records[index] = self._clean_layer_kwargs(layer_kwargs)
-            if index == count - 1:
-                raise _StopForward
-
-        return hook
+    def _final_norm(self) -> nn.Module:
+        norm = getattr(self.text_model(), "norm", None)
+        if not isinstance(norm, nn.Module):
+            raise UnsupportedModelError(
+                f"The text model of {type(self.model).__name__} has no final `norm`; override head() and capture() "
+                f"in {type(self).__name__}."
+            )
+        return norm
 
     def _clean_layer_kwargs(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
         """Drop caches, control flags and values holding no tensor (unless in :attr:`kept_layer_kwargs`)."""
@@ -462,6 +546,12 @@ class VLMAdapter:
                 f"{type(self).__name__} expects an nn.Linear at '{name}' in decoder layer {layer_index} "
                 f"({type(layer).__name__}) but found {found}; override linear_groups or module_groups() for "
                 "this family."
+            )
+        embeddings = [getattr(self.model, f"get_{kind}_embeddings", lambda: None)() for kind in ("input", "output")]
+        if any(getattr(e, "weight", None) is module.weight for e in embeddings):
+            raise UnsupportedModelError(
+                f"'{name}' in decoder layer {layer_index} shares its weight with the model's (tied) embeddings; "
+                "quantizing it would overwrite them. Remove it from linear_groups."
             )
 
     def _check_submodule(self, name: str) -> None:
@@ -543,6 +633,7 @@ def get_adapter(model: nn.Module) -> VLMAdapter:
             f"No adapter for model type {model_type!r} ({type(model).__name__}). Supported model types: "
             f"{', '.join(supported_model_types()) or 'none'}. To add one, subclass VLMAdapter in "
             f"lightning_tlq/adapters/<family>.py with model_types = ({model_type!r},), decorate it with "
-            "@register_adapter and import the module in lightning_tlq/adapters/__init__.py."
+            "@register_adapter and import the module in lightning_tlq/adapters/__init__.py; docs/adapters.md "
+            "explains each attribute and the layer-by-layer equivalence test a new adapter must pass."
         )
     return cls(model)
