@@ -44,7 +44,7 @@ def format_summary(report: dict[str, Any]) -> str:
     """A readable table: one line per layer, then the totals."""
     s = report["settings"]["quant"]
     head = (
-        f"lightning-tlq: {s['method']} W{s['bits']}A16 g{s['group_size']} "
+        f"lightning-tlq: {s['method']} W{s['bits']}A{s.get('act_bits') or 16} g{s['group_size']} "
         f"{'sym' if s['symmetric'] else 'asym'} on {report['model']} "
         f"({report['data']['samples']} samples, {report['data']['tokens']} tokens)"
     )
