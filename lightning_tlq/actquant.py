@@ -162,6 +162,7 @@ def quantization_config(quant: QuantArgs, targets: Sequence[str]) -> dict[str, A
         "method": quant.method,
         "weights": weights,
         "input_activations": activations,
+        "vision": quant.vision,
         "targets": list(targets),
     }
 

@@ -56,6 +56,9 @@ class QuantArgs:
     act_bits: int | None = None
     """Activation bits: None = weight-only; 8 = W4A8, per-token dynamic symmetric int8 on every quantized Linear's
     input, applied during calibration (quantized path) and recorded in the saved config."""
+    vision: bool = False
+    """Also quantize the vision tower and projector: layer by layer on the quantized path, before the language
+    model (which is then calibrated on the quantized tower's features). Default: keep them in full precision."""
 
     def __post_init__(self) -> None:
         _check_choice("quant.method", self.method, _METHODS)

@@ -11,6 +11,7 @@ from lightning_tlq.actquant import CONFIG_KEY, apply_saved_activation_quant
 from lightning_tlq.cli import main
 from lightning_tlq.core.actquant import fake_quantize_per_token
 from lightning_tlq.data import encode_sample, synthetic_samples
+from lightning_tlq.models.tiny import build_tiny_vlm
 from lightning_tlq.report import REPORT_NAME
 
 METHODS = ("rtn", "gptq", "tlq")
@@ -93,3 +94,18 @@ def test_w4a8_reload_applies_activation_quant_and_generates(runs):
     for before, after in zip(raw[1:-1], seen[1:-1]):  # W4A8 forwards (prefill and decode steps)
         assert torch.equal(after, fake_quantize_per_token(before))
         assert not torch.equal(after, before)
+
+
+def test_vision_tower_is_untouched_without_quant_vision(runs):
+    family, results = runs
+    model = AutoModelForImageTextToText.from_pretrained(results["tlq"][0], local_files_only=True)
+    original = dict(build_tiny_vlm(family, seed=0)[0].named_parameters())
+    vision = [
+        (n, p)
+        for n, p in model.named_parameters()
+        if n.startswith(("model.vision_tower", "model.multi_modal", "model.visual"))
+    ]
+    assert len(vision) > 10
+    assert all(torch.equal(p, original[n]) for n, p in vision)
+    assert results["tlq"][1]["vision"] is None
+    assert results["tlq"][1]["quantization"]["vision"] is False
