@@ -1,5 +1,6 @@
 """lightning_tlq: token-level, quantization-exposed, layer-wise quantization of vision-language models."""
 
+from lightning_tlq.actquant import apply_activation_quant, apply_saved_activation_quant
 from lightning_tlq.adapters import VLMAdapter, get_adapter, register_adapter, supported_model_types
 from lightning_tlq.calibrate import calibrate
 from lightning_tlq.config import DataArgs, ImportanceArgs, QuantArgs, TokenSetArgs
@@ -7,6 +8,7 @@ from lightning_tlq.importance import TokenImportance
 from lightning_tlq.loop import CalibrationLoop
 from lightning_tlq.module import TLQModule
 from lightning_tlq.stage import LayerStage
+from lightning_tlq.vision import VisionCalibration
 
 __version__ = "0.1.0"
 
@@ -20,7 +22,10 @@ __all__ = [
     "TokenImportance",
     "TokenSetArgs",
     "VLMAdapter",
+    "VisionCalibration",
     "__version__",
+    "apply_activation_quant",
+    "apply_saved_activation_quant",
     "calibrate",
     "get_adapter",
     "register_adapter",

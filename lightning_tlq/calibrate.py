@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from lightning_tlq.actquant import CONFIG_KEY, quantization_config
+from lightning_tlq.adapters.vision import vision_adapter
 from lightning_tlq.config import DataArgs, ImportanceArgs, MemoryArgs, QuantArgs, TokenSetArgs
 from lightning_tlq.data import Sample, encode_sample, load_jsonl, make_batches, synthetic_samples
 from lightning_tlq.distributed import Collective, shard_range
@@ -41,7 +43,11 @@ def calibrate(
     seed: int = 0,
     quiet: bool = False,
 ) -> dict[str, Any]:
-    """Calibrate a VLM's language model with TLQ (or the rtn / gptq baselines) and save it.
+    """Calibrate a VLM's language model (with ``quant.vision`` also its vision tower) with TLQ and save it.
+
+    ``method`` ``rtn`` and ``gptq`` are the baselines. The saved ``config.json`` records the scheme under
+    ``tlq_quantization``; with ``quant.act_bits`` set, evaluate the saved model with
+    :func:`lightning_tlq.actquant.apply_saved_activation_quant` applied.
 
     Args:
         model: a local Hugging Face model directory, or a built-in tiny model: ``tiny-llava``, ``tiny-qwen2_vl``.
@@ -113,6 +119,11 @@ def _main(
     records = loop.run(batches)
     module.model.to("cpu")
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    targets = module.adapter.target_module_names()
+    if quant.vision:
+        targets = vision_adapter(module.adapter).vision_target_module_names() + targets
+    record = quantization_config(quant, targets)
+    setattr(module.model.config, CONFIG_KEY, record)  # saved in config.json; see actquant.apply_saved_...
     report = {
         "model": model,
         "output_dir": str(Path(output_dir).resolve()),
@@ -127,7 +138,9 @@ def _main(
             "device": str(fabric.device),
         },
         "data": {"samples": len(samples), "tokens": int(loop.collective.all_reduce(torch.tensor([tokens])).item())},
+        "quantization": record,
         "summary": summarize(records),
+        "vision": {"layers": loop.vision_records, "summary": summarize(loop.vision_records)} if quant.vision else None,
         "seconds": {**loop.phase_seconds},
         "peak_gpu_memory_gib_per_rank": _peak_memory(fabric.device, loop.collective),
         "layers": records,

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from lightning_tlq.core.actquant import check_act_bits
 from lightning_tlq.core.quantizer import QuantSpec
 
 Method = Literal["rtn", "gptq", "tlq"]
@@ -52,6 +53,12 @@ class QuantArgs:
     """GPTQ: relative damping, added as ``damp * mean(diag H)``; raised x10 up to 3 times on failure."""
     true_sequential: bool = True
     """Solve q,k,v -> o -> gate,up -> down in order, each group seeing the already-quantized ones before it."""
+    act_bits: int | None = None
+    """Activation bits: None = weight-only; 8 = W4A8, per-token dynamic symmetric int8 on every quantized Linear's
+    input, applied during calibration (quantized path) and recorded in the saved config."""
+    vision: bool = False
+    """Also quantize the vision tower and projector: layer by layer on the quantized path, before the language
+    model (which is then calibrated on the quantized tower's features). Default: keep them in full precision."""
 
     def __post_init__(self) -> None:
         _check_choice("quant.method", self.method, _METHODS)
@@ -59,6 +66,12 @@ class QuantArgs:
             raise ValueError(f"quant.block_size={self.block_size} must be a positive number of columns.")
         _check_range("quant.damp", self.damp, 0.0, 1.0, lo_open=True)
         self.spec  # validates bits and group size
+        if self.act_bits is not None:
+            try:
+                check_act_bits(self.act_bits)
+            except ValueError as err:
+                msg = f"quant.act_bits={self.act_bits!r} is invalid: use null (weight-only) or an integer in 2..8."
+                raise ValueError(msg) from err
 
     @property
     def spec(self) -> QuantSpec:

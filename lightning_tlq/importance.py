@@ -8,7 +8,7 @@ adapter can reuse it unchanged (``class TokenImportanceCallback(TokenImportance,
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from functools import partial
 from typing import Any
 
@@ -103,10 +103,15 @@ class TokenImportance:
         self.scores = {k: list(v) for k, v in state.get("scores", {}).items()}
 
 
-def enable_activation_grads(model: nn.Module) -> Any:
+def enable_activation_grads(model: nn.Module, extra: Iterable[nn.Module] = ()) -> Any:
     """Make the input embeddings' output require grad, so activation gradients exist with frozen weights.
 
-    Returns the hook handle; call ``.remove()`` when done.
+    Args:
+        model: the HF model.
+        extra: more modules whose output should start a differentiable path, e.g. a vision tower's patch
+            embedding, so that gradients also reach the vision layers (the pixels themselves never need one).
+
+    Returns a handle; call ``.remove()`` when done.
     """
 
     def hook(module: nn.Module, args: Any, output: Tensor) -> Tensor | None:
@@ -114,4 +119,14 @@ def enable_activation_grads(model: nn.Module) -> Any:
             return output.detach().requires_grad_(True)
         return None
 
-    return model.get_input_embeddings().register_forward_hook(hook)
+    modules = [model.get_input_embeddings(), *extra]
+    return _Handles([module.register_forward_hook(hook) for module in modules])
+
+
+class _Handles:
+    def __init__(self, handles: list[Any]) -> None:
+        self.handles = handles
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_tlq.actquant import apply_activation_quant
 from lightning_tlq.adapters.base import CapturedInputs, move_to
 from lightning_tlq.config import ImportanceArgs, MemoryArgs, QuantArgs, TokenSetArgs
 from lightning_tlq.core.importance import postprocess_flat, scatter_back
@@ -27,6 +28,7 @@ from lightning_tlq.importance import TokenImportance
 from lightning_tlq.module import TLQModule, answer_loss, check_has_answer
 from lightning_tlq.placement import LayerPlacement
 from lightning_tlq.stage import LayerStage, TokenWeights
+from lightning_tlq.vision import VisionCalibration, is_vision_key
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,10 @@ class CalibrationLoop:
         module: the wrapped model (``configure_model`` already called; weights on the CPU).
         quant, importance, token_set, memory: settings.
         metrics: accumulate the statistics needed to report every module's (weighted) output error.
+
+    With ``quant.vision`` the importance backward continues into the vision tower, the tower and projector are
+    calibrated after the importance pass (:class:`VisionCalibration`, records in :attr:`vision_records`), and
+    the decoder inputs are then captured again, through the quantized tower.
     """
 
     def __init__(
@@ -83,6 +89,19 @@ class CalibrationLoop:
         self.results: dict[str, Any] = {}
         self.phase_seconds: dict[str, float] = {}
         self.placement = LayerPlacement(self.adapter.decoder_layers(), fabric.device, self.memory.layerwise)
+        self.vision: VisionCalibration | None = None
+        if quant.vision:
+            self.vision = VisionCalibration(
+                self.adapter,
+                quant,
+                importance,
+                token_set,
+                collective=self.collective,
+                metrics=metrics,
+                call=lambda event, **kw: fabric.call(event, fabric=fabric, **kw),
+            )
+        self.vision_records: list[dict[str, Any]] = []
+        self._vision_scores: dict[str, list[Tensor]] = {}
 
     # --- driver ------------------------------------------------------------------------------------------------
     def run(self, batches: Sequence[dict[str, Tensor]]) -> list[dict[str, Any]]:
@@ -95,15 +114,29 @@ class CalibrationLoop:
             batches = [move_to(b, self.fabric.device) for b in batches]
             masks = [token_masks(b, self.adapter.image_token_id) for b in batches]
             sample_ids = self._sample_ids(batches)
-            with self._timed("capture"), torch.no_grad():
-                captured = [
-                    self.adapter.capture(self.adapter.forward_inputs(b), skip_layers=self.placement.layerwise)
-                    for b in batches
-                ]
+            captured = self._capture(batches)
             with self._timed("importance"):
                 importance = self._importance(batches, masks, captured)
+            if self.vision is not None:
+                with self._timed("vision"):
+                    self.vision_records = self.vision.run(batches, sample_ids, self._vision_scores)
+                    self.results.update(self.vision.results)
+                captured = self._capture(batches)  # the decoder now sees what the quantized tower produces
             with self._timed("layers"):
                 return self._layers(captured, importance, masks, sample_ids)
+
+    def _capture(self, batches: Sequence[dict[str, Tensor]]) -> list[CapturedInputs]:
+        """Decoder inputs; a calibrated vision tower runs with its W4A8 activation quantization, as at inference."""
+        vision_modules = self.vision.targets().values() if self.vision is not None and self.vision.results else ()
+        with (
+            self._timed("capture"),
+            torch.no_grad(),
+            apply_activation_quant(None, self.quant.act_bits, vision_modules),
+        ):
+            return [
+                self.adapter.capture(self.adapter.forward_inputs(b), skip_layers=self.placement.layerwise)
+                for b in batches
+            ]
 
     def _layers(
         self,
@@ -165,12 +198,14 @@ class CalibrationLoop:
 
     def _targets(self) -> dict[str, torch.nn.Module]:
         layers = self.adapter.decoder_layers()
-        return {
-            f"{i}.{name}": layers[i].get_submodule(name)
+        targets = self.vision.targets() if self.vision is not None else {}
+        targets.update(
+            (f"{i}.{name}", layers[i].get_submodule(name))
             for i in range(len(layers))
             for group in self.adapter.module_groups(i)
             for name in group
-        }
+        )
+        return targets
 
     def _importance(
         self, batches: Sequence[dict[str, Tensor]], masks: Sequence[TokenMasks], captured: Sequence[CapturedInputs]
@@ -186,13 +221,15 @@ class CalibrationLoop:
                 self._backward_whole(batches)
         finally:
             self.fabric.call("on_importance_end", fabric=self.fabric)
-        return self._postprocess(self.collector.scores, masks)
+        scores = self.collector.scores
+        self._vision_scores = {k: v for k, v in scores.items() if is_vision_key(k)}
+        return self._postprocess({k: v for k, v in scores.items() if not is_vision_key(k)}, masks)
 
     def _backward_whole(self, batches: Sequence[dict[str, Tensor]]) -> None:
         for batch_idx, batch in enumerate(batches):
             self.fabric.call("on_importance_batch_start", fabric=self.fabric, batch_idx=batch_idx)
             with torch.enable_grad():
-                loss = self.module.sft_loss(batch)
+                loss = self.module.sft_loss(batch, vision_grads=self.vision is not None)
                 self._check_loss(loss, batch_idx)
                 loss.backward()
             self.fabric.call("on_importance_batch_end", fabric=self.fabric, batch_idx=batch_idx)
@@ -233,6 +270,11 @@ class CalibrationLoop:
                 grads[b] = h.grad
                 self.fabric.call("on_importance_batch_end", fabric=self.fabric, batch_idx=b)
             self.placement.offload(index)
+        if self.vision is not None:  # dL/dh_0 at the image positions continues into the tower
+            for b, batch in enumerate(batches):
+                self.fabric.call("on_importance_batch_start", fabric=self.fabric, batch_idx=b)
+                self.vision.backward_from_decoder_input(batch, grads[b])
+                self.fabric.call("on_importance_batch_end", fabric=self.fabric, batch_idx=b)
 
     def _postprocess(self, scores: dict[str, list[Tensor]], masks: Sequence[TokenMasks]) -> dict[str, list[Tensor]]:
         """Normalise / floor / clip each module's scores over *all* ranks' tokens (gathered), keep this rank's."""

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_tlq.adapters import VLMAdapter, get_adapter
+from lightning_tlq.adapters.vision import vision_adapter
 from lightning_tlq.importance import enable_activation_grads
 from lightning_tlq.models.tiny import resolve_model
 
@@ -50,13 +51,16 @@ class TLQModule(pl.LightningModule):
         """Logits of the wrapped model for a collated batch."""
         return self.model(**self.adapter.forward_inputs(batch)).logits
 
-    def sft_loss(self, batch: dict[str, Tensor]) -> Tensor:
+    def sft_loss(self, batch: dict[str, Tensor], vision_grads: bool = False) -> Tensor:
         """Next-token cross-entropy summed over answer tokens (``labels != -100``).
 
         A sum (not a mean) keeps each token's gradient independent of how many answer tokens share its batch.
+        With ``vision_grads`` the vision tower's patch embeddings also start a differentiable path, so the
+        backward pass continues into the vision layers (for vision-tower importance).
         """
         check_has_answer(batch["labels"])
-        handle = enable_activation_grads(self.model)
+        extra = [vision_adapter(self.adapter).vision_embedding()] if vision_grads else []
+        handle = enable_activation_grads(self.model, extra)
         try:
             logits = self(batch)
         finally:

@@ -40,28 +40,40 @@ def _fmt(value: float | None, spec: str = ".3e") -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
+def _row(rec: dict[str, Any], label: Any) -> str:
+    kept = f"{rec.get('tokens_kept', rec.get('tokens_total', '-'))}/{rec.get('tokens_total', '-')}"
+    damps = [m["damp"] for m in rec["modules"].values() if m["damp"] is not None]
+    return (
+        f"{label:>5} {kept:>13} {_fmt(rec['mean_weighted_rel_error']):>13} "
+        f"{_fmt(rec['mean_rel_error']):>11} {_fmt(max(damps) if damps else None, '.2g'):>9} {rec['seconds']:>6.2f}"
+    )
+
+
 def format_summary(report: dict[str, Any]) -> str:
     """A readable table: one line per layer, then the totals."""
     s = report["settings"]["quant"]
     head = (
-        f"lightning-tlq: {s['method']} W{s['bits']}A16 g{s['group_size']} "
+        f"lightning-tlq: {s['method']} W{s['bits']}A{s.get('act_bits') or 16} g{s['group_size']} "
         f"{'sym' if s['symmetric'] else 'asym'} on {report['model']} "
         f"({report['data']['samples']} samples, {report['data']['tokens']} tokens)"
     )
     lines = [head, f"{'layer':>5} {'kept/tokens':>13} {'weighted err':>13} {'plain err':>11} {'max damp':>9} {'s':>6}"]
-    for rec in report["layers"]:
-        kept = f"{rec.get('tokens_kept', rec['tokens_total'])}/{rec['tokens_total']}"
-        damps = [m["damp"] for m in rec["modules"].values() if m["damp"] is not None]
+    vision = report.get("vision")
+    if vision:  # vision stages are labelled v0, v1, ... and proj
+        labels = [str(rec["index"]).replace("vision.", "v").replace("projector", "proj") for rec in vision["layers"]]
+        lines += [_row(rec, label) for rec, label in zip(vision["layers"], labels)]
+        vs = vision["summary"]
         lines.append(
-            f"{rec['index']:>5} {kept:>13} {_fmt(rec['mean_weighted_rel_error']):>13} "
-            f"{_fmt(rec['mean_rel_error']):>11} {_fmt(max(damps) if damps else None, '.2g'):>9} {rec['seconds']:>6.2f}"
+            f"vision mean relative output error: weighted {_fmt(vs['mean_weighted_rel_error'])}, "
+            f"plain {_fmt(vs['mean_rel_error'])}"
         )
-    summ = report["summary"]
+    lines += [_row(rec, rec["index"]) for rec in report["layers"]]
+    summ, secs = report["summary"], report["seconds"]
+    vision_s = f"vision {secs['vision']:.1f} s, " if "vision" in secs else ""
     lines.append(
         f"mean relative output error: weighted {_fmt(summ['mean_weighted_rel_error'])}, "
-        f"plain {_fmt(summ['mean_rel_error'])}; wall {report['seconds']['total']:.1f} s "
-        f"(importance {report['seconds'].get('importance', 0):.1f} s, "
-        f"layers {report['seconds'].get('layers', 0):.1f} s)"
+        f"plain {_fmt(summ['mean_rel_error'])}; wall {secs['total']:.1f} s "
+        f"(importance {secs.get('importance', 0):.1f} s, {vision_s}layers {secs.get('layers', 0):.1f} s)"
     )
     lines.append(f"saved to {report['output_dir']}")
     return "\n".join(lines)

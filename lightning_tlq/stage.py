@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_tlq.actquant import apply_activation_quant
 from lightning_tlq.config import QuantArgs
 from lightning_tlq.core.gptq import gptq_quantize
 from lightning_tlq.core.hessian import HessianAccumulator, relative_output_error
@@ -25,8 +26,9 @@ from lightning_tlq.distributed import Collective, assign_owners
 class TokenWeights:
     """Which tokens of one batch enter which statistic, for one layer."""
 
-    valid: Tensor
-    """``[B, S]`` bool: real (non-pad) tokens."""
+    valid: Tensor | None
+    """``[B, S]`` bool: real (non-pad) tokens; None means every input row of every module is a real token (e.g. a
+    vision tower, whose rows are patches, with other shapes than the batch's text)."""
     importance: dict[str, Tensor] | None = None
     """Module name (relative to the layer) -> ``[B, S, G]`` importance weights, mean 1 over real tokens."""
     multiplier: Tensor | None = None
@@ -77,8 +79,12 @@ class _Stats:
 class LayerStage:
     """Calibrates one decoder layer in place.
 
+    With ``quant.act_bits`` set, every forward of the layer (accumulate and propagate) runs with the inputs of its
+    target modules fake-quantized per token, exactly as at inference, so the Hessians are built from the inputs the
+    quantized modules really see and the next layer receives the quantized path's activations.
+
     Args:
-        index: decoder layer index.
+        index: decoder layer index (or a label such as ``"vision 0"`` for other stages).
         layer: the decoder layer (already on the compute device).
         module_groups: names (relative to ``layer``) of the linear modules, grouped in inference order.
         quant: quantization settings (``quant.method`` picks rtn / gptq / tlq).
@@ -90,7 +96,7 @@ class LayerStage:
 
     def __init__(
         self,
-        index: int,
+        index: int | str,
         layer: nn.Module,
         module_groups: Sequence[Sequence[str]],
         quant: QuantArgs,
@@ -166,7 +172,7 @@ class LayerStage:
             self.modules[n].register_forward_hook(lambda m, a, o, n=n: self._add(n, a[0], current["w"])) for n in names
         ]
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self._activation_quant():
                 for b, hidden in enumerate(inputs):
                     current["w"] = weights[b]
                     forward(b, hidden)
@@ -177,7 +183,8 @@ class LayerStage:
     def _add(self, name: str, x: Tensor, tw: TokenWeights) -> None:
         stats = self._stats[name]
         x = x.detach()
-        valid = tw.valid.to(x.device)
+        lead = x.shape[:-1]
+        valid = tw.valid.to(x.device) if tw.valid is not None else torch.ones(lead, dtype=torch.bool, device=x.device)
         rows = x[valid]  # [N, in]
         if stats.plain is not None:
             stats.plain.add(rows)
@@ -268,5 +275,9 @@ class LayerStage:
 
     def propagate(self, forward: Callable[[int, Tensor], Tensor], inputs: Sequence[Tensor]) -> list[Tensor]:
         """The quantized layer's outputs: the next layer's inputs on the quantized inference path."""
-        with torch.no_grad():
+        with torch.no_grad(), self._activation_quant():
             return [forward(b, hidden) for b, hidden in enumerate(inputs)]
+
+    def _activation_quant(self) -> Any:
+        """Per-token activation fake-quant on every target module's input while the layer runs (no-op if None)."""
+        return apply_activation_quant(None, self.quant.act_bits, self.modules.values())
