@@ -1,7 +1,7 @@
 """``lightning-tlq calibrate``: TLQ calibration of a Hugging Face VLM with Fabric, written to disk.
 
-Also a Fabric entry script: ``fabric run ... lightning_tlq/calibrate.py --config FILE`` or
-``torchrun ... -m lightning_tlq.calibrate --config FILE``.
+Also a Fabric entry script: ``fabric run ... <package dir>/calibrate.py --config FILE`` or
+``torchrun ... -m lightning_tlq.calibrate --config FILE`` (see ``examples/multinode/``).
 """
 
 from __future__ import annotations
@@ -73,13 +73,15 @@ def calibrate(
     from lightning.fabric import Fabric
 
     check_output_dir(output_dir, overwrite)
-    fabric = Fabric(
-        accelerator=accelerator,
-        devices=devices,
-        num_nodes=num_nodes,
-        strategy=strategy,
-        callbacks=[TokenImportance(importance.score, importance.groups)],
-    )
+    callbacks = [TokenImportance(importance.score, importance.groups)]
+    if os.environ.get("LT_CLI_USED"):
+        # `fabric run` already chose accelerator, devices and nodes (LT_* variables) and started the processes;
+        # passing our own values as well would conflict with its flags.
+        fabric = Fabric(callbacks=callbacks)
+    else:
+        fabric = Fabric(
+            accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy, callbacks=callbacks
+        )
     args = (model, data, quant, importance, token_set, memory, output_dir, overwrite, dtype, metrics, seed, quiet)
     if os.environ.get("LT_CLI_USED"):  # under `fabric run` the processes already exist
         return _main(fabric, *args)
@@ -184,7 +186,6 @@ def _model_max_length(model: Any) -> int | None:
 
 
 if __name__ == "__main__":
-    torch.set_float32_matmul_precision("high")
     from lightning_tlq.cli import main
 
     main(["calibrate", *__import__("sys").argv[1:]])

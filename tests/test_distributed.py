@@ -88,7 +88,8 @@ def _run_cli(out, *extra, env=None):
 
 def _clean_env(**extra):
     env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV and not k.startswith("LT_")}
-    env.update(HF_HUB_OFFLINE="1", GLOO_SOCKET_IFNAME="lo", **extra)
+    root = str(Path(__file__).resolve().parents[1])
+    env.update(HF_HUB_OFFLINE="1", GLOO_SOCKET_IFNAME="lo", PYTHONPATH=root, **extra)
     return env
 
 
@@ -154,3 +155,26 @@ def test_ddp_spawn_in_process(tmp_path):
     )  # fmt: skip
     assert report["settings"]["world_size"] == 2
     assert (tmp_path / "spawn" / REPORT_NAME).exists()
+
+
+def test_torchrun_two_processes_match_one(single_process_run, tmp_path):
+    out = tmp_path / "torchrun"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+           "--master-port", str(_free_port()), "-m", "lightning_tlq.calibrate", *_ARGS, "--devices", "2",
+           "--output_dir", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, env=_clean_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _compare(single_process_run, out)
+
+
+def test_fabric_run_two_processes_match_one(single_process_run, tmp_path):
+    pytest.importorskip("click")
+    import lightning_tlq
+
+    entry = Path(lightning_tlq.__file__).with_name("calibrate.py")  # the script `fabric run` is given
+    out = tmp_path / "fabric_run"
+    cmd = [sys.executable, "-m", "lightning.fabric.cli", "--accelerator", "cpu", "--devices", "2",
+           "--main-port", str(_free_port()), str(entry), *_ARGS, "--output_dir", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, env=_clean_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _compare(single_process_run, out)
