@@ -346,6 +346,7 @@ def write_packed(
     by_key = {f"{info['checkpoint']}.weight": name for name, info in qp.modules.items()}
     by_key.update({f"{name}.weight": name for name in qp.modules})  # a directory saved with module names
     files, found = _weight_files(src), set()
+    moved, weights, dtype = 0, 0, None
     writer = _ShardWriter(dst, shard_bytes)
     with safe_open(str(qp.path), framework="pt") as qf:
         for file in files:
@@ -360,8 +361,12 @@ def write_packed(
                         raise ExportError(f"{src}: the weight of {name} appears twice in the weight files.")
                     found.add(name)
                     prefix = key[: -len(".weight")]
-                    for suffix, t in _pack_module(qp, qf, name, tensor, fmt).items():
+                    packed, changed = _pack_module(qp, qf, name, tensor, fmt)
+                    for suffix, t in packed.items():
                         writer.add(f"{prefix}.{suffix}", t)
+                    moved += changed
+                    weights += tensor.numel()
+                    dtype = tensor.dtype
     missing = sorted(set(qp.modules) - found)
     if missing:
         raise ExportError(
@@ -369,6 +374,14 @@ def write_packed(
             "not match its tlq_qparams.safetensors."
         )
     total = writer.close()
+    if moved:
+        log.warning(
+            "%.1f%% of the quantized weights differ (by about one %s rounding step) from the calibrated model: the "
+            "format stores weight_scale in the model dtype and readers dequantize in it, while calibration used "
+            "float32 scales. Calibrate with --dtype float32 for a bit-exact export.",
+            100 * moved / weights,
+            dtype,
+        )
     config["quantization_config"] = quantization_config(
         qp.spec, act_bits=act_bits, act_order=qp.act_order, ignore=_ignore_list(qp)
     )
@@ -381,6 +394,7 @@ def write_packed(
         "quantized_modules": len(qp.modules),
         "ignored_modules": len(qp.unquantized),
         "weight_bytes": total,
+        "weights_moved_by_scale_dtype": moved / max(weights, 1),
         "bytes": sum(p.stat().st_size for p in dst.iterdir() if p.is_file()),
         "files": sorted(p.name for p in dst.iterdir()),
     }
@@ -411,8 +425,10 @@ def _weight_files(src: Path) -> list[Path]:
     return files
 
 
-def _pack_module(qp: QParams, qf: Any, name: str, weight: Tensor, fmt: str) -> dict[str, Tensor]:
-    """The compressed tensors of one module, after checking they reproduce the saved weight bit for bit."""
+def _pack_module(qp: QParams, qf: Any, name: str, weight: Tensor, fmt: str) -> tuple[dict[str, Tensor], int]:
+    """The compressed tensors of one module, after checking that the codes reproduce the saved weight bit for bit,
+    and how many weights the stored ``weight_scale`` changes (readers dequantize in the scale dtype, so scales
+    rounded to a 16-bit model dtype move some weights by one rounding step)."""
     spec = qp.spec
     codes, scale, zero = qp.load(qf, name)
     if tuple(weight.shape) != tuple(codes.shape):
@@ -426,6 +442,9 @@ def _pack_module(qp: QParams, qf: Any, name: str, weight: Tensor, fmt: str) -> d
             "changed after calibration or belong to another run. Re-run `lightning-tlq calibrate`."
         )
     out: dict[str, Tensor] = {"weight_scale": scale.to(weight.dtype).contiguous()}
+    diff = codes.view(*scale.shape, -1) - zero.to(torch.int32).unsqueeze(-1)  # what readers compute, in weight dtype
+    served = (diff.to(weight.dtype) * out["weight_scale"].unsqueeze(-1)).view_as(weight)
+    changed = int((served != weight).sum())
     zero_int = zero.round().to(torch.int32)
     if fmt == PACK_QUANTIZED:
         out["weight_packed"] = pack_int32(codes, spec.bits)
@@ -436,7 +455,7 @@ def _pack_module(qp: QParams, qf: Any, name: str, weight: Tensor, fmt: str) -> d
         out["weight"] = to_signed(codes, spec.bits).to(torch.int8).contiguous()
         if not spec.symmetric:
             out["weight_zero_point"] = to_signed(zero_int, spec.bits).to(torch.int8).contiguous()
-    return out
+    return out, changed
 
 
 class _ShardWriter:

@@ -91,6 +91,7 @@ def test_transformers_loads_the_export_and_matches_the_fake_quantized_model(cali
     out = src / PACKED_DIRNAME
     summary = export(str(src), quiet=True)
     assert summary["format"] == "pack-quantized"
+    assert summary["weights_moved_by_scale_dtype"] == 0  # float32 model: bit-exact
     symmetric = CASES[case][3]
     # asymmetric pack-quantized only loads with dequantize=True on transformers 5.24 + compressed-tensors 0.20
     # (see test_asymmetric_compressed_load_is_broken_upstream)
@@ -267,6 +268,31 @@ def test_sharded_export_loads(tmp_path):
     assert index["metadata"]["total_size"] == summary["weight_bytes"]
     batch = _inputs(src)
     assert _rel(_logits(_load(src), batch), _logits(_load(out), batch)) <= RTOL
+
+
+def test_bfloat16_calibration_reports_the_scale_rounding(tmp_path, caplog):
+    """The format keeps weight_scale in the model dtype and readers dequantize in it: calibrated with float32
+    scales, a bf16 model moves some weights by a rounding step. The export says so and how many."""
+    src = _calibrate(tmp_path / "bf16", "llava", "rtn", 4, 64, True, dtype="bfloat16")
+    with caplog.at_level("WARNING", logger="lightning_tlq.export"):
+        summary = export(str(src), quiet=True)
+    moved = summary["weights_moved_by_scale_dtype"]
+    assert 0 < moved < 0.5
+    assert f"{100 * moved:.1f}% of the quantized weights differ" in caplog.text
+    assert "--dtype float32" in caplog.text
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+
+    qc = json.loads((src / PACKED_DIRNAME / "config.json").read_text())["quantization_config"]
+    scheme = QuantizationConfig.model_validate(qc).config_groups["group_0"]
+    ours = load_file(str(src / PACKED_DIRNAME / "model.safetensors"))
+    fake = load_file(str(src / "model.safetensors"))
+    prefix = next(k[: -len(".weight_packed")] for k in ours if k.endswith("layers.0.mlp.down_proj.weight_packed"))
+    state = {k[len(prefix) + 1 :]: v for k, v in ours.items() if k.startswith(prefix + ".")}
+    served = BaseCompressor.get_value_from_registry("pack-quantized").decompress(state, scheme)["weight"]
+    want = fake[f"{prefix}.weight"]
+    assert served.dtype == want.dtype == torch.bfloat16
+    assert ((served.float() - want.float()).abs() <= want.float().abs() * 2**-7).all()  # at most one bf16 step
 
 
 # ---------------------------------------------------------------------------------------------- bad input
