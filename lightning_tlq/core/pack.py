@@ -13,6 +13,7 @@ are stored with the offset ``+2^(bits-1)``: see :func:`to_unsigned` / :func:`to_
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 from torch import Tensor
@@ -129,6 +130,13 @@ def unpack_int32(packed: Tensor, bits: int, length: int, dim: int = 1) -> Tensor
         )
     data = packed.t() if dim == 0 else packed
     rows = data.shape[0]
+    if 8 % bits == 0 and sys.byteorder == "little":  # codes never straddle a byte: work on the bytes, 1 B/code
+        data = data.contiguous().view(torch.uint8)  # byte j holds bits 8j .. 8j+7 of the row's stream
+        if bits == 8:
+            return (data[:, :length].t() if dim == 0 else data[:, :length]).contiguous()
+        shifts = torch.arange(0, 8, bits, device=data.device, dtype=torch.uint8)
+        out = ((data.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(rows, -1)[:, :length]
+        return (out.t() if dim == 0 else out).contiguous()
     if _WORD % bits == 0:  # no code straddles a word: shift every word by each slot offset
         shifts = torch.arange(0, _WORD, bits, device=data.device, dtype=torch.int32)
         out = ((data.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(rows, -1)[:, :length]
