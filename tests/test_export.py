@@ -257,6 +257,19 @@ def test_calibrate_export_option_and_cli(tmp_path, capsys):
         assert (cli_out / name).is_file(), name
 
 
+def test_two_process_calibration_exports_the_broadcast_codes(tmp_path):
+    """Under ddp_spawn each module is solved by its owner rank; rank 0 writes codes that reproduce its weights."""
+    out = tmp_path / "spawn"
+    report = calibrate(
+        model="tiny-qwen2_vl", data=DataArgs(num_samples=8, batch_size=2), quant=QuantArgs(group_size=64),
+        output_dir=str(out), accelerator="cpu", devices=2, strategy="ddp_spawn", quiet=True, export=True,
+    )  # fmt: skip
+    assert report["settings"]["world_size"] == 2
+    assert json.loads((out / REPORT_NAME).read_text())["export"]["weights_moved_by_scale_dtype"] == 0
+    batch = _inputs(out)
+    assert _rel(_logits(_load(out), batch), _logits(_load(out / PACKED_DIRNAME), batch)) <= RTOL
+
+
 def test_sharded_export_loads(tmp_path):
     src = _calibrate(tmp_path / "run", "qwen2_vl", "rtn", 4, 32, True)
     out = tmp_path / "sharded"
