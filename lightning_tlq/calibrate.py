@@ -80,24 +80,10 @@ def calibrate(
         strategy=strategy,
         callbacks=[TokenImportance(importance.score, importance.groups)],
     )
-    args = (
-        model,
-        data,
-        quant,
-        importance,
-        token_set,
-        memory,
-        output_dir,
-        overwrite,
-        dtype,
-        metrics,
-        seed,
-        quiet,
-        export,
-    )
+    args = (model, data, quant, importance, token_set, memory, output_dir, overwrite, dtype, metrics, seed, quiet)
     if os.environ.get("LT_CLI_USED"):  # under `fabric run` the processes already exist
-        return _main(fabric, *args)
-    return fabric.launch(_main, *args)
+        return _main(fabric, *args, export=export)
+    return fabric.launch(_main, *args, export=export)
 
 
 def _main(
