@@ -19,6 +19,7 @@ from lightning_tlq.adapters.vision import vision_adapter
 from lightning_tlq.config import DataArgs, ImportanceArgs, MemoryArgs, QuantArgs, TokenSetArgs
 from lightning_tlq.data import Sample, encode_sample, load_jsonl, make_batches, synthetic_samples
 from lightning_tlq.distributed import Collective, shard_range
+from lightning_tlq.export import PACKED_DIRNAME, export_format, save_qparams, write_packed
 from lightning_tlq.importance import TokenImportance
 from lightning_tlq.loop import CalibrationLoop
 from lightning_tlq.module import TLQModule
@@ -42,6 +43,7 @@ def calibrate(
     metrics: bool = True,
     seed: int = 0,
     quiet: bool = False,
+    export: bool = False,
 ) -> dict[str, Any]:
     """Calibrate a VLM's language model (with ``quant.vision`` also its vision tower) with TLQ and save it.
 
@@ -66,6 +68,8 @@ def calibrate(
         metrics: report every module's weighted and plain relative output error (costs extra statistics).
         seed: global seed.
         quiet: do not print the summary.
+        export: also write the compressed-tensors checkpoint (what ``lightning-tlq export`` writes) to
+            ``output_dir/packed``, in the same atomic step.
 
     Returns:
         The report (also written to ``output_dir/tlq_report.json``).
@@ -73,6 +77,8 @@ def calibrate(
     from lightning.fabric import Fabric
 
     check_output_dir(output_dir, overwrite)
+    if export:  # fail before calibrating if the format cannot hold these settings
+        export_format(quant.spec, quant.act_bits)
     callbacks = [TokenImportance(importance.score, importance.groups)]
     if os.environ.get("LT_CLI_USED"):
         # `fabric run` already chose accelerator, devices and nodes (LT_* variables) and started the processes;
@@ -84,8 +90,8 @@ def calibrate(
         )
     args = (model, data, quant, importance, token_set, memory, output_dir, overwrite, dtype, metrics, seed, quiet)
     if os.environ.get("LT_CLI_USED"):  # under `fabric run` the processes already exist
-        return _main(fabric, *args)
-    return fabric.launch(_main, *args)
+        return _main(fabric, *args, export=export)
+    return fabric.launch(_main, *args, export=export)
 
 
 def _main(
@@ -102,6 +108,7 @@ def _main(
     metrics: bool,
     seed: int,
     quiet: bool,
+    export: bool = False,
 ) -> dict[str, Any]:
     start = time.perf_counter()
     fabric.seed_everything(seed, verbose=False)
@@ -151,10 +158,19 @@ def _main(
         with atomic_output_dir(output_dir, overwrite) as tmp:
             module.model.save_pretrained(tmp)
             module.processor.save_pretrained(tmp)
+            save_qparams(tmp, module.model, module.adapter, loop.results, quant)
             report["seconds"]["total"] = time.perf_counter() - start
             write_report(report, tmp)
+            if export:
+                (tmp / PACKED_DIRNAME).mkdir()
+                packed = write_packed(tmp, tmp / PACKED_DIRNAME)
+                report["export"] = {"dir": f"{report['output_dir']}/{PACKED_DIRNAME}", **packed}
+                write_report(report, tmp)
         if not quiet:
             print(format_summary(report))
+            if export:
+                size = packed["bytes"] / 2**20
+                print(f"packed {packed['format']} checkpoint ({size:.1f} MiB): {report['export']['dir']}")
     fabric.barrier()
     return report
 

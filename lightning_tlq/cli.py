@@ -17,9 +17,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     from transformers.utils import logging as hf_logging
 
     from lightning_tlq.calibrate import calibrate
+    from lightning_tlq.export import export  # lightning-tlq export DIR: the compressed-tensors checkpoint
 
     hf_logging.disable_progress_bar()  # keep the summary readable
-    auto_cli({"calibrate": calibrate}, args=list(argv) if argv is not None else None, as_positional=False)
+    commands = {"calibrate": calibrate, "export": export}
+    auto_cli(commands, args=list(argv) if argv is not None else None, as_positional=False)
 
 
 if __name__ == "__main__":

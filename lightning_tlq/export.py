@@ -1,0 +1,525 @@
+"""``lightning-tlq export``: a calibrated directory -> a compressed-tensors checkpoint that serving stacks load.
+
+``calibrate`` writes the fake-quantized model plus ``tlq_qparams.safetensors``: the integer codes (densely packed,
+see :mod:`lightning_tlq.core.pack`), scales and zero points of every quantized module. The export is therefore
+exact: it never re-derives codes from float weights, and it checks that the saved weights are the dequantized
+codes before writing anything.
+
+Formats (the layouts compressed-tensors infers for these schemes, so transformers and vLLM pick the right loader):
+
+* ``pack-quantized`` for weight-only settings (``act_bits`` None/16): per Linear ``weight_packed`` int32
+  ``[out, ceil(in*b/32)]`` (codes offset by ``+2^(b-1)``, element ``i`` at bits ``b*i``), ``weight_scale``
+  ``[out, in/g]`` in the model dtype, ``weight_zero_point`` int32 packed along dim 0 (asymmetric only) and
+  ``weight_shape``. Only 2, 4 and 8 bits: see :data:`PORTABLE_PACK_BITS`.
+* ``int-quantized`` for ``act_bits=8`` (W8A8, W4A8): ``weight`` int8 ``[out, in]`` holding the signed codes,
+  ``weight_scale`` and (asymmetric) an int8 ``weight_zero_point`` ``[out, in/g]``; activations are declared as
+  dynamic symmetric per-token int8.
+
+``config.json`` gets a ``quantization_config`` (``quant_method: compressed-tensors``, ``quantization_status:
+compressed``) with one group targeting ``Linear`` and an ``ignore`` list naming every Linear left in full
+precision (vision tower, projector, LM head), both under the model's module names and, where transformers saves
+legacy names, under the checkpoint names.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from lightning_tlq.core.pack import pack_int32, to_signed, to_unsigned, unpack_int32
+from lightning_tlq.core.quantizer import QuantSpec, dequantize
+from lightning_tlq.report import REPORT_NAME, atomic_output_dir
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "PACKED_DIRNAME",
+    "PORTABLE_PACK_BITS",
+    "QPARAMS_NAME",
+    "ExportError",
+    "QParams",
+    "export",
+    "export_format",
+    "quantization_config",
+    "read_qparams",
+    "save_qparams",
+    "write_packed",
+]
+
+QPARAMS_NAME = "tlq_qparams.safetensors"
+PACKED_DIRNAME = "packed"
+PACK_QUANTIZED = "pack-quantized"
+INT_QUANTIZED = "int-quantized"
+PORTABLE_PACK_BITS = (2, 4, 8)
+"""Bit widths whose ``pack-quantized`` layout is the same in every compressed-tensors release: before 0.20 each
+int32 word held ``32 // b`` codes (wasting bits for 3, 5, 6, 7), since 0.20 codes are packed densely across words.
+Only widths dividing 32 agree; vLLM's kernels read 4 and 8."""
+_QPARAMS_FORMAT = "lightning-tlq-qparams"
+_QPARAMS_VERSION = "1"
+_SAFE_INDEX = "model.safetensors.index.json"
+_SKIP_FILES = {QPARAMS_NAME, _SAFE_INDEX}
+
+
+class ExportError(ValueError):
+    """The input cannot be exported as asked; the message says why and what to do."""
+
+
+# ---------------------------------------------------------------------------------------------------- qparams
+def save_qparams(directory: str | Path, model: nn.Module, adapter: Any, results: Mapping[str, Any], quant: Any) -> Path:
+    """Write the integer codes, scales and zero points of a calibration run next to the saved model.
+
+    Args:
+        directory: the calibrated output directory (``save_pretrained`` already ran or runs there).
+        model: the calibrated HF model.
+        adapter: its :class:`~lightning_tlq.adapters.VLMAdapter` (decoder layer names, ignored prefixes).
+        results: :attr:`CalibrationLoop.results`: ``"<layer>.<module>"`` -> ``ModuleResult``.
+        quant: the :class:`~lightning_tlq.config.QuantArgs` used.
+
+    Returns:
+        The path of ``tlq_qparams.safetensors``.
+    """
+    spec: QuantSpec = quant.spec
+    linear = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    tensors: dict[str, Tensor] = {}
+    modules: dict[str, dict[str, Any]] = {}
+    for key, res in results.items():
+        index, rel = key.split(".", 1)
+        name = f"{adapter.layer_name(int(index))}.{rel}"
+        if name not in linear:
+            raise ExportError(f"Quantized module {name} is not an nn.Linear of the model; cannot record its codes.")
+        codes = to_unsigned(res.codes, spec.bits) if spec.symmetric else res.codes.to(torch.int32)
+        tensors[f"{name}.codes"] = pack_int32(codes.cpu(), spec.bits)
+        tensors[f"{name}.scale"] = res.scale.detach().float().cpu().contiguous()
+        if not spec.symmetric:
+            tensors[f"{name}.zero"] = res.zero.detach().float().cpu().contiguous()
+        modules[name] = {"shape": list(res.codes.shape)}
+    if not modules:
+        raise ExportError("The calibration produced no quantized module; nothing to record.")
+    checkpoint = _checkpoint_prefixes(model, sorted(linear))
+    for name, info in modules.items():
+        info["checkpoint"] = checkpoint[name]
+    act_bits = quant.act_bits
+    metadata = {
+        "format": _QPARAMS_FORMAT,
+        "version": _QPARAMS_VERSION,
+        "bits": str(spec.bits),
+        "group_size": str(spec.group_size),
+        "symmetric": json.dumps(spec.symmetric),
+        "act_order": json.dumps(bool(quant.act_order) and quant.method != "rtn"),
+        "act_bits": json.dumps(act_bits),
+        "modules": json.dumps(modules),
+        "unquantized": json.dumps({n: checkpoint[n] for n in sorted(linear - modules.keys())}),
+        "ignore_prefixes": json.dumps(list(adapter.ignore_prefixes)),
+    }
+    path = Path(directory) / QPARAMS_NAME
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def _checkpoint_prefixes(model: nn.Module, names: Sequence[str]) -> dict[str, str]:
+    """Module name -> the prefix its weight has in ``save_pretrained``'s files (transformers 5 may save legacy
+    names, e.g. ``language_model.model.layers.0...`` for the module ``model.language_model.layers.0...``)."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # no renaming machinery: names are saved as they are
+        return {n: n for n in names}
+    out = {}
+    for name in names:
+        weight = model.get_submodule(name).weight
+        reverted = list(revert_weight_conversion(model, {f"{name}.weight": weight}))
+        ok = len(reverted) == 1 and reverted[0].endswith(".weight")
+        out[name] = reverted[0][: -len(".weight")] if ok else name
+    return out
+
+
+@dataclass(frozen=True)
+class QParams:
+    """The contents of ``tlq_qparams.safetensors`` (tensors are read on demand by :meth:`load`)."""
+
+    path: Path
+    spec: QuantSpec
+    act_order: bool
+    act_bits: int | None
+    modules: dict[str, dict[str, Any]]
+    """Quantized module name -> ``{"shape": [out, in], "checkpoint": prefix in the weight files}``."""
+    unquantized: dict[str, str]
+    """Linear modules kept in full precision: module name -> checkpoint prefix."""
+    ignore_prefixes: tuple[str, ...]
+
+    def load(self, handle: Any, name: str) -> tuple[Tensor, Tensor, Tensor]:
+        """Unsigned codes ``[out, in]`` (int32), scale and zero point ``[out, n_groups]`` (float32) of ``name``."""
+        out_features, in_features = self.modules[name]["shape"]
+        codes = unpack_int32(handle.get_tensor(f"{name}.codes"), self.spec.bits, in_features).to(torch.int32)
+        scale = handle.get_tensor(f"{name}.scale")
+        groups = self.spec.n_groups(in_features, name)
+        if self.spec.symmetric:
+            zero = torch.full_like(scale, float(1 << (self.spec.bits - 1)))  # codes are stored offset
+        else:
+            zero = handle.get_tensor(f"{name}.zero")
+        if codes.shape[0] != out_features or scale.shape != (out_features, groups) or zero.shape != scale.shape:
+            raise ExportError(f"{self.path}: the tensors of {name} do not match its recorded shape {[out_features]}.")
+        return codes, scale, zero
+
+
+def read_qparams(directory: str | Path) -> QParams:
+    """Read and validate the metadata of ``<directory>/tlq_qparams.safetensors``.
+
+    Raises:
+        ExportError: if the file is missing or was not written by :func:`save_qparams`.
+    """
+    path = Path(directory) / QPARAMS_NAME
+    if not path.is_file():
+        raise ExportError(
+            f"{directory} has no {QPARAMS_NAME}: the integer codes of the calibration are missing (the directory was "
+            "written by an older lightning-tlq, or the file was removed). Re-run `lightning-tlq calibrate`; export "
+            "never re-derives codes from float weights."
+        )
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != _QPARAMS_FORMAT or meta.get("version") != _QPARAMS_VERSION:
+        raise ExportError(
+            f"{path} is not a version-{_QPARAMS_VERSION} lightning-tlq qparams file "
+            f"(format={meta.get('format')!r}, version={meta.get('version')!r}); re-run `lightning-tlq calibrate`."
+        )
+    try:
+        spec = QuantSpec(int(meta["bits"]), int(meta["group_size"]), bool(json.loads(meta["symmetric"])))
+        return QParams(
+            path=path,
+            spec=spec,
+            act_order=bool(json.loads(meta["act_order"])),
+            act_bits=json.loads(meta["act_bits"]),
+            modules=json.loads(meta["modules"]),
+            unquantized=json.loads(meta["unquantized"]),
+            ignore_prefixes=tuple(json.loads(meta["ignore_prefixes"])),
+        )
+    except (KeyError, ValueError, TypeError) as err:
+        raise ExportError(f"{path} has broken metadata ({err}); re-run `lightning-tlq calibrate`.") from err
+
+
+# ----------------------------------------------------------------------------------------------------- config
+def export_format(spec: QuantSpec, act_bits: int | None) -> str:
+    """The compressed-tensors format for these settings, after checking that it can hold them.
+
+    Raises:
+        ExportError: for activation bits other than None/16/8, or weight bits ``pack-quantized`` cannot store.
+    """
+    if act_bits not in (None, 8, 16):
+        raise ExportError(
+            f"act_bits={act_bits!r} is not supported: use 8 (dynamic per-token int8 activations) or None/16 "
+            "(weight-only)."
+        )
+    if act_bits == 8:
+        return INT_QUANTIZED  # one int8 per code; any 2..8-bit width fits
+    if spec.bits not in PORTABLE_PACK_BITS:
+        raise ExportError(
+            f"{spec.bits}-bit codes cannot be exported as {PACK_QUANTIZED}: compressed-tensors before 0.20 packed "
+            f"32 // {spec.bits} = {32 // spec.bits} codes per int32 word, 0.20 packs them densely across words, so a "
+            f"{spec.bits}-bit file means different things to different readers, and vLLM's kernels read only 4 and "
+            f"8 bits. Re-calibrate with --quant.bits 4 (or 8, 2), or serve the fake-quantized directory as it is."
+        )
+    return PACK_QUANTIZED
+
+
+def quantization_config(
+    spec: QuantSpec, *, act_bits: int | None = None, act_order: bool = False, ignore: Sequence[str] = ()
+) -> dict[str, Any]:
+    """The ``quantization_config`` entry of ``config.json`` for a compressed-tensors checkpoint.
+
+    Args:
+        spec: the weight grid (bits, group size, symmetry).
+        act_bits: None/16 for weight-only, 8 for dynamic symmetric per-token int8 activations.
+        act_order: GPTQ ran with act-order; declared as ``actorder: static`` (static groups, no ``g_idx``).
+        ignore: Linear module names kept in full precision.
+    """
+    fmt = export_format(spec, act_bits)
+    channel = spec.group_size == -1
+    weights = {
+        "num_bits": spec.bits,
+        "type": "int",
+        "symmetric": spec.symmetric,
+        "strategy": "channel" if channel else "group",
+        "group_size": None if channel else spec.group_size,
+        "dynamic": False,
+        "actorder": "static" if act_order else None,
+    }
+    activations = None
+    if act_bits == 8:
+        activations = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
+    return {
+        "quant_method": "compressed-tensors",
+        "format": fmt,
+        "quantization_status": "compressed",
+        "global_compression_ratio": None,
+        "kv_cache_scheme": None,
+        "ignore": list(ignore),
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": weights,
+                "input_activations": activations,
+                "output_activations": None,
+            }
+        },
+    }
+
+
+def _ignore_list(qp: QParams) -> list[str]:
+    names = set(qp.unquantized) | set(qp.unquantized.values())
+    return sorted(names)
+
+
+# ----------------------------------------------------------------------------------------------------- export
+def export(
+    checkpoint: str,
+    output_dir: str | None = None,
+    overwrite: bool = False,
+    act_bits: int | None = None,
+    max_shard_size: str = "5GB",
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Write a calibrated directory as a compressed-tensors checkpoint (``from_pretrained``/vLLM loadable).
+
+    Args:
+        checkpoint: a directory written by ``lightning-tlq calibrate`` (fake-quantized model, ``tlq_report.json``
+            and ``tlq_qparams.safetensors``).
+        output_dir: where to write; default ``<checkpoint>/packed``.
+        overwrite: replace ``output_dir`` if it exists.
+        act_bits: activation scheme: None = as calibrated (``quant.act_bits`` if the run had it, else weight-only),
+            16 = weight-only (``pack-quantized``), 8 = dynamic per-token int8 activations (``int-quantized``).
+        max_shard_size: largest weight file, e.g. ``5GB``, ``500MB``; bigger checkpoints are sharded with an index.
+        quiet: do not print the summary line.
+
+    Returns:
+        A summary: output directory, format, bytes written, quantized and ignored module counts.
+
+    Raises:
+        ExportError: when the input is not a calibrated directory, lacks its codes, was modified after calibration,
+            or the settings cannot be stored in the format; nothing is written then.
+    """
+    src = Path(checkpoint).expanduser()
+    dst = Path(output_dir).expanduser() if output_dir is not None else src / PACKED_DIRNAME
+    _check_input(src)
+    with atomic_output_dir(dst, overwrite) as tmp:
+        summary = write_packed(src, tmp, act_bits=act_bits, max_shard_size=max_shard_size)
+    summary["output_dir"] = str(dst.resolve())
+    if not quiet:
+        print(
+            f"lightning-tlq export: {summary['format']} W{summary['bits']}A{summary['act_bits'] or 16}, "
+            f"{summary['quantized_modules']} quantized / {summary['ignored_modules']} full-precision Linear, "
+            f"{summary['bytes'] / 2**20:.1f} MiB -> {summary['output_dir']}"
+        )
+    return summary
+
+
+def write_packed(
+    src: str | Path, dst: str | Path, *, act_bits: int | None = None, max_shard_size: str | int = "5GB"
+) -> dict[str, Any]:
+    """Write the compressed-tensors checkpoint of calibrated directory ``src`` into the existing, empty ``dst``.
+
+    Not atomic by itself: :func:`export` and ``calibrate(export=True)`` call it inside a temporary directory.
+    See :func:`export` for the arguments.
+    """
+    src, dst = Path(src), Path(dst)
+    _check_input(src)
+    qp = read_qparams(src)
+    act_bits = qp.act_bits if act_bits is None else act_bits
+    if act_bits == 16:
+        act_bits = None
+    if qp.act_bits not in (None, 16) and act_bits is None:
+        log.warning("The run was calibrated with act_bits=%s; exporting weight-only as asked.", qp.act_bits)
+    fmt = export_format(qp.spec, act_bits)
+    config = json.loads((src / "config.json").read_text())
+    if "quantization_config" in config:
+        raise ExportError(f"{src}/config.json already has a quantization_config: it is an export, not a calibration.")
+    shard_bytes = _parse_size(max_shard_size)
+    by_key = {f"{info['checkpoint']}.weight": name for name, info in qp.modules.items()}
+    by_key.update({f"{name}.weight": name for name in qp.modules})  # a directory saved with module names
+    files, found = _weight_files(src), set()
+    moved, weights, dtype = 0, 0, None
+    writer = _ShardWriter(dst, shard_bytes)
+    with safe_open(str(qp.path), framework="pt") as qf:
+        for file in files:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open handles are not mappings)
+                    tensor = f.get_tensor(key)
+                    name = by_key.get(key)
+                    if name is None:
+                        writer.add(key, tensor)
+                        continue
+                    if name in found:
+                        raise ExportError(f"{src}: the weight of {name} appears twice in the weight files.")
+                    found.add(name)
+                    prefix = key[: -len(".weight")]
+                    packed, changed = _pack_module(qp, qf, name, tensor, fmt)
+                    for suffix, t in packed.items():
+                        writer.add(f"{prefix}.{suffix}", t)
+                    moved += changed
+                    weights += tensor.numel()
+                    dtype = tensor.dtype
+    missing = sorted(set(qp.modules) - found)
+    if missing:
+        raise ExportError(
+            f"{src}: the weight files lack {len(missing)} quantized module(s), e.g. {missing[:3]}; the directory does "
+            "not match its tlq_qparams.safetensors."
+        )
+    total = writer.close()
+    if moved:
+        log.warning(
+            "%.1f%% of the quantized weights differ (by about one %s rounding step) from the calibrated model: the "
+            "format stores weight_scale in the model dtype and readers dequantize in it, while calibration used "
+            "float32 scales. Calibrate with --dtype float32 for a bit-exact export.",
+            100 * moved / weights,
+            dtype,
+        )
+    config["quantization_config"] = quantization_config(
+        qp.spec, act_bits=act_bits, act_order=qp.act_order, ignore=_ignore_list(qp)
+    )
+    (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    _copy_side_files(src, dst)
+    return {
+        "format": fmt,
+        "bits": qp.spec.bits,
+        "act_bits": act_bits,
+        "quantized_modules": len(qp.modules),
+        "ignored_modules": len(qp.unquantized),
+        "weight_bytes": total,
+        "weights_moved_by_scale_dtype": moved / max(weights, 1),
+        "bytes": sum(p.stat().st_size for p in dst.iterdir() if p.is_file()),
+        "files": sorted(p.name for p in dst.iterdir()),
+    }
+
+
+def _check_input(src: Path) -> None:
+    if not src.is_dir():
+        raise ExportError(f"{src} is not a directory; pass the output directory of `lightning-tlq calibrate`.")
+    if not (src / REPORT_NAME).is_file():
+        raise ExportError(
+            f"{src} is not a lightning-tlq calibrated directory (no {REPORT_NAME}); run `lightning-tlq calibrate` "
+            "first and export its output directory."
+        )
+    if not (src / "config.json").is_file():
+        raise ExportError(f"{src} has no config.json; it is not a saved Hugging Face model.")
+
+
+def _weight_files(src: Path) -> list[Path]:
+    index = src / _SAFE_INDEX
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [src / n for n in names]
+    else:
+        files = [src / "model.safetensors"]
+    absent = [f.name for f in files if not f.is_file()]
+    if absent:
+        raise ExportError(f"{src} lacks the safetensors weight file(s) {absent}; export reads safetensors only.")
+    return files
+
+
+def _pack_module(qp: QParams, qf: Any, name: str, weight: Tensor, fmt: str) -> tuple[dict[str, Tensor], int]:
+    """The compressed tensors of one module, after checking that the codes reproduce the saved weight bit for bit,
+    and how many weights the stored ``weight_scale`` changes (readers dequantize in the scale dtype, so scales
+    rounded to a 16-bit model dtype move some weights by one rounding step)."""
+    spec = qp.spec
+    codes, scale, zero = qp.load(qf, name)
+    if tuple(weight.shape) != tuple(codes.shape):
+        raise ExportError(f"{name}: saved weight {tuple(weight.shape)} vs recorded codes {tuple(codes.shape)}.")
+    grid = QuantSpec(spec.bits, spec.group_size, symmetric=False)  # unsigned codes, explicit zero point
+    expected = dequantize(codes, scale, zero, grid, dtype=weight.dtype)
+    if not torch.equal(expected, weight):
+        diff = (expected.float() - weight.float()).abs().max().item()
+        raise ExportError(
+            f"{name}: the saved weight is not the dequantized codes (max |diff| {diff:.3g}); the model files were "
+            "changed after calibration or belong to another run. Re-run `lightning-tlq calibrate`."
+        )
+    out: dict[str, Tensor] = {"weight_scale": scale.to(weight.dtype).contiguous()}
+    diff = codes.view(*scale.shape, -1) - zero.to(torch.int32).unsqueeze(-1)  # what readers compute, in weight dtype
+    served = (diff.to(weight.dtype) * out["weight_scale"].unsqueeze(-1)).view_as(weight)
+    changed = int((served != weight).sum())
+    zero_int = zero.round().to(torch.int32)
+    if fmt == PACK_QUANTIZED:
+        out["weight_packed"] = pack_int32(codes, spec.bits)
+        out["weight_shape"] = torch.tensor(list(weight.shape), dtype=torch.int64)
+        if not spec.symmetric:
+            out["weight_zero_point"] = pack_int32(zero_int, spec.bits, dim=0)
+    else:
+        out["weight"] = to_signed(codes, spec.bits).to(torch.int8).contiguous()
+        if not spec.symmetric:
+            out["weight_zero_point"] = to_signed(zero_int, spec.bits).to(torch.int8).contiguous()
+    return out, changed
+
+
+class _ShardWriter:
+    """Collects tensors and writes safetensors shards of at most ``limit`` bytes (plus an index if several)."""
+
+    def __init__(self, directory: Path, limit: int) -> None:
+        self.directory, self.limit = directory, limit
+        self.shards: list[dict[str, Tensor]] = [{}]
+        self.sizes = [0]
+        self.written: list[Path] = []
+
+    def add(self, key: str, tensor: Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.shards[-1] and self.sizes[-1] + nbytes > self.limit:
+            self._flush()
+        self.shards[-1][key] = tensor.contiguous()
+        self.sizes[-1] += nbytes
+
+    def _flush(self) -> None:
+        path = self.directory / f".shard-{len(self.written):05d}.safetensors"
+        save_file(self.shards[-1], str(path), metadata={"format": "pt"})
+        self.written.append(path)
+        self.shards[-1], self.sizes[-1] = {}, 0
+
+    def close(self) -> int:
+        if self.shards[-1] or not self.written:
+            self._flush()
+        n = len(self.written)
+        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        weight_map, total = {}, 0
+        for path, name in zip(self.written, names):
+            final = self.directory / name
+            path.rename(final)
+            total += final.stat().st_size
+            with safe_open(str(final), framework="pt") as f:
+                weight_map.update(dict.fromkeys(f.keys(), name))
+        if n > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.directory / _SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        return total
+
+
+def _copy_side_files(src: Path, dst: Path) -> None:
+    """Copy processor, tokenizer, generation config and the report; never the weights or the qparams."""
+    for path in sorted(src.iterdir()):
+        if not path.is_file() or path.name in _SKIP_FILES or path.name == "config.json":
+            continue
+        if path.suffix == ".safetensors" or path.suffix == ".bin":
+            continue
+        shutil.copy2(path, dst / path.name)
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def _parse_size(size: str | int) -> int:
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        match = _SIZE.match(str(size))
+        if not match:
+            raise ExportError(f"max_shard_size={size!r} is not a size; write e.g. 5GB, 500MB or a number of bytes.")
+        value = int(float(match.group(1)) * _UNITS[(match.group(2) or "B").lower()])
+    if value < 1:
+        raise ExportError(f"max_shard_size must be positive, got {size!r}.")
+    return value
