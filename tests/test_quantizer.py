@@ -139,8 +139,16 @@ def test_rtn_keeps_dtype_and_matches_dequantize() -> None:
     assert res.codes.dtype == torch.int32
     assert torch.equal(res.weight, dequantize(res.codes, res.scale, res.zero, spec, dtype=torch.bfloat16))
     assert torch.equal(fake_quantize(w, spec), res.weight)
-    # qparams come from the bf16 values viewed in fp32
-    assert torch.equal(res.scale, compute_qparams(w.float(), spec)[0])
+    # scales are rounded to the model dtype before codes are chosen (checkpoints store them in that dtype) ...
+    assert torch.equal(res.scale, compute_qparams(w.float(), spec, scale_dtype=torch.bfloat16)[0])
+    assert torch.equal(res.scale, res.scale.bfloat16().float())
+    # ... so dequantizing with the stored bf16 scales in bf16 arithmetic gives back exactly the same weight
+    stored = (
+        res.codes.bfloat16() - res.zero.bfloat16().repeat_interleave(16, 1)
+    ) * res.scale.bfloat16().repeat_interleave(16, 1)
+    assert torch.equal(stored, res.weight)
+    # fp32 weights keep fp32 scales
+    assert not torch.equal(compute_qparams(w.float(), spec)[0], res.scale)
 
 
 def test_rejects_non_2d_weight() -> None:

@@ -198,13 +198,14 @@ def _solve_block(
     act_order: bool,
     max_retries: int,
     name: str,
+    scale_dtype: torch.dtype,
 ) -> _BlockSolve:
     """Quantize rows ``W [rows, in]`` (float32, modified in place) against one Hessian ``H [in, in]``."""
     H = H.clone()
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    scale, zero = compute_qparams(W, spec, name)
+    scale, zero = compute_qparams(W, spec, name, scale_dtype=scale_dtype)
     in_features = W.shape[1]
     group_of_col = torch.arange(in_features, device=W.device) // spec.group_len(in_features)
     perm = torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order else None
@@ -280,6 +281,7 @@ def gptq_quantize(
             act_order=act_order,
             max_retries=max_retries,
             name=name if groups == 1 else f"{_label(name)}[group {g}]",
+            scale_dtype=W.dtype,
         )
         for g in range(groups)
     ]

@@ -21,6 +21,7 @@ Conventions (shared by RTN, GPTQ and the exporters):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -139,13 +140,18 @@ def _grouped(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return w.float().reshape(out_features, in_features // glen, glen)
 
 
-def compute_qparams(w: torch.Tensor, spec: QuantSpec, name: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+def compute_qparams(
+    w: torch.Tensor, spec: QuantSpec, name: str = "", scale_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Compute per-group scales and zero points with a min-max (absmax) observer.
 
     Args:
         w: Weight ``[out, in]``, any float dtype.
         spec: Quantization grid.
         name: Module name used in error messages.
+        scale_dtype: the dtype the scales will be stored in (checkpoints keep them in the model dtype). Scales
+            are rounded to it *before* codes are chosen, so codes, scales and the dequantized weight agree
+            exactly after export. Default: ``w``'s dtype.
 
     Returns:
         ``(scale, zero)``, each ``[out, n_groups]`` float32 on ``w``'s device.
@@ -160,21 +166,34 @@ def compute_qparams(w: torch.Tensor, spec: QuantSpec, name: str = "") -> tuple[t
             f"Module {name or '<unnamed>'}: weight contains NaN or Inf; cannot compute quantization scales."
         )
     g = _grouped(w, spec)
-    return _symmetric_qparams(g, spec) if spec.symmetric else _asymmetric_qparams(g, spec)
+    representable = _representable(scale_dtype or w.dtype)
+    return _symmetric_qparams(g, spec, representable) if spec.symmetric else _asymmetric_qparams(g, spec, representable)
 
 
-def _symmetric_qparams(g: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+def _representable(dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Round positive fp32 scales to values ``dtype`` can hold (kept >= its smallest normal)."""
+    if dtype in (torch.float32, torch.float64) or not dtype.is_floating_point:
+        return lambda scale: scale
+    tiny = torch.finfo(dtype).tiny
+    return lambda scale: scale.clamp_min(tiny).to(dtype).float()
+
+
+def _symmetric_qparams(
+    g: torch.Tensor, spec: QuantSpec, representable: Callable[[torch.Tensor], torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
     scale = g.abs().amax(dim=-1) / ((spec.qmax - spec.qmin) / 2)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero groups get scale 1
+    scale = representable(torch.where(scale > 0, scale, torch.ones_like(scale)))  # all-zero groups get scale 1
     return scale, torch.zeros_like(scale)
 
 
-def _asymmetric_qparams(g: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+def _asymmetric_qparams(
+    g: torch.Tensor, spec: QuantSpec, representable: Callable[[torch.Tensor], torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
     lo = g.amin(dim=-1).clamp(max=0.0)
     hi = g.amax(dim=-1).clamp(min=0.0)
     scale = (hi - lo) / spec.qmax
     ok = scale > 0
-    scale = torch.where(ok, scale, torch.ones_like(scale))  # all-zero groups get scale 1, zero 0
+    scale = representable(torch.where(ok, scale, torch.ones_like(scale)))  # all-zero groups: scale 1, zero 0
     zero = torch.where(ok, torch.round(-lo / scale).clamp(spec.qmin, spec.qmax), torch.zeros_like(scale))
     return scale, zero
 
