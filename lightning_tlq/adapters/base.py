@@ -233,6 +233,21 @@ def _split_layer_call(module: nn.Module, args: tuple, kwargs: dict[str, Any]) ->
     return args[0], kwargs
 
 
+def require_linear(adapter: object, parent: nn.Module, name: str, where: str, fix: str) -> nn.Linear:
+    """``parent.get_submodule(name)``, which must be an ``nn.Linear``; otherwise a clear error naming ``fix``."""
+    try:
+        module = parent.get_submodule(name)
+    except AttributeError:
+        module = None
+    if not isinstance(module, nn.Linear):
+        found = "nothing" if module is None else type(module).__name__
+        raise UnsupportedModelError(
+            f"{type(adapter).__name__} expects an nn.Linear at '{name}' in {where} ({type(parent).__name__}) but "
+            f"found {found}; {fix} for this family."
+        )
+    return module
+
+
 def _passthrough(*args: Any, **kwargs: Any) -> Tensor:
     """Stand-in for a decoder layer's forward that returns its hidden-states input unchanged."""
     return args[0] if args else kwargs["hidden_states"]
@@ -536,17 +551,9 @@ class VLMAdapter:
         }
 
     def _check_linear(self, layer: nn.Module, layer_index: int, name: str) -> None:
-        try:
-            module = layer.get_submodule(name)
-        except AttributeError:
-            module = None
-        if not isinstance(module, nn.Linear):
-            found = "nothing" if module is None else type(module).__name__
-            raise UnsupportedModelError(
-                f"{type(self).__name__} expects an nn.Linear at '{name}' in decoder layer {layer_index} "
-                f"({type(layer).__name__}) but found {found}; override linear_groups or module_groups() for "
-                "this family."
-            )
+        module = require_linear(
+            self, layer, name, f"decoder layer {layer_index}", "override linear_groups or module_groups()"
+        )
         embeddings = [getattr(self.model, f"get_{kind}_embeddings", lambda: None)() for kind in ("input", "output")]
         if any(getattr(e, "weight", None) is module.weight for e in embeddings):
             raise UnsupportedModelError(

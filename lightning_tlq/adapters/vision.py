@@ -28,6 +28,7 @@ from lightning_tlq.adapters.base import (
     _first_tensor,
     _split_layer_call,
     _StopForward,
+    require_linear,
 )
 
 __all__ = ["VisionAdapter", "vision_adapter"]
@@ -199,16 +200,7 @@ class VisionAdapter(VLMAdapter):
         if not groups:
             raise UnsupportedModelError(f"{type(self).__name__} lists no linear modules for {where}.")
         for name in (n for g in groups for n in g):
-            try:
-                module = parent.get_submodule(name)
-            except AttributeError:
-                module = None
-            if not isinstance(module, nn.Linear):
-                found = "nothing" if module is None else type(module).__name__
-                raise UnsupportedModelError(
-                    f"{type(self).__name__} expects an nn.Linear at '{name}' in {where} ({type(parent).__name__}) "
-                    f"but found {found}; fix vision_linear_groups / projector_linear_groups for this family."
-                )
+            require_linear(self, parent, name, where, "fix vision_linear_groups / projector_linear_groups")
         return [list(g) for g in groups]
 
     def _vision_submodule(self, name: str, attribute: str) -> nn.Module:
