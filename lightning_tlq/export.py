@@ -83,7 +83,8 @@ def save_qparams(directory: str | Path, model: nn.Module, adapter: Any, results:
         directory: the calibrated output directory (``save_pretrained`` already ran or runs there).
         model: the calibrated HF model.
         adapter: its :class:`~lightning_tlq.adapters.VLMAdapter` (decoder layer names, ignored prefixes).
-        results: :attr:`CalibrationLoop.results`: ``"<layer>.<module>"`` -> ``ModuleResult``.
+        results: :attr:`CalibrationLoop.results`: ``"<layer>.<module>"`` (decoder), ``"vision.<i>.<module>"`` or
+            ``"projector.<module>"`` (vision tower) -> ``ModuleResult``.
         quant: the :class:`~lightning_tlq.config.QuantArgs` used.
 
     Returns:
@@ -91,11 +92,16 @@ def save_qparams(directory: str | Path, model: nn.Module, adapter: Any, results:
     """
     spec: QuantSpec = quant.spec
     linear = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    qualified = {id(m): name for name, m in model.named_modules()}
+    vision = adapter.vision_targets() if any(not k.split(".", 1)[0].isdigit() for k in results) else {}
     tensors: dict[str, Tensor] = {}
     modules: dict[str, dict[str, Any]] = {}
     for key, res in results.items():
         index, rel = key.split(".", 1)
-        name = f"{adapter.layer_name(int(index))}.{rel}"
+        if key in vision:  # "vision.<i>.<module>" / "projector.<module>"
+            name = qualified[id(vision[key])]
+        else:
+            name = f"{adapter.layer_name(int(index))}.{rel}"
         if name not in linear:
             raise ExportError(f"Quantized module {name} is not an nn.Linear of the model; cannot record its codes.")
         codes = to_unsigned(res.codes, spec.bits) if spec.symmetric else res.codes.to(torch.int32)
