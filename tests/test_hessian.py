@@ -24,7 +24,7 @@ def test_unweighted_matches_direct() -> None:
     x = _data(50, 12)
     acc = HessianAccumulator(12)
     acc.add(x)
-    assert acc.H.dtype == torch.float32
+    assert acc.H.dtype == torch.float64
     assert acc.H.shape == (12, 12)
     torch.testing.assert_close(acc.H.double(), x.double().T @ x.double(), rtol=1e-5, atol=1e-4)
     assert acc.tokens == 50
