@@ -126,7 +126,8 @@ def _compare(reference: Path, other: Path, bits: int = 3, group_size: int = 64):
         assert a["token_set_fingerprint"] == b["token_set_fingerprint"]
         assert a["tokens_kept"] == b["tokens_kept"]
     w_ref, w_got = load_file(reference / "model.safetensors"), load_file(other / "model.safetensors")
-    quantized = [k for k in w_ref if "visual" not in k and ".layers." in k and k.endswith("proj.weight")]
+    decoder = [k for k in w_ref if "visual" not in k and "vision" not in k]  # Qwen2-VL: model.layers.*
+    quantized = [k for k in decoder if ".layers." in k and k.endswith("proj.weight")]
     assert quantized
     same = total = 0
     for k in quantized:
