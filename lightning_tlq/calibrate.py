@@ -17,8 +17,8 @@ import torch
 from lightning_tlq.actquant import CONFIG_KEY, quantization_config
 from lightning_tlq.adapters.vision import vision_adapter
 from lightning_tlq.config import DataArgs, ImportanceArgs, MemoryArgs, QuantArgs, TokenSetArgs
-from lightning_tlq.data import Sample, encode_sample, load_jsonl, make_batches, synthetic_samples
-from lightning_tlq.distributed import Collective, shard_range
+from lightning_tlq.data import Sample, collate, encode_sample, load_jsonl, synthetic_samples
+from lightning_tlq.distributed import Collective, shard_batches
 from lightning_tlq.export import PACKED_DIRNAME, export_format, save_qparams, write_packed
 from lightning_tlq.importance import TokenImportance
 from lightning_tlq.loop import CalibrationLoop
@@ -116,13 +116,11 @@ def _main(
     module = TLQModule(model, dtype=dtype)
     module.configure_model()
     samples = _load_samples(data)
-    shard = shard_range(len(samples), fabric.world_size, fabric.global_rank)
     limit = data.max_length or _model_max_length(module.model)
-    encoded = [encode_sample(module.processor, samples[i], max_length=limit, name=f"sample {i}") for i in shard]
-    batches = make_batches(encoded, data.batch_size, module.adapter.pad_token_id)
-    ids = torch.tensor(list(shard))
-    for b, batch in enumerate(batches):
-        batch["sample_id"] = ids[b * data.batch_size : b * data.batch_size + batch["input_ids"].shape[0]]
+    batches = []  # global batches, whole batches per rank: identical batches for any number of ranks
+    for ids in shard_batches(len(samples), data.batch_size, fabric.world_size, fabric.global_rank):
+        encoded = [encode_sample(module.processor, samples[i], max_length=limit, name=f"sample {i}") for i in ids]
+        batches.append({**collate(encoded, module.adapter.pad_token_id), "sample_id": torch.tensor(list(ids))})
 
     loop = CalibrationLoop(fabric, module, quant, importance, token_set, memory=memory, metrics=metrics)
     records = loop.run(batches)

@@ -95,6 +95,28 @@ def shard_range(n: int, world_size: int, rank: int) -> range:
     return range(start, start + base + (1 if rank < extra else 0))
 
 
+def shard_batches(n: int, batch_size: int, world_size: int, rank: int) -> list[range]:
+    """This rank's calibration batches, as ranges of global sample indices.
+
+    Batches are global -- ``[k * batch_size, (k + 1) * batch_size)``, the last one possibly smaller -- and whole
+    batches are sharded over ranks (:func:`shard_range` over batch indices: contiguous, no padding, no
+    repetition). Every batch therefore holds the same samples, padded to the same length, whatever the number of
+    ranks, so its activations and Hessian partials are bit-identical, and the result depends on the number of
+    ranks only through the order in which whole-batch partials are summed (see ``HessianAccumulator``).
+
+    If there are fewer batches than ranks, the batch size is lowered to ``n // world_size`` so that every rank
+    gets a batch (batch boundaries, and so the last bits of the result, then depend on the number of ranks).
+    """
+    if n < world_size:
+        shard_range(n, world_size, rank)  # raises the "without repetition" error
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if -(-n // batch_size) < world_size:
+        batch_size = n // world_size
+    n_batches = -(-n // batch_size)
+    return [range(k * batch_size, min(n, (k + 1) * batch_size)) for k in shard_range(n_batches, world_size, rank)]
+
+
 def assign_owners(costs: Sequence[float], world_size: int) -> list[int]:
     """Greedy bin packing: each item (largest first) goes to the rank with the least total cost so far.
 

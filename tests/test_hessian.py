@@ -24,7 +24,7 @@ def test_unweighted_matches_direct() -> None:
     x = _data(50, 12)
     acc = HessianAccumulator(12)
     acc.add(x)
-    assert acc.H.dtype == torch.float32
+    assert acc.H.dtype == torch.float64
     assert acc.H.shape == (12, 12)
     torch.testing.assert_close(acc.H.double(), x.double().T @ x.double(), rtol=1e-5, atol=1e-4)
     assert acc.tokens == 50
@@ -105,6 +105,36 @@ def test_merge_equals_one_big_add() -> None:
     assert a.weight_sum == pytest.approx(big.weight_sum)
     with pytest.raises(ValueError, match="shape mismatch"):
         a.merge_(HessianAccumulator(10))
+
+
+def test_float64_sum_of_batch_partials_is_grouping_invariant() -> None:
+    """One running sum over 12 batches vs per-"rank" partial sums (5 + 7 batches) merged: same float32 Hessian.
+
+    This is what makes calibration rank-count invariant (batches are global, so each batch's float32 partial is
+    bit-identical); a float32 running sum differs in the last bits, which GPTQ amplifies into flipped codes.
+    """
+    g = torch.Generator().manual_seed(11)
+    batches = [(torch.randn(37, 48, generator=g) * 10, torch.rand(37, generator=g) * 3) for _ in range(12)]
+
+    def run(dtype, splits):
+        parts = []
+        for lo, hi in splits:
+            acc = HessianAccumulator(48, dtype=dtype)
+            for x, w in batches[lo:hi]:
+                acc.add(x, w)
+            parts.append(acc)
+        return parts[0] if len(parts) == 1 else parts[0].merge_(parts[1])
+
+    one, two = run(torch.float64, [(0, 12)]), run(torch.float64, [(0, 5), (5, 12)])
+    assert one.H.dtype == torch.float64
+    assert torch.equal(one.H.float(), two.H.float())
+    assert (one.tokens, one.weight_sum) == (two.tokens, pytest.approx(two.weight_sum))
+    one32, two32 = run(torch.float32, [(0, 12)]), run(torch.float32, [(0, 5), (5, 12)])
+    assert one32.H.dtype == torch.float32
+    torch.testing.assert_close(one32.H, one.H.float(), rtol=1e-5, atol=1e-3)
+    assert not torch.equal(one32.H, two32.H)  # the float32 path depends on the grouping
+    with pytest.raises(ValueError, match="dtype"):
+        HessianAccumulator(4, dtype=torch.float16)
 
 
 def test_state_dict_round_trip() -> None:

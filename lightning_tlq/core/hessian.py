@@ -34,33 +34,50 @@ def _tf32_for_half_inputs(dtype: torch.dtype, device: torch.device) -> Iterator[
 
 
 class HessianAccumulator:
-    """Accumulates ``H = sum_t w_t x_t x_t^T`` in float32 (a sum, not a mean).
+    """Accumulates ``H = sum_t w_t x_t x_t^T`` (a sum, not a mean), by default in float64.
+
+    Each :meth:`add` computes its partial ``X^T W X`` in float32 (fast matmuls; bit-identical for identical inputs)
+    and adds it to ``H`` in ``dtype``. In float64 the running sum is exact enough that any order or grouping of the
+    same partials (one process summing every batch, or ranks summing their batches and then being reduced) rounds
+    to the same float32 Hessian for the solve: GPTQ amplifies last-bit differences in ``H`` into flipped codes,
+    so float32 accumulation would make results depend on the number of ranks. ``dtype=torch.float32`` halves
+    the memory of ``H`` (and saves a float32 scratch per add) at the price of that invariance.
 
     Attributes:
         in_features: Input width of the module.
         groups: Number of output-channel groups; 1 gives ``H`` of shape ``[in, in]``, more give
             ``[groups, in, in]``.
-        H: The float32 Hessian sum.
+        H: The Hessian sum, in ``dtype``.
         tokens: Number of input rows added so far (rows with weight 0 included).
         weight_sum: Sum of the row weights (python float); with per-group weights ``[N, groups]``
             each row counts with its mean weight over groups. Equals ``tokens`` when unweighted.
     """
 
-    def __init__(self, in_features: int, groups: int = 1, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        groups: int = 1,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float64,
+    ) -> None:
         """Create an empty accumulator.
 
         Args:
             in_features: Input width of the module.
             groups: Number of output-channel groups (>= 1).
             device: Device holding ``H``; inputs are moved there.
+            dtype: Accumulation dtype of ``H``: ``torch.float64`` (default; order-invariant) or ``torch.float32``.
 
         Raises:
-            ValueError: If ``in_features`` or ``groups`` is not positive.
+            ValueError: If ``in_features`` or ``groups`` is not positive, or ``dtype`` is not float32/float64.
         """
         if in_features <= 0:
             raise ValueError(f"HessianAccumulator: in_features must be positive, got {in_features}.")
         if groups <= 0:
             raise ValueError(f"HessianAccumulator: groups must be >= 1, got {groups}.")
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"HessianAccumulator: dtype must be torch.float32 or torch.float64, got {dtype}.")
+        self.dtype = dtype
         self.in_features = in_features
         self.groups = groups
         self.device = torch.device(device) if device is not None else torch.device("cpu")
@@ -74,7 +91,7 @@ class HessianAccumulator:
 
     def reset(self) -> None:
         """Zero ``H``, ``tokens`` and ``weight_sum``."""
-        self.H = torch.zeros(self.shape, dtype=torch.float32, device=self.device)
+        self.H = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
         self.tokens = 0
         self.weight_sum = 0.0
 
@@ -95,7 +112,10 @@ class HessianAccumulator:
         with _tf32_for_half_inputs(x.dtype, xf.device):
             for g in range(self.groups):
                 xw = xf if w2 is None else xf * w2[:, g : g + 1]
-                H[g].addmm_(xw.T, xf)
+                if H.dtype == torch.float32:
+                    H[g].addmm_(xw.T, xf)
+                else:  # float32 partial (deterministic for these rows), exact widening add
+                    H[g].add_(xw.T @ xf)
         self.tokens += xf.shape[0]
         self.weight_sum += float(xf.shape[0]) if w2 is None else float(w2.sum(dtype=torch.float64)) / self.groups
 
@@ -157,7 +177,7 @@ class HessianAccumulator:
             raise ValueError(f"HessianAccumulator.load_state_dict: missing keys {sorted(missing)}.")
         if tuple(state["H"].shape) != self.shape:
             raise ValueError(f"HessianAccumulator.load_state_dict: H shape {tuple(state['H'].shape)} != {self.shape}.")
-        self.H = state["H"].to(device=self.device, dtype=torch.float32).clone()
+        self.H = state["H"].to(device=self.device, dtype=self.dtype).clone()
         self.tokens = int(state["tokens"])
         self.weight_sum = float(state["weight_sum"])
 
