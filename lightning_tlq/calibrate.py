@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -17,13 +18,25 @@ import torch
 from lightning_tlq.actquant import CONFIG_KEY, quantization_config
 from lightning_tlq.adapters.vision import vision_adapter
 from lightning_tlq.config import DataArgs, ImportanceArgs, MemoryArgs, QuantArgs, TokenSetArgs
-from lightning_tlq.data import Sample, collate, encode_sample, load_jsonl, synthetic_samples
+from lightning_tlq.data import collate
+from lightning_tlq.datamodule import encode_samples, load_samples
 from lightning_tlq.distributed import Collective, shard_batches
 from lightning_tlq.export import PACKED_DIRNAME, export_format, save_qparams, write_packed
 from lightning_tlq.importance import TokenImportance
 from lightning_tlq.loop import CalibrationLoop
 from lightning_tlq.module import TLQModule
+from lightning_tlq.preflight import (
+    check_batches,
+    check_finite_weights,
+    check_quantizable,
+    load_processor_for,
+    model_max_length,
+    model_on_meta,
+    resolve_max_length,
+)
+from lightning_tlq.progress import CalibrationProgress
 from lightning_tlq.report import atomic_output_dir, check_output_dir, format_summary, summarize, write_report
+from lightning_tlq.resume import LayerCheckpoint, partial_dir, prepare_partial_dir
 
 
 def calibrate(
@@ -35,11 +48,14 @@ def calibrate(
     memory: MemoryArgs = MemoryArgs(),
     output_dir: str = "tlq_out",
     overwrite: bool = False,
+    resume: bool = False,
+    checkpoint: bool = True,
     dtype: str = "float32",
     accelerator: str = "auto",
-    devices: int = 1,
+    devices: int | list[int] = 1,
     num_nodes: int = 1,
     strategy: str = "auto",
+    loggers: Sequence[Any] | None = None,
     metrics: bool = True,
     seed: int = 0,
     quiet: bool = False,
@@ -59,15 +75,19 @@ def calibrate(
         token_set: token-level calibration set settings.
         memory: where weights and activations live (layer-wise offload, activation offload, GPU memory cap).
         output_dir: where the quantized model (``from_pretrained``-loadable) and ``tlq_report.json`` go.
-        overwrite: replace ``output_dir`` if it exists.
+        overwrite: replace ``output_dir`` (and discard the checkpoint of an interrupted run) if it exists.
+        resume: continue an interrupted run from its checkpoint ``<output_dir>.partial/`` (same settings).
+        checkpoint: after every layer, save the loop state to ``<output_dir>.partial/`` so that ``resume`` can
+            continue after a crash; removed once the output is written.
         dtype: dtype the model runs in: ``float32``, ``bfloat16`` or ``float16``.
         accelerator: Fabric accelerator (``auto``, ``cpu``, ``cuda``).
-        devices: processes per node; calibration samples are sharded over all processes.
+        devices: processes per node (or device indices); calibration samples are sharded over all processes.
         num_nodes: nodes (launch the same command on each, e.g. with ``torchrun`` or ``fabric run``).
         strategy: Fabric strategy (``auto`` = ``ddp`` on several processes; ``ddp_spawn`` for notebooks/tests).
+        loggers: Lightning loggers (e.g. ``CSVLogger``) that receive per-layer metrics.
         metrics: report every module's weighted and plain relative output error (costs extra statistics).
         seed: global seed.
-        quiet: do not print the summary.
+        quiet: no progress bars and no summary.
         export: also write the compressed-tensors checkpoint (what ``lightning-tlq export`` writes) to
             ``output_dir/packed``, in the same atomic step.
 
@@ -79,14 +99,23 @@ def calibrate(
     check_output_dir(output_dir, overwrite)
     if export:  # fail before calibrating if the format cannot hold these settings
         export_format(quant.spec, quant.act_bits)
-    callbacks = [TokenImportance(importance.score, importance.groups)]
+    callbacks: list[Any] = [TokenImportance(importance.score, importance.groups), CalibrationProgress(not quiet)]
+    if checkpoint:
+        prepare_partial_dir(output_dir, resume=resume, overwrite=overwrite)
+        settings = _settings(model, data, quant, importance, token_set, dtype, metrics, seed)
+        callbacks.append(LayerCheckpoint(partial_dir(output_dir), settings, resume=resume))
     if os.environ.get("LT_CLI_USED"):
         # `fabric run` already chose accelerator, devices and nodes (LT_* variables) and started the processes;
         # passing our own values as well would conflict with its flags.
-        fabric = Fabric(callbacks=callbacks)
+        fabric = Fabric(loggers=list(loggers or []), callbacks=callbacks)
     else:
         fabric = Fabric(
-            accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy, callbacks=callbacks
+            accelerator=accelerator,
+            devices=devices,
+            num_nodes=num_nodes,
+            strategy=strategy,
+            loggers=list(loggers or []),
+            callbacks=callbacks,
         )
     args = (model, data, quant, importance, token_set, memory, output_dir, overwrite, dtype, metrics, seed, quiet)
     if os.environ.get("LT_CLI_USED"):  # under `fabric run` the processes already exist
@@ -113,17 +142,31 @@ def _main(
     start = time.perf_counter()
     fabric.seed_everything(seed, verbose=False)
     _cap_gpu_memory(fabric.device, memory.max_gpu_memory_gib)
+    # Fail fast: structure (meta device, no weights), then data, before the weights are loaded.
+    structure = model_on_meta(model)
+    check_quantizable(structure, quant)
+    limit = resolve_max_length(data.max_length, model_max_length(structure))
+    samples = load_samples(data)
+    shard = shard_batches(len(samples), data.batch_size, fabric.world_size, fabric.global_rank)
+    # Every rank validates every sample: a bad one then fails all ranks alike instead of leaving the others waiting.
+    encoded = encode_samples(load_processor_for(model), samples, limit)
     module = TLQModule(model, dtype=dtype)
     module.configure_model()
-    samples = _load_samples(data)
-    limit = data.max_length or _model_max_length(module.model)
+    check_finite_weights(module.model)
     batches = []  # global batches, whole batches per rank: identical batches for any number of ranks
-    for ids in shard_batches(len(samples), data.batch_size, fabric.world_size, fabric.global_rank):
-        encoded = [encode_sample(module.processor, samples[i], max_length=limit, name=f"sample {i}") for i in ids]
-        batches.append({**collate(encoded, module.adapter.pad_token_id), "sample_id": torch.tensor(list(ids))})
+    for ids in shard:
+        encoded_batch = collate([encoded[i] for i in ids], module.adapter.pad_token_id)
+        batches.append({**encoded_batch, "sample_id": torch.tensor(list(ids))})
+    check_batches(batches)
 
     loop = CalibrationLoop(fabric, module, quant, importance, token_set, memory=memory, metrics=metrics)
-    records = loop.run(batches)
+    checkpoint = next((c for c in fabric._callbacks if isinstance(c, LayerCheckpoint)), None)
+    try:
+        records = loop.run(batches)
+    except BaseException as err:
+        if checkpoint is not None:
+            checkpoint.on_failure(fabric, err)
+        raise
     module.model.to("cpu")
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     targets = module.adapter.target_module_names()
@@ -150,26 +193,36 @@ def _main(
         "vision": {"layers": loop.vision_records, "summary": summarize(loop.vision_records)} if quant.vision else None,
         "seconds": {**loop.phase_seconds},
         "peak_gpu_memory_gib_per_rank": _peak_memory(fabric.device, loop.collective),
+        "resumed_from_layer": loop.start_layer,
         "layers": records,
     }
     if fabric.is_global_zero:
-        with atomic_output_dir(output_dir, overwrite) as tmp:
-            module.model.save_pretrained(tmp)
-            module.processor.save_pretrained(tmp)
-            save_qparams(tmp, module.model, module.adapter, loop.results, quant)
-            report["seconds"]["total"] = time.perf_counter() - start
-            write_report(report, tmp)
-            if export:
-                (tmp / PACKED_DIRNAME).mkdir()
-                packed = write_packed(tmp, tmp / PACKED_DIRNAME)
-                report["export"] = {"dir": f"{report['output_dir']}/{PACKED_DIRNAME}", **packed}
+        try:
+            with atomic_output_dir(output_dir, overwrite) as tmp:
+                module.model.save_pretrained(tmp)
+                module.processor.save_pretrained(tmp)
+                save_qparams(tmp, module.model, module.adapter, loop.results, quant)
+                report["seconds"]["total"] = time.perf_counter() - start
                 write_report(report, tmp)
+                if export:
+                    (tmp / PACKED_DIRNAME).mkdir()
+                    packed = write_packed(tmp, tmp / PACKED_DIRNAME)
+                    report["export"] = {"dir": f"{report['output_dir']}/{PACKED_DIRNAME}", **packed}
+                    write_report(report, tmp)
+        except BaseException as err:
+            if checkpoint is not None:
+                checkpoint.on_failure(fabric, err)
+            raise
         if not quiet:
             print(format_summary(report))
             if export:
                 size = packed["bytes"] / 2**20
                 print(f"packed {packed['format']} checkpoint ({size:.1f} MiB): {report['export']['dir']}")
     fabric.barrier()
+    if checkpoint is not None:
+        checkpoint.remove(fabric)
+    for logger in fabric.loggers:
+        logger.finalize("success")
     return report
 
 
@@ -187,16 +240,27 @@ def _peak_memory(device: torch.device, collective: Collective) -> list[float] | 
     return [round(v, 3) for v in collective.gather_cat(peak).tolist()]
 
 
-def _load_samples(data: DataArgs) -> list[Sample]:
-    if data.path is None:
-        return synthetic_samples(data.num_samples, seed=data.seed)
-    samples = load_jsonl(data.path, image_root=data.image_root)
-    return samples[: data.num_samples]
-
-
-def _model_max_length(model: Any) -> int | None:
-    config = getattr(model.config, "text_config", model.config)
-    return getattr(config, "max_position_embeddings", None)
+def _settings(
+    model: str,
+    data: DataArgs,
+    quant: QuantArgs,
+    importance: ImportanceArgs,
+    token_set: TokenSetArgs,
+    dtype: str,
+    metrics: bool,
+    seed: int,
+) -> dict[str, Any]:
+    """Everything that determines the result; a resumed run must match it."""
+    return {
+        "model": str(model),
+        "data": asdict(data),
+        "quant": asdict(quant),
+        "importance": asdict(importance),
+        "token_set": asdict(token_set),
+        "dtype": dtype,
+        "metrics": metrics,
+        "seed": seed,
+    }
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from lightning_tlq.distributed import Collective
 from lightning_tlq.importance import TokenImportance
 from lightning_tlq.module import TLQModule, answer_loss, check_has_answer
 from lightning_tlq.placement import LayerPlacement
+from lightning_tlq.resume import LayerCheckpoint, ResumeState
 from lightning_tlq.stage import LayerStage, TokenWeights
 from lightning_tlq.vision import VisionCalibration, is_vision_key
 
@@ -55,9 +56,14 @@ class CalibrationLoop:
 
     Args:
         fabric: a launched ``lightning.fabric.Fabric``; its device runs the work and ``fabric.call`` emits
-            ``on_importance_*``, ``on_layer_start(fabric, index)`` and ``on_layer_end(fabric, index, record)`` to
-            its callbacks. When importance is needed (``tlq``, or ``metrics``), one of its callbacks must be a
-            :class:`TokenImportance`, which collects the scores.
+            ``on_calibration_start(fabric, num_layers, batch_sizes, importance_passes, start_layer)``,
+            ``on_importance_*``, ``on_importance_ready(fabric, importance, vision_scores)``, with ``quant.vision``
+            ``on_vision_stage_*`` and ``on_vision_end(fabric, modules, results, records)``,
+            ``on_layer_start(fabric, index)``,
+            ``on_layer_end(fabric, index, record, layer, results, hidden)`` and ``on_calibration_end(fabric,
+            records)`` to its callbacks. When importance is needed (``tlq``, or ``metrics``), one of its callbacks
+            must be a :class:`TokenImportance`, which collects the scores. An optional
+            :class:`~lightning_tlq.resume.LayerCheckpoint` callback makes the run resumable.
         module: the wrapped model (``configure_model`` already called; weights on the CPU).
         quant, importance, token_set, memory: settings.
         metrics: accumulate the statistics needed to report every module's (weighted) output error.
@@ -88,6 +94,8 @@ class CalibrationLoop:
         self.collective = Collective()
         self.results: dict[str, Any] = {}
         self.phase_seconds: dict[str, float] = {}
+        self.start_layer = 0
+        """First layer this run calibrated (> 0 when it resumed an interrupted run)."""
         self.placement = LayerPlacement(self.adapter.decoder_layers(), fabric.device, self.memory.layerwise)
         self.vision: VisionCalibration | None = None
         if quant.vision:
@@ -110,20 +118,61 @@ class CalibrationLoop:
             raise ValueError("Calibration got no batches on this rank: the dataset is empty or too small.")
         for batch in batches:
             check_has_answer(batch["labels"])
+        layers = self.adapter.decoder_layers()
+        checkpoint = self._find_callback(LayerCheckpoint)
+        vision_modules = self.vision.targets() if self.vision is not None else None
+        resumed = checkpoint.restore(self.fabric, layers, vision_modules) if checkpoint is not None else None
+        self.start_layer = resumed.next_layer if resumed is not None else 0
+        self.fabric.call(
+            "on_calibration_start",
+            fabric=self.fabric,
+            num_layers=len(layers),
+            batch_sizes=[int(b["input_ids"].shape[0]) for b in batches],
+            importance_passes=len(layers) if self.placement.layerwise else 1,
+            start_layer=self.start_layer,
+        )
         with self.placement.rest_on_device(self.module.model):
             batches = [move_to(b, self.fabric.device) for b in batches]
             masks = [token_masks(b, self.adapter.image_token_id) for b in batches]
             sample_ids = self._sample_ids(batches)
             captured = self._capture(batches)
             with self._timed("importance"):
-                importance = self._importance(batches, masks, captured)
+                if resumed is None:
+                    importance = self._importance(batches, masks, captured)
+                    self.fabric.call(
+                        "on_importance_ready",
+                        fabric=self.fabric,
+                        importance=importance,
+                        vision_scores=self._vision_scores,
+                    )
+                else:
+                    importance, self._vision_scores = resumed.importance, resumed.vision_scores
             if self.vision is not None:
-                with self._timed("vision"):
-                    self.vision_records = self.vision.run(batches, sample_ids, self._vision_scores)
-                    self.results.update(self.vision.results)
+                self._calibrate_vision(batches, sample_ids, resumed)
                 captured = self._capture(batches)  # the decoder now sees what the quantized tower produces
             with self._timed("layers"):
-                return self._layers(captured, importance, masks, sample_ids)
+                records = self._layers(captured, importance, masks, sample_ids, resumed)
+        self.fabric.call("on_calibration_end", fabric=self.fabric, records=records)
+        return records
+
+    def _calibrate_vision(
+        self, batches: Sequence[dict[str, Tensor]], sample_ids: Sequence[Tensor], resumed: ResumeState | None
+    ) -> None:
+        assert self.vision is not None
+        if resumed is not None and resumed.vision_results is not None:  # the tower was calibrated before the crash
+            self.vision.results = dict(resumed.vision_results)
+            self.vision_records = list(resumed.vision_records or [])
+        else:
+            with self._timed("vision"):
+                self.vision_records = self.vision.run(batches, sample_ids, self._vision_scores)
+            self.fabric.call(
+                "on_vision_end",
+                fabric=self.fabric,
+                modules=self.vision.targets(),
+                results=self.vision.results,
+                records=self.vision_records,
+            )
+        self.results.update(self.vision.results)
 
     def _capture(self, batches: Sequence[dict[str, Tensor]]) -> list[CapturedInputs]:
         """Decoder inputs; a calibrated vision tower runs with its W4A8 activation quantization, as at inference."""
@@ -144,10 +193,17 @@ class CalibrationLoop:
         importance: dict[str, list[Tensor]],
         masks: Sequence[TokenMasks],
         sample_ids: Sequence[Tensor],
+        resumed: ResumeState | None = None,
     ) -> list[dict[str, Any]]:
         hidden = [self._store(c.hidden) for c in captured]
         records = []
-        for index in range(self.adapter.num_layers):
+        if resumed is not None:  # continue after the last finished layer, with its saved outputs
+            records = list(resumed.records)
+            self.results.update(resumed.results)
+            if resumed.hidden is not None:
+                hidden = [self._store(h.to(self.fabric.device)) for h in resumed.hidden]
+        self._check_finite(self.start_layer - 1, hidden)
+        for index in range(self.start_layer, self.adapter.num_layers):
             self.fabric.call("on_layer_start", fabric=self.fabric, index=index)
             start = time.perf_counter()
             layer = self.placement.onload(index)
@@ -172,7 +228,15 @@ class CalibrationLoop:
             record = {"index": index, **set_record, "seconds": time.perf_counter() - start}
             record["modules"] = {name: r.record for name, r in stage.results.items()}
             records.append(record)
-            self.fabric.call("on_layer_end", fabric=self.fabric, index=index, record=record)
+            self.fabric.call(
+                "on_layer_end",
+                fabric=self.fabric,
+                index=index,
+                record=record,
+                layer=layer,
+                results=stage.results,
+                hidden=hidden,
+            )
         return records
 
     def _layer_forward(self, index: int, captured: Sequence[CapturedInputs]) -> Callable[[int, Tensor], Tensor]:
@@ -366,6 +430,12 @@ class CalibrationLoop:
         return scatter_back(sel.multiplier, [v.float() for v in valid], valid), record
 
     # --- helpers -----------------------------------------------------------------------------------------------
+    def _find_callback(self, cls: type) -> Any:
+        found = [c for c in getattr(self.fabric, "_callbacks", []) if isinstance(c, cls)]
+        if len(found) > 1:
+            raise ValueError(f"Fabric has several {cls.__name__} callbacks; register at most one.")
+        return found[0] if found else None
+
     def _find_collector(self, fabric: Any) -> TokenImportance | None:
         found = [c for c in getattr(fabric, "_callbacks", []) if isinstance(c, TokenImportance)]
         if len(found) > 1:
@@ -400,14 +470,18 @@ class CalibrationLoop:
     def _check_loss(loss: Tensor, batch_idx: int) -> None:
         if not torch.isfinite(loss):
             raise FloatingPointError(
-                f"The SFT loss of calibration batch {batch_idx} is {loss.item()}: the model's weights or "
-                "activations hold NaN/Inf (check the checkpoint and the dtype)."
+                f"The SFT loss of calibration batch {batch_idx} is {loss.item()}: the full-precision model produces "
+                "NaN/Inf activations on this data. Check the weights and inputs; in float16/bfloat16, try dtype "
+                "float32."
             )
 
     @staticmethod
     def _check_finite(index: int, hidden: Sequence[Tensor]) -> None:
         for b, h in enumerate(hidden):
             if not torch.isfinite(h).all():
+                where = f"Decoder layer {index}" if index >= 0 else "The embeddings (input of decoder layer 0)"
                 raise FloatingPointError(
-                    f"Decoder layer {index} produced NaN/Inf activations on calibration batch {b} after quantization."
+                    f"{where} produced NaN/Inf activations on calibration batch {b} on the quantized path. Check "
+                    "the model's weights and inputs; in float16/bfloat16, try dtype float32; with very low bit "
+                    "widths, try more bits or a smaller group size."
                 )

@@ -18,7 +18,7 @@ class TLQModule(pl.LightningModule):
     """A frozen HF vision-language model whose loss is the SFT loss on answer tokens.
 
     Args:
-        model: a local Hugging Face model directory, or a built-in tiny model name (``tiny-llava``,
+        model_name_or_path: a local Hugging Face model directory, or a built-in tiny model name (``tiny-llava``,
             ``tiny-qwen2_vl``).
         dtype: ``float32``, ``bfloat16`` or ``float16``.
 
@@ -26,7 +26,7 @@ class TLQModule(pl.LightningModule):
     :meth:`sft_loss` makes activation gradients available for importance collection.
     """
 
-    def __init__(self, model: str = "tiny-llava", dtype: str = "float32") -> None:
+    def __init__(self, model_name_or_path: str = "tiny-llava", dtype: str = "float32") -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model: Any = None
@@ -37,7 +37,7 @@ class TLQModule(pl.LightningModule):
         """Build (or load) the HF model and processor once; freeze the weights."""
         if self.model is not None:
             return
-        model, processor = resolve_model(self.hparams.model, dtype=self.hparams.dtype)
+        model, processor = resolve_model(self.hparams.model_name_or_path, dtype=self.hparams.dtype)
         self.attach(model, processor)
 
     def attach(self, model: Any, processor: Any) -> TLQModule:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -112,7 +113,16 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Itera
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as err:
+            if err.errno != errno.ENOSPC:
+                raise
+            raise OSError(
+                errno.ENOSPC,
+                f"Disk full while writing the output to {path}: nothing was written there (the partial copy was "
+                f"removed). Free space on {path.parent.resolve()} or choose another output_dir, then rerun.",
+            ) from err
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             path.rename(old)

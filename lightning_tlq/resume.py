@@ -1,0 +1,334 @@
+"""Resumable calibration: the loop's state after every finished layer, kept in ``<output_dir>.partial/``.
+
+:class:`LayerCheckpoint` is a Fabric-style callback. Registered with ``Fabric(callbacks=[...])``, it saves
+
+- after the importance pass: each rank's post-processed token importance, and with ``quant.vision`` the raw
+  scores of the vision tower (``importance.rank{r}.pt``);
+- with ``quant.vision``, after the vision tower and projector are calibrated: their quantized weights, codes and
+  records (``vision.pt``, rank 0);
+- after decoder layer ``k``: the layer's quantized state and its modules' codes / scales / zero points and report
+  record (``layer_{k}.pt``, rank 0), each rank's propagated activations on the quantized path
+  (``hidden_{k}.rank{r}.pt``), then, last, ``state.json`` with ``next_layer = k + 1`` (the commit point).
+
+Every file is written to a temporary name, fsynced and renamed, so a crash at any instant leaves the last committed
+layer intact. :class:`~lightning_tlq.loop.CalibrationLoop` asks it for :meth:`LayerCheckpoint.restore` before
+starting: the finished layers' weights are loaded back, the importance pass is skipped and calibration continues at
+``next_layer`` with the saved activations (a calibrated vision tower is loaded back instead of recalibrated), so
+the result is bit-identical to an uninterrupted run. The saved
+settings must match the resumed run's (model, data, quantization, importance, token set, dtype, seed, number of
+processes); otherwise :meth:`restore` refuses and names the differences. For multi-node runs the directory must
+be on a shared filesystem.
+
+Test hook: with the environment variable ``LIGHTNING_TLQ_CRASH_AT_LAYER=k`` the process SIGKILLs itself when
+layer ``k`` starts (only while checkpointing), to simulate a crash at a deterministic point.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+import signal
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_tlq.stage import ModuleResult
+
+log = logging.getLogger(__name__)
+
+CRASH_ENV = "LIGHTNING_TLQ_CRASH_AT_LAYER"
+STATE_NAME = "state.json"
+_VERSION = 1
+# Errors after which the checkpoint is worth keeping (the same run can succeed later); after any other error the
+# checkpoint this run created is removed, since resuming would only repeat the failure.
+_TRANSIENT = (OSError, KeyboardInterrupt, MemoryError, torch.OutOfMemoryError)
+
+
+def partial_dir(output_dir: str | os.PathLike) -> Path:
+    """Where the checkpoint of a run writing ``output_dir`` lives: ``<output_dir>.partial`` beside it."""
+    path = Path(output_dir)
+    return path.with_name(path.name + ".partial")
+
+
+def prepare_partial_dir(output_dir: str | os.PathLike, *, resume: bool, overwrite: bool) -> Path:
+    """Check (before any work) what to do with an existing checkpoint; returns its path.
+
+    Raises:
+        FileExistsError: If a checkpoint exists and neither ``resume`` nor ``overwrite`` says what to do with it.
+    """
+    path = partial_dir(output_dir)
+    if not path.exists():
+        if resume:
+            log.warning("--resume true, but there is no checkpoint at %s: starting from the first layer.", path)
+        return path
+    if resume:
+        return path
+    if not overwrite:
+        raise FileExistsError(
+            f"Found {path}, the checkpoint of an interrupted run. Pass --resume true to continue it, or "
+            "--overwrite true to discard it and start over."
+        )
+    return path
+
+
+@dataclass
+class ResumeState:
+    """What an interrupted run had finished."""
+
+    next_layer: int
+    importance: dict[str, list[Tensor]]
+    hidden: list[Tensor] | None
+    """This rank's inputs of ``next_layer`` on the quantized path (None when no layer had finished)."""
+    records: list[dict[str, Any]]
+    results: dict[str, ModuleResult]
+    vision_scores: dict[str, list[Tensor]]
+    """Raw importance scores of the vision tower (empty without ``quant.vision``)."""
+    vision_results: dict[str, ModuleResult] | None = None
+    """The calibrated vision tower's results (None: not calibrated yet, or no ``quant.vision``)."""
+    vision_records: list[dict[str, Any]] | None = None
+
+
+def _atomic_save(obj: Any, path: Path, *, what: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as file:
+            if isinstance(obj, str):
+                file.write(obj.encode())
+            else:
+                torch.save(obj, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if err.errno == errno.ENOSPC:
+            raise OSError(
+                errno.ENOSPC,
+                f"Disk full while writing the calibration checkpoint {path} ({what}). Free space on "
+                f"{path.parent}, then rerun with --resume true to continue from the last finished layer, or pass "
+                "--checkpoint false to calibrate without checkpoints.",
+            ) from err
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _flatten(prefix: str, value: Any) -> dict[str, Any]:
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flatten(f"{prefix}.{key}" if prefix else str(key), item))
+        return out
+    return {prefix: value}
+
+
+class LayerCheckpoint:
+    """Saves the calibration loop's state after every finished layer and restores it on resume.
+
+    Args:
+        directory: The checkpoint directory (see :func:`partial_dir`).
+        settings: JSON-serialisable settings that determine the result; a resumed run must have the same.
+        resume: Continue from ``directory`` if it holds a checkpoint (otherwise it is replaced).
+    """
+
+    def __init__(self, directory: str | os.PathLike, settings: Mapping[str, Any], resume: bool = False) -> None:
+        self.directory = Path(directory)
+        self.settings = json.loads(json.dumps(dict(settings)))  # normalise (tuples -> lists) and check JSON-ability
+        self.resume = resume
+        self.restored: ResumeState | None = None
+        self._created = False
+        self._num_layers = 0
+        self._vision_done = False
+
+    # --- restore ------------------------------------------------------------------------------------------------
+    def restore(
+        self, fabric: Any, layers: Sequence[nn.Module], vision_modules: Mapping[str, nn.Module] | None = None
+    ) -> ResumeState | None:
+        """Load the finished layers (and a calibrated vision tower) in place; return the rest; None if fresh.
+
+        Raises:
+            ValueError: If the checkpoint was made with other settings or another number of processes.
+            FileNotFoundError: If a file the checkpoint refers to is missing.
+        """
+        self._num_layers = len(layers)
+        state_file = self.directory / STATE_NAME
+        if not self.resume or not state_file.is_file():
+            self._start_fresh(fabric)
+            return None
+        state = json.loads(state_file.read_text())
+        self._check_compatible(state, fabric.world_size, len(layers))
+        rank, next_layer = fabric.global_rank, int(state["next_layer"])
+        records: list[dict[str, Any]] = []
+        results: dict[str, ModuleResult] = {}
+        for index in range(next_layer):
+            saved = self._load(self.directory / f"layer_{index:04d}.pt")
+            layers[index].load_state_dict(saved["state"])
+            records.append(saved["record"])
+            for name, res in saved["results"].items():
+                results[f"{index}.{name}"] = ModuleResult(res["codes"], res["scale"], res["zero"], res["record"])
+        saved_importance = self._load(self.directory / f"importance.rank{rank}.pt")
+        hidden = self._load(self.directory / f"hidden_{next_layer - 1:04d}.rank{rank}.pt") if next_layer else None
+        self.restored = ResumeState(
+            next_layer, saved_importance["decoder"], hidden, records, results, saved_importance["vision"]
+        )
+        if state.get("vision_done"):
+            self._restore_vision(vision_modules)
+        if fabric.is_global_zero:
+            log.info("Resuming from %s: %d of %d layers already calibrated.", self.directory, next_layer, len(layers))
+        return self.restored
+
+    def _restore_vision(self, modules: Mapping[str, nn.Module] | None) -> None:
+        assert self.restored is not None
+        if modules is None:
+            raise ValueError(f"{self.directory} holds a calibrated vision tower, but this run has quant.vision=false.")
+        saved = self._load(self.directory / "vision.pt")
+        for key, module in modules.items():
+            module.load_state_dict(saved["state"][key])
+        self.restored.vision_results = {
+            key: ModuleResult(r["codes"], r["scale"], r["zero"], r["record"]) for key, r in saved["results"].items()
+        }
+        self.restored.vision_records = saved["records"]
+        self._vision_done = True
+
+    def _start_fresh(self, fabric: Any) -> None:
+        if fabric.is_global_zero and self.directory.exists():
+            shutil.rmtree(self.directory)
+        fabric.barrier()
+
+    def _check_compatible(self, state: Mapping[str, Any], world_size: int, num_layers: int) -> None:
+        if state.get("version") != _VERSION:
+            raise ValueError(f"{self.directory} was written by another lightning_tlq version; pass --overwrite true.")
+        if state["world_size"] != world_size:
+            raise ValueError(
+                f"{self.directory} was written by {state['world_size']} process(es), this run has {world_size}: "
+                "resume with the same devices and nodes (each process saved its own shard of activations)."
+            )
+        if state["num_layers"] != num_layers:
+            raise ValueError(f"{self.directory} is for a model with {state['num_layers']} layers, not {num_layers}.")
+        old, new = _flatten("", state["settings"]), _flatten("", self.settings)
+        diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        if diff:
+            changes = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:8])
+            raise ValueError(
+                f"Cannot resume from {self.directory}: it was made with other settings ({changes}). Rerun with the "
+                "original settings, or pass --resume false --overwrite true to start over."
+            )
+
+    def _load(self, path: Path) -> Any:
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"The checkpoint in {self.directory} is incomplete ({path.name} is missing); pass --resume false "
+                "--overwrite true to start over."
+            )
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    # --- Fabric-style hooks -------------------------------------------------------------------------------------
+    def on_layer_start(self, fabric: Any = None, index: int = 0) -> None:
+        """Test hook: SIGKILL this process at the start of layer ``$LIGHTNING_TLQ_CRASH_AT_LAYER``."""
+        if os.environ.get(CRASH_ENV) == str(index):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def on_importance_ready(
+        self,
+        fabric: Any,
+        importance: Mapping[str, list[Tensor]],
+        vision_scores: Mapping[str, list[Tensor]] | None = None,
+    ) -> None:
+        """Save this rank's post-processed importance (and raw vision scores), then commit ``next_layer = 0``."""
+        if fabric.is_global_zero:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        fabric.barrier()
+        self._created = True
+        saved = {
+            part: {name: [t.detach().cpu() for t in ts] for name, ts in (scores or {}).items()}
+            for part, scores in (("decoder", importance), ("vision", vision_scores))
+        }
+        _atomic_save(saved, self.directory / f"importance.rank{fabric.global_rank}.pt", what="token importance")
+        self._commit(fabric, next_layer=0)
+
+    def on_vision_end(
+        self,
+        fabric: Any,
+        modules: Mapping[str, nn.Module],
+        results: Mapping[str, ModuleResult],
+        records: Sequence[Mapping[str, Any]],
+    ) -> None:
+        """Save the calibrated vision tower and projector (rank 0), then commit."""
+        if fabric.is_global_zero:
+            saved = {
+                "state": {key: {k: v.detach().cpu() for k, v in m.state_dict().items()} for key, m in modules.items()},
+                "results": {
+                    key: {"codes": r.codes, "scale": r.scale, "zero": r.zero, "record": r.record}
+                    for key, r in results.items()
+                },
+                "records": [dict(r) for r in records],
+            }
+            _atomic_save(saved, self.directory / "vision.pt", what="after the vision tower")
+        self._vision_done = True
+        self._commit(fabric, next_layer=0)
+
+    def on_layer_end(
+        self,
+        fabric: Any,
+        index: int,
+        record: Mapping[str, Any],
+        layer: nn.Module,
+        results: Mapping[str, ModuleResult],
+        hidden: Sequence[Tensor],
+    ) -> None:
+        """Save layer ``index`` (rank 0) and this rank's activations, commit, then drop the previous activations."""
+        what = f"after layer {index}"
+        _atomic_save(
+            [h.detach().cpu() for h in hidden],
+            self.directory / f"hidden_{index:04d}.rank{fabric.global_rank}.pt",
+            what=what,
+        )
+        if fabric.is_global_zero:
+            saved = {
+                "state": {k: v.detach().cpu() for k, v in layer.state_dict().items()},
+                "results": {
+                    name: {"codes": r.codes, "scale": r.scale, "zero": r.zero, "record": r.record}
+                    for name, r in results.items()
+                },
+                "record": dict(record),
+            }
+            _atomic_save(saved, self.directory / f"layer_{index:04d}.pt", what=what)
+        self._commit(fabric, next_layer=index + 1)
+        (self.directory / f"hidden_{index - 1:04d}.rank{fabric.global_rank}.pt").unlink(missing_ok=True)
+
+    def _commit(self, fabric: Any, next_layer: int) -> None:
+        fabric.barrier()  # every rank's files are on disk before the state points at them
+        if fabric.is_global_zero:
+            state = {
+                "version": _VERSION,
+                "next_layer": next_layer,
+                "num_layers": self._num_layers,
+                "vision_done": self._vision_done,
+                "world_size": fabric.world_size,
+                "settings": self.settings,
+            }
+            _atomic_save(json.dumps(state, indent=2) + "\n", self.directory / STATE_NAME, what="state")
+        fabric.barrier()
+
+    # --- end of run ---------------------------------------------------------------------------------------------
+    def remove(self, fabric: Any) -> None:
+        """Delete the checkpoint (after the final output was written)."""
+        if fabric.is_global_zero and self.directory.exists():
+            shutil.rmtree(self.directory)
+
+    def on_failure(self, fabric: Any, error: BaseException) -> None:
+        """After an error: keep the checkpoint if rerunning may succeed (I/O, memory, interrupt), else remove it."""
+        if not self.directory.exists() or not fabric.is_global_zero:
+            return
+        if isinstance(error, _TRANSIENT):
+            log.warning("Calibration failed; its checkpoint is kept in %s (rerun with --resume true).", self.directory)
+        elif self._created:  # a checkpoint this run made would only reproduce the error
+            shutil.rmtree(self.directory, ignore_errors=True)
