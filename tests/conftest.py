@@ -1,5 +1,7 @@
-"""Test-wide settings: offline hub, and Triton's CPU interpreter where no GPU is present."""
+"""Test-wide settings (offline hub, Triton's CPU interpreter where no GPU is present) and shared fixtures: a small
+CLI runner and a 4-layer tiny LLaVA saved as a Hugging Face directory."""
 
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -11,3 +13,33 @@ try:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 except ImportError:  # pragma: no cover
     pass
+
+import pytest
+
+from lightning_tlq.cli import main
+from lightning_tlq.models import save_tiny_vlm
+from lightning_tlq.report import REPORT_NAME
+
+SMALL = ["--data.num_samples", "8", "--data.batch_size", "4", "--trainer.accelerator", "cpu", "--quiet", "true"]
+
+
+@pytest.fixture
+def calibrate_cli():
+    """``calibrate_cli(out, *flags)`` runs ``lightning-tlq calibrate`` on 8 samples and returns the report."""
+
+    def run(out, *extra):
+        main(["calibrate", *SMALL, "--output_dir", str(out), *extra])
+        return json.loads((out / REPORT_NAME).read_text())
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny4_dir(tmp_path_factory):
+    """A 4-layer tiny LLaVA saved with ``save_pretrained`` (model + processor)."""
+    return save_tiny_vlm(tmp_path_factory.mktemp("tiny4") / "model", family="llava", num_layers=4)
+
+
+def leftovers(out):
+    """Everything a run writing ``out`` may leave beside it: the output, temporary copies, the checkpoint."""
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith((out.name, f".{out.name}")))

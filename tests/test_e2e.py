@@ -17,8 +17,9 @@ METHODS = ("rtn", "gptq", "tlq")
 
 def _calibrate(out, family, method, *extra):
     main([
-        "calibrate", "--model", f"tiny-{family}", "--data.num_samples", "16", "--data.batch_size", "4",
-        "--quant.method", method, "--quant.bits", "3", "--quant.group_size", "64", "--accelerator", "cpu",
+        "calibrate", "--model.model_name_or_path", f"tiny-{family}", "--data.num_samples", "16",
+        "--data.batch_size", "4", "--quant.method", method, "--quant.bits", "3", "--quant.group_size", "64",
+        "--trainer.accelerator", "cpu",
         "--output_dir", str(out), "--quiet", "true", *extra,
     ])  # fmt: skip
     return json.loads((out / REPORT_NAME).read_text())

@@ -1,0 +1,112 @@
+"""The LightningCLI: subcommands, --print_config, environment and flag overrides, and every shipped recipe."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_tlq.cli import main
+from lightning_tlq.config import ImportanceArgs, QuantArgs, TokenSetArgs
+from lightning_tlq.datamodule import CalibrationDataModule
+from lightning_tlq.models import TINY_MODELS
+from lightning_tlq.preflight import check_quantizable, model_on_meta
+from lightning_tlq.report import REPORT_NAME
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+EXPECTED = {
+    f"{family}_w{bits}a16_g{group}"
+    for family in ("tiny_llava", "tiny_qwen2_vl")
+    for bits, group in ((4, 128), (3, 64), (3, 128), (2, 64))
+}
+
+
+def _printed(capsys, *args):
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, "--print_config"])
+    assert exit_.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_help_lists_the_subcommands(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "calibrate" in out
+    assert "evaluate" in out
+
+
+def test_print_config_has_the_lightning_groups_and_the_method_arguments(capsys):
+    cfg = _printed(capsys, "calibrate")
+    assert cfg["model"] == {"model_name_or_path": "tiny-llava", "dtype": "float32"}
+    assert cfg["data"]["num_samples"] == 64
+    assert cfg["trainer"]["logger"] is False
+    assert cfg["seed_everything"] == 0
+    assert {"quant", "importance", "token_set", "output_dir", "overwrite", "resume", "checkpoint"} <= cfg.keys()
+    cfg = _printed(capsys, "evaluate")
+    assert {"output_dir", "max_new_tokens"} <= cfg.keys()
+    assert "quant" not in cfg
+
+
+def test_environment_variables_override_defaults_and_flags_override_them(capsys, monkeypatch):
+    monkeypatch.setenv("TLQ_CALIBRATE__QUANT__BITS", "2")
+    monkeypatch.setenv("TLQ_CALIBRATE__MODEL__MODEL_NAME_OR_PATH", "tiny-qwen2_vl")
+    cfg = _printed(capsys, "calibrate", "--quant.group_size", "64")
+    assert (cfg["quant"]["bits"], cfg["quant"]["group_size"]) == (2, 64)
+    assert cfg["model"]["model_name_or_path"] == "tiny-qwen2_vl"
+    assert _printed(capsys, "calibrate", "--quant.bits", "5")["quant"]["bits"] == 5
+
+
+def test_environment_variables_reach_the_run(tmp_path, monkeypatch, calibrate_cli):
+    monkeypatch.setenv("TLQ_CALIBRATE__QUANT__METHOD", "rtn")
+    monkeypatch.setenv("TLQ_CALIBRATE__QUANT__BITS", "3")
+    report = calibrate_cli(tmp_path / "out")
+    assert (report["settings"]["quant"]["method"], report["settings"]["quant"]["bits"]) == ("rtn", 3)
+
+
+def test_readme_first_command(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    main(["calibrate", "--overwrite", "true"])  # README: lightning-tlq calibrate --overwrite true
+    report = json.loads((tmp_path / "tlq_out" / REPORT_NAME).read_text())
+    assert report["model"] == "tiny-llava"
+    assert report["data"]["samples"] == 64
+    assert "mean relative output error" in capsys.readouterr().out
+
+
+def test_the_recipes_cover_every_family_and_setting():
+    assert {p.stem for p in CONFIGS} == EXPECTED
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_recipe_parses_and_its_values_are_valid(path, capsys):
+    cfg = _printed(capsys, "calibrate", "--config", str(path))
+    raw = yaml.safe_load(path.read_text())
+    for section, values in raw.items():  # every key in the file arrived unchanged (no comment glued to a value)
+        if isinstance(values, dict):
+            for key, value in values.items():
+                assert cfg[section][key] == value, f"{section}.{key}"
+        else:
+            assert cfg[section] == values, section
+    family, bits, group = re.fullmatch(r"(tiny_llava|tiny_qwen2_vl)_w(\d)a16_g(\d+)", path.stem).groups()
+    model = cfg["model"]["model_name_or_path"]
+    assert model == family.replace("_", "-", 1)
+    assert model in TINY_MODELS
+    assert (cfg["quant"]["bits"], cfg["quant"]["group_size"]) == (int(bits), int(group))
+    assert cfg["output_dir"] == f"tlq_out/{path.stem}"
+    quant = QuantArgs(**cfg["quant"])
+    ImportanceArgs(**cfg["importance"])
+    TokenSetArgs(**cfg["token_set"])
+    CalibrationDataModule(**cfg["data"])
+    check_quantizable(model_on_meta(model), quant)  # the group size fits every module of the model
+
+
+@pytest.mark.parametrize("stem", ["tiny_llava_w2a16_g64", "tiny_qwen2_vl_w3a16_g128"])
+def test_recipe_runs(stem, tmp_path):
+    path = next(p for p in CONFIGS if p.stem == stem)
+    out = tmp_path / "out"
+    main(["calibrate", "--config", str(path), "--data.num_samples", "4", "--trainer.accelerator", "cpu",
+          "--output_dir", str(out), "--quiet", "true"])  # fmt: skip
+    report = json.loads((out / REPORT_NAME).read_text())
+    assert report["settings"]["quant"]["bits"] == int(stem.split("_w")[1][0])
+    assert len(report["layers"]) == 2

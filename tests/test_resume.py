@@ -1,0 +1,145 @@
+"""Resume: a run killed (SIGKILL) in the middle of a layer continues from its checkpoint to a bit-identical result."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SMALL, leftovers
+from safetensors.torch import load_file
+
+from lightning_tlq import resume as resume_mod
+from lightning_tlq.report import REPORT_NAME
+from lightning_tlq.resume import CRASH_ENV, STATE_NAME, LayerCheckpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+_DIST_VARS = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK", "RANK")
+
+
+def _flags(model_dir, out, *extra):
+    return [*SMALL, "--model.model_name_or_path", str(model_dir), "--quant.bits", "3", "--quant.group_size", "64",
+            "--output_dir", str(out), *extra]  # fmt: skip
+
+
+def _weights(out):
+    return load_file(out / "model.safetensors")
+
+
+def _assert_bit_identical(a, b):
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    different = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not different, different
+
+
+def _strip_times(records):
+    return [{**r, "seconds": 0, "modules": {n: {**m, "seconds": 0} for n, m in r["modules"].items()}} for r in records]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny4_dir, tmp_path_factory):
+    """An uninterrupted run on the 4-layer model."""
+    from lightning_tlq.cli import main
+
+    out = tmp_path_factory.mktemp("reference") / "out"
+    main(["calibrate", *_flags(tiny4_dir, out)])
+    return out
+
+
+def test_killed_run_resumes_bit_identical(tiny4_dir, tmp_path, reference, calibrate_cli):
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
+    env.update({CRASH_ENV: "2", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightning_tlq", "calibrate", *_flags(tiny4_dir, out)],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    partial = tmp_path / "out.partial"
+    assert leftovers(out) == ["out.partial"]
+    state = json.loads((partial / STATE_NAME).read_text())
+    assert state["next_layer"] == 2
+    assert state["num_layers"] == 4
+    files = sorted(p.name for p in partial.iterdir())
+    assert files == ["hidden_0001.rank0.pt", "importance.rank0.pt", "layer_0000.pt", "layer_0001.pt", STATE_NAME]
+
+    report = calibrate_cli(out, "--model.model_name_or_path", str(tiny4_dir), "--quant.bits", "3",
+                           "--quant.group_size", "64", "--resume", "true")  # fmt: skip
+    assert report["resumed_from_layer"] == 2
+    assert leftovers(out) == ["out"], "the checkpoint is removed once the output is written"
+    _assert_bit_identical(out, reference)
+    ref_report = json.loads((reference / REPORT_NAME).read_text())
+    assert _strip_times(report["layers"]) == _strip_times(ref_report["layers"])
+
+
+def _interrupt_at(monkeypatch, layer, error):
+    def on_layer_start(self, fabric=None, index=0):
+        if index == layer:
+            raise error
+
+    monkeypatch.setattr(LayerCheckpoint, "on_layer_start", on_layer_start)
+
+
+def test_resume_checks_settings_and_existing_checkpoints(tiny4_dir, tmp_path, calibrate_cli, monkeypatch, reference):
+    out = tmp_path / "out"
+    flags = ["--model.model_name_or_path", str(tiny4_dir), "--quant.bits", "3", "--quant.group_size", "64"]
+    _interrupt_at(monkeypatch, 3, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        calibrate_cli(out, *flags)
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "out.partial" / STATE_NAME).read_text())["next_layer"] == 3
+
+    with pytest.raises(ValueError, match=r"other settings \(quant.bits: 3 -> 4\).*original settings"):
+        calibrate_cli(out, *flags, "--quant.bits", "4", "--resume", "true")
+    with pytest.raises(FileExistsError, match="interrupted run. Pass --resume true to continue it, or --overwrite"):
+        calibrate_cli(out, *flags)
+    assert leftovers(out) == ["out.partial"], "refusing to resume must not touch the checkpoint"
+
+    report = calibrate_cli(out, *flags, "--resume", "true")
+    assert report["resumed_from_layer"] == 3
+    _assert_bit_identical(out, reference)
+
+
+def test_deterministic_errors_remove_the_checkpoint(tiny4_dir, tmp_path, calibrate_cli, monkeypatch):
+    out = tmp_path / "out"
+    _interrupt_at(monkeypatch, 1, FloatingPointError("simulated NaN"))
+    with pytest.raises(FloatingPointError):
+        calibrate_cli(out, "--model.model_name_or_path", str(tiny4_dir))
+    assert leftovers(out) == [], "resuming would only repeat the error: no checkpoint is kept"
+
+
+def test_disk_full_while_checkpointing(tiny4_dir, tmp_path, calibrate_cli, monkeypatch, reference):
+    out = tmp_path / "out"
+    flags = ["--model.model_name_or_path", str(tiny4_dir), "--quant.bits", "3", "--quant.group_size", "64"]
+    real_save = torch.save
+
+    def save(obj, file, *args, **kwargs):
+        if Path(file.name).name.startswith(".layer_0002.pt"):
+            file.write(b"partial bytes")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(obj, file, *args, **kwargs)
+
+    monkeypatch.setattr(resume_mod.torch, "save", save)
+    with pytest.raises(OSError, match=r"Disk full while writing the calibration checkpoint .*layer_0002.pt.*--resume"):
+        calibrate_cli(out, *flags)
+    monkeypatch.undo()
+    partial = tmp_path / "out.partial"
+    assert leftovers(out) == ["out.partial"]
+    assert not [p.name for p in partial.iterdir() if p.name.startswith(".")], "no temporary file is left"
+    assert json.loads((partial / STATE_NAME).read_text())["next_layer"] == 2
+    report = calibrate_cli(out, *flags, "--resume", "true")
+    assert report["resumed_from_layer"] == 2
+    _assert_bit_identical(out, reference)
+
+
+def test_no_checkpoint_when_disabled(tmp_path, calibrate_cli, monkeypatch):
+    out = tmp_path / "out"
+    _interrupt_at(monkeypatch, 1, KeyboardInterrupt())  # never called: no checkpoint callback
+    report = calibrate_cli(out, "--checkpoint", "false")
+    assert report["resumed_from_layer"] == 0
+    assert leftovers(out) == ["out"]
