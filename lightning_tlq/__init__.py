@@ -3,21 +3,30 @@
 from lightning_tlq.actquant import apply_activation_quant, apply_saved_activation_quant
 from lightning_tlq.adapters import VLMAdapter, get_adapter, register_adapter, supported_model_types
 from lightning_tlq.calibrate import calibrate
+from lightning_tlq.callbacks import TLQCallback
 from lightning_tlq.config import DataArgs, ImportanceArgs, QuantArgs, TokenSetArgs
+from lightning_tlq.datamodule import CalibrationDataModule
+from lightning_tlq.evaluate import evaluate
 from lightning_tlq.importance import TokenImportance
 from lightning_tlq.loop import CalibrationLoop
 from lightning_tlq.module import TLQModule
+from lightning_tlq.progress import CalibrationProgress
+from lightning_tlq.resume import LayerCheckpoint
 from lightning_tlq.stage import LayerStage
 from lightning_tlq.vision import VisionCalibration
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CalibrationDataModule",
     "CalibrationLoop",
+    "CalibrationProgress",
     "DataArgs",
     "ImportanceArgs",
+    "LayerCheckpoint",
     "LayerStage",
     "QuantArgs",
+    "TLQCallback",
     "TLQModule",
     "TokenImportance",
     "TokenSetArgs",
@@ -27,6 +36,7 @@ __all__ = [
     "apply_activation_quant",
     "apply_saved_activation_quant",
     "calibrate",
+    "evaluate",
     "get_adapter",
     "register_adapter",
     "supported_model_types",
