@@ -37,7 +37,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_tlq.config import ImportanceArgs, QuantArgs, TokenSetArgs
+from lightning_tlq.config import ImportanceArgs, MemoryArgs, QuantArgs, TokenSetArgs
 from lightning_tlq.datamodule import CalibrationDataModule
 from lightning_tlq.module import TLQModule
 
@@ -55,6 +55,7 @@ class TLQTrainer(pl.Trainer):
         quant: QuantArgs = QuantArgs(),
         importance: ImportanceArgs = ImportanceArgs(),
         token_set: TokenSetArgs = TokenSetArgs(),
+        memory: MemoryArgs = MemoryArgs(),
         output_dir: str = "tlq_out",
         overwrite: bool = False,
         resume: bool = False,
@@ -71,6 +72,7 @@ class TLQTrainer(pl.Trainer):
             quant: Quantization settings, incl. ``method``.
             importance: Token importance settings.
             token_set: Token-level calibration set settings.
+            memory: Where weights and activations live (layer-wise offload, activation offload, GPU memory cap).
             output_dir: Where the quantized model (``from_pretrained``-loadable) and ``tlq_report.json`` go.
             overwrite: Replace ``output_dir`` (and discard an interrupted run's checkpoint) if it exists.
             resume: Continue an interrupted run from ``<output_dir>.partial/`` (same settings required).
@@ -90,6 +92,7 @@ class TLQTrainer(pl.Trainer):
             quant=quant,
             importance=importance,
             token_set=token_set,
+            memory=memory,
             output_dir=output_dir,
             overwrite=overwrite,
             resume=resume,

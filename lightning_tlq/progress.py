@@ -2,8 +2,8 @@
 
 :class:`CalibrationProgress` listens to the events of :class:`~lightning_tlq.loop.CalibrationLoop`:
 
-- a bar over the calibration samples during the importance pass, and a bar over the decoder layers (rank 0, on
-  stderr, only when ``enabled``);
+- a bar over this rank's calibration samples during the importance pass (times the number of layers when the
+  backward runs layer by layer), and a bar over the decoder layers (rank 0, on stderr, only when ``enabled``);
 - one ``INFO`` line per layer on the ``lightning_tlq.progress`` logger: errors, damping, seconds, memory;
 - ``fabric.log_dict`` of the same numbers (prefix ``tlq/``, step = layer index), so every logger given to
   ``Fabric(loggers=...)`` (or the Trainer's loggers, through :class:`~lightning_tlq.callbacks.TLQCallback`)
@@ -74,7 +74,8 @@ class CalibrationProgress:
         self.enabled = enabled
         self.prefix = prefix
         self.num_layers = 0
-        self._num_samples = 0
+        self._batch_sizes: list[int] = []
+        self._passes = 1
         self._layers: Any = None
         self._samples: Any = None
         self._layer_start = 0.0
@@ -83,22 +84,28 @@ class CalibrationProgress:
         return tqdm(disable=not (self.enabled and fabric.is_global_zero), file=sys.stderr, dynamic_ncols=True, **kwargs)
 
     def on_calibration_start(
-        self, fabric: Any, num_layers: int, num_samples: int = 0, start_layer: int = 0, **_: Any
+        self,
+        fabric: Any,
+        num_layers: int,
+        batch_sizes: Sequence[int] = (),
+        importance_passes: int = 1,
+        start_layer: int = 0,
+        **_: Any,
     ) -> None:
         """Open the layer bar (resumed runs start at ``start_layer``)."""
-        self.num_layers, self._num_samples = num_layers, num_samples
+        self.num_layers, self._batch_sizes, self._passes = num_layers, list(batch_sizes), importance_passes
         self._layers = self._bar(fabric, total=num_layers, initial=start_layer, desc="TLQ layers", unit="layer")
 
     def on_importance_start(self, fabric: Any, **_: Any) -> None:
-        """Open the sample bar of the importance pass."""
-        self._samples = self._bar(
-            fabric, total=self._num_samples or None, desc="importance", unit="sample", leave=False
-        )
+        """Open the bar of the importance pass: samples x backward passes (one per layer when layer-wise)."""
+        total = sum(self._batch_sizes) * self._passes or None
+        self._samples = self._bar(fabric, total=total, desc="importance", unit="sample", leave=False)
 
-    def on_importance_batch_end(self, fabric: Any, batch_size: int = 1, **_: Any) -> None:
-        """Advance the sample bar."""
+    def on_importance_batch_end(self, fabric: Any, batch_idx: int = 0, **_: Any) -> None:
+        """Advance the importance bar by the batch's samples."""
         if self._samples is not None:
-            self._samples.update(batch_size)
+            size = self._batch_sizes[batch_idx] if batch_idx < len(self._batch_sizes) else 1
+            self._samples.update(size)
 
     def on_importance_end(self, fabric: Any = None, **_: Any) -> None:
         """Close the sample bar."""

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from lightning_tlq.cli import main
-from lightning_tlq.config import ImportanceArgs, QuantArgs, TokenSetArgs
+from lightning_tlq.config import ImportanceArgs, MemoryArgs, QuantArgs, TokenSetArgs
 from lightning_tlq.datamodule import CalibrationDataModule
 from lightning_tlq.models import TINY_MODELS
 from lightning_tlq.preflight import check_quantizable, model_on_meta
@@ -43,7 +43,16 @@ def test_print_config_has_the_lightning_groups_and_the_method_arguments(capsys):
     assert cfg["data"]["num_samples"] == 64
     assert cfg["trainer"]["logger"] is False
     assert cfg["seed_everything"] == 0
-    assert {"quant", "importance", "token_set", "output_dir", "overwrite", "resume", "checkpoint"} <= cfg.keys()
+    assert {
+        "quant",
+        "importance",
+        "token_set",
+        "memory",
+        "output_dir",
+        "overwrite",
+        "resume",
+        "checkpoint",
+    } <= cfg.keys()
     cfg = _printed(capsys, "evaluate")
     assert {"output_dir", "max_new_tokens"} <= cfg.keys()
     assert "quant" not in cfg
@@ -97,6 +106,7 @@ def test_recipe_parses_and_its_values_are_valid(path, capsys):
     quant = QuantArgs(**cfg["quant"])
     ImportanceArgs(**cfg["importance"])
     TokenSetArgs(**cfg["token_set"])
+    MemoryArgs(**cfg["memory"])
     CalibrationDataModule(**cfg["data"])
     check_quantizable(model_on_meta(model), quant)  # the group size fits every module of the model
 

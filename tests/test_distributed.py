@@ -96,8 +96,9 @@ def _free_port():
 
 
 def _cli_args(model="tiny-llava", bits=3, group_size=64):
-    return ["--model", model, "--data.num_samples", "10", "--data.batch_size", "2", "--quant.bits", str(bits),
-            "--quant.group_size", str(group_size), "--accelerator", "cpu", "--quiet", "true"]  # fmt: skip
+    return ["--model.model_name_or_path", model, "--data.num_samples", "10", "--data.batch_size", "2",
+            "--quant.bits", str(bits), "--quant.group_size", str(group_size), "--trainer.accelerator", "cpu",
+            "--quiet", "true"]  # fmt: skip
 
 
 _ARGS = _cli_args()
@@ -154,7 +155,7 @@ def single_process_run(tmp_path_factory):
 
 def test_two_processes_match_one(single_process_run, tmp_path):
     out = tmp_path / "two"
-    proc = _run_cli(out, "--devices", "2", "--strategy", "ddp", env=_clean_env())
+    proc = _run_cli(out, "--trainer.devices", "2", "--trainer.strategy", "ddp", env=_clean_env())
     log = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, log
     _compare(single_process_run, out)
@@ -171,7 +172,7 @@ def single_process_qwen_run(tmp_path_factory):
 
 def test_two_processes_match_one_qwen2_vl_w4_g32(single_process_qwen_run, tmp_path):
     out = tmp_path / "two_qwen"
-    proc = _run_cli(out, "--devices", "2", "--strategy", "ddp", env=_clean_env(), args=_QWEN_ARGS)
+    proc = _run_cli(out, "--trainer.devices", "2", "--trainer.strategy", "ddp", env=_clean_env(), args=_QWEN_ARGS)
     log = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, log
     _compare(single_process_qwen_run, out, bits=4, group_size=32)
@@ -181,7 +182,7 @@ def test_two_nodes_on_localhost_match_one(single_process_run, tmp_path):
     out = tmp_path / "nodes"
     port = str(_free_port())
     procs = [
-        _run_cli(out, "--num_nodes", "2", "--strategy", "ddp",
+        _run_cli(out, "--trainer.num_nodes", "2", "--trainer.strategy", "ddp",
                  env=_clean_env(NODE_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
         for rank in range(2)
     ]  # fmt: skip
