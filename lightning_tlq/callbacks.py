@@ -20,16 +20,17 @@ collectives, the Trainer's loggers), takes the model from the LightningModule an
 (needed only to write ``output_dir``). The model's family needs an adapter (``llava``, ``qwen2_vl``, ...).
 
 **Contract with the data**: the datamodule (or else the LightningModule) has a method named by ``dataloader``
-(default ``calibration_dataloader``) returning an iterable of batches collated by :func:`lightning_tlq.data.collate`
-(``input_ids``, ``attention_mask``, ``labels`` = -100 outside the answer, and the processor's image inputs), e.g.
-:class:`~lightning_tlq.datamodule.CalibrationDataModule`.
+(default ``calibration_dataloader``) returning, on every rank, the *whole* calibration set as an iterable of batches
+collated by :func:`lightning_tlq.data.collate` (``input_ids``, ``attention_mask``, ``labels`` = -100 outside the
+answer, and the processor's image inputs), e.g. :class:`~lightning_tlq.datamodule.CalibrationDataModule`. Every rank
+validates all batches, then calibrates on its contiguous share of them (no padding or repetition; global
+``sample_id`` s keep the token set independent of the number of ranks), exactly as ``lightning-tlq calibrate`` does.
 
 Supported strategies: single device and DDP (``ddp``, ``ddp_spawn``, ``ddp_fork``); sharded strategies (FSDP,
 DeepSpeed) are refused in ``setup``. With ``ddp_spawn`` a model built in the main process is pickled into the
-workers; :func:`restore_output_capturing` repairs what transformers 5.x loses there (see its docstring). Every rank
-currently calibrates on the whole calibration set (statistics are summed over ranks, so all ranks solve the same
-problem and hold the same weights). Weights are quantized in place (fake-quantized, still floating point); with
-``output_dir`` rank 0 also writes a ``from_pretrained``-loadable copy with ``tlq_report.json``.
+workers; :func:`restore_output_capturing` repairs what transformers 5.x loses there (see its docstring). Weights are
+quantized in place (fake-quantized, still floating point); with ``output_dir`` rank 0 also writes a
+``from_pretrained``-loadable copy with ``tlq_report.json``.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 
 from lightning_tlq.adapters import get_adapter
-from lightning_tlq.config import ImportanceArgs, QuantArgs, TokenSetArgs
+from lightning_tlq.config import ImportanceArgs, MemoryArgs, QuantArgs, TokenSetArgs
+from lightning_tlq.distributed import shard_range
 from lightning_tlq.importance import TokenImportance
 from lightning_tlq.loop import CalibrationLoop
 from lightning_tlq.module import TLQModule
@@ -154,6 +156,7 @@ class TLQCallback(Callback):
         quant: Quantization settings (method, bits, group size, ...).
         importance: Token-importance settings.
         token_set: Token-level calibration set settings.
+        memory: Where weights and activations live during calibration (default: layer by layer).
         trigger: ``"fit"`` (``on_fit_end``) or ``"validate"`` (``on_validation_end`` of ``trainer.validate``;
             needs ``Trainer(inference_mode=False)``).
         output_dir: If set, rank 0 writes the quantized model, its processor and ``tlq_report.json`` there.
@@ -175,6 +178,7 @@ class TLQCallback(Callback):
         quant: QuantArgs | None = None,
         importance: ImportanceArgs | None = None,
         token_set: TokenSetArgs | None = None,
+        memory: MemoryArgs | None = None,
         trigger: Trigger = "fit",
         output_dir: str | None = None,
         overwrite: bool = False,
@@ -191,6 +195,7 @@ class TLQCallback(Callback):
         self.quant = quant or QuantArgs()
         self.importance = importance or ImportanceArgs()
         self.token_set = token_set or TokenSetArgs()
+        self.memory = memory or MemoryArgs()
         self.trigger = trigger
         self.output_dir = output_dir
         self.overwrite = overwrite
@@ -238,6 +243,7 @@ class TLQCallback(Callback):
         processor = getattr(pl_module, self.processor_attr, None)
         batches = list(self._data_source(trainer, pl_module)())
         check_batches(batches)
+        batches = _shard(batches, trainer.world_size, trainer.global_rank)
         check_quantizable(model, self.quant)
         check_finite_weights(model)
         device = next(model.parameters()).device
@@ -248,7 +254,9 @@ class TLQCallback(Callback):
             CalibrationProgress(self.progress_bar),
         ]
         fabric = TrainerFabric(trainer, callbacks, step_offset=trainer.global_step)
-        loop = CalibrationLoop(fabric, module, self.quant, self.importance, self.token_set, metrics=self.metrics)
+        loop = CalibrationLoop(
+            fabric, module, self.quant, self.importance, self.token_set, memory=self.memory, metrics=self.metrics
+        )
         try:
             records = loop.run(batches)
         finally:
@@ -256,13 +264,18 @@ class TLQCallback(Callback):
                 param.requires_grad_(flags[name])
             model.train(was_training).to(device)
         self.records, self.results = records, loop.results
-        self.report = self._report(model, batches, records, loop.phase_seconds, trainer.world_size)
+        local = [
+            sum(int(b["input_ids"].shape[0]) for b in batches),
+            sum(int(b["attention_mask"].sum()) for b in batches),
+        ]
+        samples, tokens = loop.collective.all_reduce(torch.tensor(local, dtype=torch.float64)).tolist()
+        self.report = self._report(model, int(samples), int(tokens), records, loop.phase_seconds, trainer.world_size)
         if self.output_dir is not None:
             self._save(trainer, model, processor, start)
         return records
 
     def _report(
-        self, model: nn.Module, batches: Sequence[Mapping[str, Tensor]], records: list, seconds: dict, world: int
+        self, model: nn.Module, samples: int, tokens: int, records: list, seconds: dict, world: int
     ) -> dict[str, Any]:
         return {
             "model": getattr(model.config, "_name_or_path", "") or type(model).__name__,
@@ -271,13 +284,11 @@ class TLQCallback(Callback):
                 "quant": asdict(self.quant),
                 "importance": asdict(self.importance),
                 "token_set": asdict(self.token_set),
+                "memory": asdict(self.memory),
                 "world_size": world,
                 "trigger": self.trigger,
             },
-            "data": {
-                "samples": sum(int(b["input_ids"].shape[0]) for b in batches),
-                "tokens": sum(int(b["attention_mask"].sum()) for b in batches),
-            },
+            "data": {"samples": samples, "tokens": tokens},
             "summary": summarize(records),
             "seconds": dict(seconds),
             "layers": records,
@@ -322,6 +333,21 @@ class TLQCallback(Callback):
             f"`{self.dataloader}()` method returning batches collated by lightning_tlq.data.collate, e.g. use "
             "lightning_tlq.CalibrationDataModule."
         )
+
+
+def _shard(batches: Sequence[dict[str, Tensor]], world_size: int, rank: int) -> list[dict[str, Tensor]]:
+    """This rank's contiguous share of the batches, each tagged with the global index of its samples."""
+    start, tagged = 0, []
+    for batch in batches:
+        n = int(batch["input_ids"].shape[0])
+        tagged.append(batch if "sample_id" in batch else {**batch, "sample_id": torch.arange(start, start + n)})
+        start += n
+    if len(tagged) < world_size:
+        raise ValueError(
+            f"The calibration dataloader yields {len(tagged)} batch(es) for {world_size} processes; batches are split "
+            "over processes, so use a smaller batch size or more calibration samples."
+        )
+    return [tagged[i] for i in shard_range(len(tagged), world_size, rank)]
 
 
 def restore_output_capturing(model: nn.Module) -> nn.Module:

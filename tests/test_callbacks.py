@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, LlamaConfig, LlamaForCausalLM
 
 from lightning_tlq import CalibrationDataModule, QuantArgs, TLQCallback, TLQModule
@@ -207,11 +208,35 @@ def test_ddp_spawn_fit_two_processes(tmp_path):
 
 def test_ddp_spawn_validate_under_gloo_no_grad(tmp_path):
     """Under gloo Lightning runs validation in no_grad (not inference_mode): the callback must enable gradients,
-    and inference_mode=True must be refused exactly as on one process."""
+    and inference_mode=True must be refused exactly as on one process. Each rank calibrates on half of the data
+    and the result matches one process."""
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    _trainer(reference, _callback(reference, trigger="validate"), inference_mode=False).validate(VLM(), _data())
     module, tlq = VLM(), _callback(tmp_path, trigger="validate")
     _spawn_trainer(tmp_path, tlq, "validate", inference_mode=False).validate(module, datamodule=_data())
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["grad"] for r in ranks] == [False, False], "the checks ran inside Lightning's no_grad context"
     assert ranks[0]["q_sum"] == ranks[1]["q_sum"]
+    one, two = (json.loads((d / "out" / "tlq_report.json").read_text()) for d in (reference, tmp_path))
+    assert two["settings"]["world_size"] == 2
+    assert two["data"] == one["data"]
+    for a, b in zip(one["layers"], two["layers"]):
+        assert (a["token_set_fingerprint"], a["tokens_kept"]) == (b["token_set_fingerprint"], b["tokens_kept"])
+    w_one, w_two = (load_file(d / "out" / "model.safetensors") for d in (reference, tmp_path))
+    quantized = [k for k in w_one if ".layers." in k and "language_model" in k and k.endswith("proj.weight")]
+    same = sum(int((w_one[k] == w_two[k]).sum()) for k in quantized)
+    assert same / sum(w_one[k].numel() for k in quantized) >= 0.999, "1 vs 2 processes: summation order only"
+    assert all(torch.equal(w_one[k], w_two[k]) for k in w_one if k not in quantized)
     with pytest.raises(Exception, match=r"inference_mode=False"):
         _spawn_trainer(tmp_path, _callback(trigger="validate"), "validate").validate(VLM(), datamodule=_data())
+
+
+def test_shard_tags_global_sample_ids_and_needs_a_batch_per_rank():
+    from lightning_tlq.callbacks import _shard
+
+    batches = [{"input_ids": torch.zeros(n, 3, dtype=torch.long)} for n in (4, 4, 2)]
+    shards = [_shard(batches, 2, rank) for rank in (0, 1)]
+    assert [[b["sample_id"].tolist() for b in s] for s in shards] == [[[0, 1, 2, 3], [4, 5, 6, 7]], [[8, 9]]]
+    with pytest.raises(ValueError, match="yields 3 batch\\(es\\) for 4 processes; .* smaller batch size"):
+        _shard(batches, 4, 0)
