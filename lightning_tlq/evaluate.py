@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_tlq.config import DataArgs
 from lightning_tlq.data import IGNORE_INDEX, Sample, collate
 from lightning_tlq.datamodule import encode_samples, load_samples
 from lightning_tlq.module import TLQModule
+from lightning_tlq.module import answer_loss as summed_answer_loss
 from lightning_tlq.preflight import (
     check_finite_weights,
     load_processor_for,
@@ -54,12 +54,8 @@ def prompt_inputs(encoded: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def answer_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Summed next-token cross-entropy over answer tokens and their count."""
-    target = labels[:, 1:]
-    loss = F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return loss, (target != IGNORE_INDEX).sum()
+    """Summed next-token cross-entropy over answer tokens (the calibration's SFT loss) and their count."""
+    return summed_answer_loss(logits, labels), (labels[:, 1:] != IGNORE_INDEX).sum()
 
 
 @torch.no_grad()

@@ -143,3 +143,28 @@ def test_no_checkpoint_when_disabled(tmp_path, calibrate_cli, monkeypatch):
     report = calibrate_cli(out, "--checkpoint", "false")
     assert report["resumed_from_layer"] == 0
     assert leftovers(out) == ["out"]
+
+
+def test_two_process_run_resumes_bit_identical(tiny4_dir, tmp_path):
+    """Each rank checkpoints its own shard of activations; a killed 2-process run resumes exactly."""
+    from lightning_tlq.cli import main
+
+    two = ["--trainer.devices", "2", "--trainer.strategy", "ddp_spawn"]
+    reference, out = tmp_path / "reference", tmp_path / "out"
+    main(["calibrate", *_flags(tiny4_dir, reference), *two])
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
+    env.update({CRASH_ENV: "2", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "GLOO_SOCKET_IFNAME": "lo"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightning_tlq", "calibrate", *_flags(tiny4_dir, out), *two],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    partial = tmp_path / "out.partial"
+    assert json.loads((partial / STATE_NAME).read_text())["world_size"] == 2
+    assert {p.name for p in partial.glob("hidden_*")} == {"hidden_0001.rank0.pt", "hidden_0001.rank1.pt"}
+    with pytest.raises(ValueError, match="written by 2 process\\(es\\), this run has 1"):
+        main(["calibrate", *_flags(tiny4_dir, out), "--resume", "true"])
+    main(["calibrate", *_flags(tiny4_dir, out), *two, "--resume", "true"])
+    report = json.loads((out / REPORT_NAME).read_text())
+    assert report["resumed_from_layer"] == 2
+    _assert_bit_identical(out, reference)
