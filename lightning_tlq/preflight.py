@@ -75,10 +75,12 @@ def model_on_meta(name_or_path: str) -> nn.Module:
 
 
 def check_quantizable(model: nn.Module, quant: QuantArgs) -> VLMAdapter:
-    """Every target linear module exists and its ``in_features`` is a multiple of the group size.
+    """Every target linear module (with ``quant.vision`` also the tower's and projector's) exists and its
+    ``in_features`` is a multiple of the group size.
 
     Raises:
-        UnsupportedModelError: If the adapter cannot find the decoder layers or a target module.
+        UnsupportedModelError: If the adapter cannot find the decoder layers or a target module, or the family
+            has no vision support while ``quant.vision`` is set.
         ValueError: If ``quant.group_size`` does not divide a module's ``in_features`` (the message lists sizes
             that do).
     """
@@ -88,11 +90,20 @@ def check_quantizable(model: nn.Module, quant: QuantArgs) -> VLMAdapter:
         for group in adapter.module_groups(index):
             for name in group:
                 module = layers[index].get_submodule(name)
-                try:
-                    quant.spec.check_shape(module.in_features, name=f"decoder layer {index} {name}")
-                except ValueError as err:
-                    raise ValueError(f"quant.group_size={quant.group_size} does not fit this model. {err}") from err
+                _check_shape(quant, module, f"decoder layer {index} {name}")
+    if quant.vision:
+        from lightning_tlq.adapters.vision import vision_adapter
+
+        for key, module in vision_adapter(adapter).vision_targets().items():
+            _check_shape(quant, module, key, hint=" For the vision tower, alternatively use quant.vision=false.")
     return adapter
+
+
+def _check_shape(quant: QuantArgs, module: nn.Module, name: str, hint: str = "") -> None:
+    try:
+        quant.spec.check_shape(module.in_features, name=name)
+    except ValueError as err:
+        raise ValueError(f"quant.group_size={quant.group_size} does not fit this model. {err}{hint}") from err
 
 
 def model_max_length(model_or_config: Any) -> int | None:

@@ -83,6 +83,12 @@ def test_group_size_must_divide_in_features(tmp_path, calibrate_cli, no_weights_
            "--quant.group_size", "96")  # fmt: skip
 
 
+def test_group_size_must_fit_the_vision_tower_when_it_is_quantized(tmp_path, calibrate_cli, no_weights_loaded):
+    _fails(calibrate_cli, tmp_path / "out", ValueError,
+           r"group_size=64 does not fit .*vision.*in_features=32.*alternatively use quant.vision=false",
+           "--quant.group_size", "64", "--quant.vision", "true")  # fmt: skip
+
+
 @pytest.mark.parametrize("bits", ["1", "9"])
 def test_bits_out_of_range(tmp_path, calibrate_cli, no_weights_loaded, bits):
     _fails(calibrate_cli, tmp_path / "out", ValueError, rf"bits must be an integer in 2..8, got {bits}",
@@ -100,7 +106,7 @@ def test_unsupported_architecture(tmp_path, calibrate_cli, no_weights_loaded):
     model_dir = tmp_path / "llama"
     LlamaConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=32).save_pretrained(model_dir)
     _fails(calibrate_cli, tmp_path / "out", UnsupportedModelError,
-           r"model_type 'llama'.*Supported model types: llava, qwen2_vl",
+           r"model_type 'llama'.*Supported model types: .*llava.*qwen2_vl",
            "--model.model_name_or_path", str(model_dir))  # fmt: skip
     (tmp_path / "notamodel").mkdir()
     _fails(calibrate_cli, tmp_path / "out", ValueError, "not a Hugging Face model directory \\(no config.json\\)",

@@ -19,7 +19,8 @@ EXPECTED = {
     f"{family}_w{bits}a16_g{group}"
     for family in ("tiny_llava", "tiny_qwen2_vl")
     for bits, group in ((4, 128), (3, 64), (3, 128), (2, 64))
-}
+} | {"tiny_qwen2_vl_tlq_w4a8_vision"}
+_NAME = re.compile(r"(tiny_llava|tiny_qwen2_vl)(?:_tlq)?_w(\d)a(\d+)(?:_g(\d+))?(_vision)?")
 
 
 def _printed(capsys, *args):
@@ -97,18 +98,22 @@ def test_recipe_parses_and_its_values_are_valid(path, capsys):
                 assert cfg[section][key] == value, f"{section}.{key}"
         else:
             assert cfg[section] == values, section
-    family, bits, group = re.fullmatch(r"(tiny_llava|tiny_qwen2_vl)_w(\d)a16_g(\d+)", path.stem).groups()
+    family, bits, act_bits, group, vision = _NAME.fullmatch(path.stem).groups()  # the name states the setting
     model = cfg["model"]["model_name_or_path"]
     assert model == family.replace("_", "-", 1)
     assert model in TINY_MODELS
-    assert (cfg["quant"]["bits"], cfg["quant"]["group_size"]) == (int(bits), int(group))
-    assert cfg["output_dir"] == f"tlq_out/{path.stem}"
+    assert cfg["quant"]["bits"] == int(bits)
+    assert cfg["quant"]["act_bits"] == (None if act_bits == "16" else int(act_bits))
+    assert cfg["quant"]["vision"] is bool(vision)
+    if group is not None:
+        assert cfg["quant"]["group_size"] == int(group)
+    assert cfg["output_dir"].startswith("tlq_out/")
     quant = QuantArgs(**cfg["quant"])
     ImportanceArgs(**cfg["importance"])
     TokenSetArgs(**cfg["token_set"])
     MemoryArgs(**cfg["memory"])
     CalibrationDataModule(**cfg["data"])
-    check_quantizable(model_on_meta(model), quant)  # the group size fits every module of the model
+    check_quantizable(model_on_meta(model), quant)  # the group size fits every module (vision too if on)
 
 
 @pytest.mark.parametrize("stem", ["tiny_llava_w2a16_g64", "tiny_qwen2_vl_w3a16_g128"])

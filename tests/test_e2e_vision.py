@@ -21,9 +21,9 @@ VISION_PREFIX = {"llava": ("model.vision_tower", "model.multi_modal_projector"),
 
 def _calibrate(out, model, *extra):
     main([
-        "calibrate", "--model", model, "--data.num_samples", "12", "--data.batch_size", "4",
+        "calibrate", "--model.model_name_or_path", model, "--data.num_samples", "12", "--data.batch_size", "4",
         "--quant.bits", "4", "--quant.group_size", str(GROUP), "--quant.vision", "true",
-        "--accelerator", "cpu", "--output_dir", str(out), "--quiet", "true", *extra,
+        "--trainer.accelerator", "cpu", "--output_dir", str(out), "--quiet", "true", *extra,
     ])  # fmt: skip
     return json.loads((out / REPORT_NAME).read_text())
 

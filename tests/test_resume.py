@@ -168,3 +168,45 @@ def test_two_process_run_resumes_bit_identical(tiny4_dir, tmp_path):
     report = json.loads((out / REPORT_NAME).read_text())
     assert report["resumed_from_layer"] == 2
     _assert_bit_identical(out, reference)
+
+
+VISION = ["--model.model_name_or_path", "tiny-qwen2_vl", "--quant.group_size", "32", "--quant.act_bits", "8",
+          "--quant.vision", "true"]  # fmt: skip
+
+
+def test_resume_with_the_vision_tower(tmp_path, calibrate_cli, monkeypatch):
+    """Interrupted after the tower (loaded back, not recalibrated) or inside it (recalibrated from the saved scores):
+    both resume to the uninterrupted result."""
+    from lightning_tlq.vision import VisionCalibration
+
+    reference = calibrate_cli(tmp_path / "reference", *VISION)
+    _interrupt_at(monkeypatch, 1, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        calibrate_cli(tmp_path / "after", *VISION)
+    monkeypatch.undo()
+    state = json.loads((tmp_path / "after.partial" / STATE_NAME).read_text())
+    assert (state["next_layer"], state["vision_done"]) == (1, True)
+    monkeypatch.setattr(VisionCalibration, "run", lambda *a, **k: pytest.fail("the tower was recalibrated"))
+    report = calibrate_cli(tmp_path / "after", *VISION, "--resume", "true")
+    monkeypatch.undo()
+    assert report["resumed_from_layer"] == 1
+    assert report["vision"] == reference["vision"] | {"layers": report["vision"]["layers"]}
+    _assert_bit_identical(tmp_path / "after", tmp_path / "reference")
+
+    real_stage, calls = VisionCalibration._stage, []
+
+    def stage_then_interrupt(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_stage(self, *args, **kwargs)
+
+    monkeypatch.setattr(VisionCalibration, "_stage", stage_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate_cli(tmp_path / "inside", *VISION)
+    monkeypatch.undo()
+    state = json.loads((tmp_path / "inside.partial" / STATE_NAME).read_text())
+    assert (state["next_layer"], state["vision_done"]) == (0, False)
+    report = calibrate_cli(tmp_path / "inside", *VISION, "--resume", "true")
+    assert report["resumed_from_layer"] == 0
+    _assert_bit_identical(tmp_path / "inside", tmp_path / "reference")

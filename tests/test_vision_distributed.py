@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 from lightning_tlq.report import REPORT_NAME
 
 _DIST_ENV = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK", "RANK")
-_ARGS = ["--model", "tiny-qwen2_vl", "--data.num_samples", "10", "--data.batch_size", "2", "--quant.bits", "4",
-         "--quant.group_size", "32", "--quant.act_bits", "8", "--quant.vision", "true", "--accelerator", "cpu",
-         "--quiet", "true"]  # fmt: skip
+_ARGS = ["--model.model_name_or_path", "tiny-qwen2_vl", "--data.num_samples", "10", "--data.batch_size", "2",
+         "--quant.bits", "4", "--quant.group_size", "32", "--quant.act_bits", "8", "--quant.vision", "true",
+         "--trainer.accelerator", "cpu", "--quiet", "true"]  # fmt: skip
 
 
 def _run(out, *extra):
@@ -30,7 +30,7 @@ def _run(out, *extra):
 
 def test_two_processes_match_one_with_vision(tmp_path):
     one = _run(tmp_path / "one")
-    two = _run(tmp_path / "two", "--devices", "2", "--strategy", "ddp")
+    two = _run(tmp_path / "two", "--trainer.devices", "2", "--trainer.strategy", "ddp")
     assert two["settings"]["world_size"] == 2
     for a, b in zip(one["vision"]["layers"], two["vision"]["layers"], strict=True):
         assert a["index"] == b["index"]
