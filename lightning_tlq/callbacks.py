@@ -29,8 +29,10 @@ validates all batches, then calibrates on its contiguous share of them (no paddi
 Supported strategies: single device and DDP (``ddp``, ``ddp_spawn``, ``ddp_fork``); sharded strategies (FSDP,
 DeepSpeed) are refused in ``setup``. With ``ddp_spawn`` a model built in the main process is pickled into the
 workers; :func:`restore_output_capturing` repairs what transformers 5.x loses there (see its docstring). Weights are
-quantized in place (fake-quantized, still floating point); with ``output_dir`` rank 0 also writes a
-``from_pretrained``-loadable copy with ``tlq_report.json``.
+quantized in place (fake-quantized, still floating point) and the scheme is recorded in ``model.config`` (key
+``tlq_quantization``); with ``output_dir`` rank 0 also writes a ``from_pretrained``-loadable copy with
+``tlq_report.json``. With ``quant.act_bits`` (W4A8) run inference with
+``lightning_tlq.actquant.apply_saved_activation_quant(model)`` applied, as for ``lightning-tlq calibrate`` outputs.
 """
 
 from __future__ import annotations
@@ -51,7 +53,9 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 
+from lightning_tlq.actquant import CONFIG_KEY, quantization_config
 from lightning_tlq.adapters import get_adapter
+from lightning_tlq.adapters.vision import vision_adapter
 from lightning_tlq.config import ImportanceArgs, MemoryArgs, QuantArgs, TokenSetArgs
 from lightning_tlq.distributed import shard_range
 from lightning_tlq.importance import TokenImportance
@@ -264,6 +268,10 @@ class TLQCallback(Callback):
                 param.requires_grad_(flags[name])
             model.train(was_training).to(device)
         self.records, self.results = records, loop.results
+        targets = module.adapter.target_module_names()
+        if self.quant.vision:
+            targets = vision_adapter(module.adapter).vision_target_module_names() + targets
+        setattr(model.config, CONFIG_KEY, quantization_config(self.quant, targets))  # saved with the model
         local = [
             sum(int(b["input_ids"].shape[0]) for b in batches),
             sum(int(b["attention_mask"].sum()) for b in batches),

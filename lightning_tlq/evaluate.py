@@ -1,7 +1,8 @@
 """``lightning-tlq evaluate``: answer-token SFT loss / perplexity and exact-match accuracy of greedy answers.
 
-Works on any model ``calibrate`` accepts, including its output directory (fake-quantized weights), on a JSONL of
-image-question-answer records or the synthetic set; writes ``metrics.json``. Samples are sharded over processes
+Works on any model ``calibrate`` accepts, including its output directory (fake-quantized weights; a recorded W4A8
+activation scheme is applied, as at inference), on a JSONL of image-question-answer records or the synthetic set;
+writes ``metrics.json``. Samples are sharded over processes
 without padding or repetition and the sums are reduced with torchmetrics, so the numbers do not depend on the
 number of processes.
 """
@@ -145,6 +146,17 @@ def evaluate(
     return fabric.launch(_main, *args)
 
 
+def _apply_saved_activation_quant(model: Any) -> int | None:
+    """Apply a lightning-tlq checkpoint's recorded activation quantization; its bit width (None: weight-only)."""
+    from lightning_tlq.actquant import CONFIG_KEY, apply_saved_activation_quant, saved_quantization_config
+
+    if getattr(model.config, CONFIG_KEY, None) is None:
+        return None  # not a lightning-tlq output (e.g. the full-precision model)
+    activations = saved_quantization_config(model).get("input_activations")
+    apply_saved_activation_quant(model)  # forward pre-hooks, kept for the whole evaluation
+    return int(activations["num_bits"]) if activations else None
+
+
 def _main(
     fabric: Any,
     model: str,
@@ -164,6 +176,7 @@ def _main(
     module = TLQModule(model, dtype=dtype)
     module.configure_model()
     check_finite_weights(module.model)
+    act_bits = _apply_saved_activation_quant(module.model)
     module.model.to(fabric.device)
     rank, world = fabric.global_rank, fabric.world_size
     shard = evaluate_samples(
@@ -183,6 +196,7 @@ def _main(
         "sft_loss": loss,
         "perplexity": math.exp(loss),
         "exact_match": totals["correct"] / totals["samples"],
+        "activation_bits": act_bits,
         "settings": {"data": asdict(data), "max_new_tokens": max_new_tokens, "dtype": dtype, "world_size": world},
         "examples": shard["examples"][:_NUM_EXAMPLES],
     }

@@ -109,6 +109,9 @@ def test_fit_then_quantize_single_process(tmp_path):
     rows = [r for r in csv.DictReader(lines) if r.get("tlq/layer/seconds")]
     assert [int(r["step"]) for r in rows] == [2, 3], "per-layer metrics logged after the 2 training steps"
     assert tlq.report["settings"]["trigger"] == "fit"
+    record = saved.config.tlq_quantization  # the scheme travels with the saved model, as from lightning-tlq calibrate
+    assert (record["weights"]["num_bits"], record["weights"]["group_size"]) == (BITS, GROUP)
+    assert "model.language_model.layers.1.mlp.down_proj" in record["targets"]
     assert set(tlq.results) >= {"0.self_attn.q_proj", "1.mlp.down_proj"}
 
 

@@ -97,3 +97,32 @@ def test_evaluate_fails_fast(tmp_path, quantized):
     with pytest.raises(ValueError, match="max_new_tokens=0"):
         _evaluate_cli(quantized, tmp_path / "eval", "--max_new_tokens", "0")
     assert not (tmp_path / "eval").exists()
+
+
+def test_a_w4a8_checkpoint_is_evaluated_with_its_activation_quantization(tmp_path):
+    from lightning_tlq.actquant import apply_saved_activation_quant
+
+    out = tmp_path / "w4a8"
+    main(["calibrate", "--data.num_samples", "8", "--quant.method", "rtn", "--quant.bits", "4", "--quant.group_size",
+          "64", "--quant.act_bits", "8", "--trainer.accelerator", "cpu", "--output_dir", str(out),
+          "--quiet", "true"])  # fmt: skip
+    metrics = _evaluate_cli(out, tmp_path / "eval", "--data.seed", "1")
+    assert metrics["activation_bits"] == 8
+    model = AutoModelForImageTextToText.from_pretrained(out, local_files_only=True).eval()
+    processor = AutoProcessor.from_pretrained(out, local_files_only=True)
+
+    def loss_per_token():
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for sample in synthetic_samples(5, seed=1):
+                enc = encode_sample(processor, sample)
+                n = int((enc["labels"][:, 1:] != -100).sum())
+                total += model(**{k: v for k, v in enc.items() if k != "labels"}, labels=enc["labels"]).loss.item() * n
+                count += n
+        return total / count
+
+    weight_only = loss_per_token()
+    handle = apply_saved_activation_quant(model)
+    assert metrics["sft_loss"] == pytest.approx(loss_per_token(), rel=1e-4)
+    assert metrics["sft_loss"] != pytest.approx(weight_only, rel=1e-6), "the int8 activations must matter"
+    handle.remove()
