@@ -31,7 +31,8 @@ DeepSpeed) are refused in ``setup``. With ``ddp_spawn`` a model built in the mai
 workers; :func:`restore_output_capturing` repairs what transformers 5.x loses there (see its docstring). Weights are
 quantized in place (fake-quantized, still floating point) and the scheme is recorded in ``model.config`` (key
 ``tlq_quantization``); with ``output_dir`` rank 0 also writes a ``from_pretrained``-loadable copy with
-``tlq_report.json``. With ``quant.act_bits`` (W4A8) run inference with
+``tlq_report.json`` and the codes (``lightning-tlq export`` turns it into a compressed-tensors checkpoint). With
+``quant.act_bits`` (W4A8) run inference with
 ``lightning_tlq.actquant.apply_saved_activation_quant(model)`` applied, as for ``lightning-tlq calibrate`` outputs.
 """
 
@@ -58,6 +59,7 @@ from lightning_tlq.adapters import get_adapter
 from lightning_tlq.adapters.vision import vision_adapter
 from lightning_tlq.config import ImportanceArgs, MemoryArgs, QuantArgs, TokenSetArgs
 from lightning_tlq.distributed import shard_range
+from lightning_tlq.export import save_qparams
 from lightning_tlq.importance import TokenImportance
 from lightning_tlq.loop import CalibrationLoop
 from lightning_tlq.module import TLQModule
@@ -279,7 +281,7 @@ class TLQCallback(Callback):
         samples, tokens = loop.collective.all_reduce(torch.tensor(local, dtype=torch.float64)).tolist()
         self.report = self._report(model, int(samples), int(tokens), records, loop.phase_seconds, trainer.world_size)
         if self.output_dir is not None:
-            self._save(trainer, model, processor, start)
+            self._save(trainer, module, start)
         return records
 
     def _report(
@@ -302,13 +304,14 @@ class TLQCallback(Callback):
             "layers": records,
         }
 
-    def _save(self, trainer: pl.Trainer, model: nn.Module, processor: Any, start: float) -> None:
+    def _save(self, trainer: pl.Trainer, module: TLQModule, start: float) -> None:
         assert self.report is not None
         assert self.output_dir is not None
         if trainer.is_global_zero:
             with atomic_output_dir(self.output_dir, self.overwrite) as tmp:
-                model.save_pretrained(tmp)
-                processor.save_pretrained(tmp)
+                module.model.save_pretrained(tmp)
+                module.processor.save_pretrained(tmp)
+                save_qparams(tmp, module.model, module.adapter, self.results, self.quant)  # for `lightning-tlq export`
                 self.report["seconds"]["total"] = time.perf_counter() - start
                 write_report(self.report, tmp)
             log.info("%s", format_summary(self.report))

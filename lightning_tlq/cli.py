@@ -232,6 +232,12 @@ class TLQCLI(LightningCLI):
             "export": {"model", "datamodule"},
         }
 
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        """Under ``fabric run`` the Trainer takes accelerator, devices, nodes and strategy from its flags."""
+        if os.environ.get("LT_CLI_USED"):
+            kwargs.update(_fabric_run_settings())
+        return super().instantiate_trainer(**kwargs)
+
     def before_calibrate(self) -> None:
         """Route log lines above the progress bars (or silence them with ``--quiet true``)."""
         _configure_logging(quiet=bool(self._get(self.config, "quiet")))
@@ -239,6 +245,23 @@ class TLQCLI(LightningCLI):
     def before_evaluate(self) -> None:
         """Same for ``evaluate``."""
         _configure_logging(quiet=bool(self._get(self.config, "quiet")))
+
+
+def _fabric_run_settings() -> dict[str, Any]:
+    """``fabric run`` exports its flags as ``LT_*`` variables and starts the processes; the config's values are then
+    ignored (as by Fabric itself), otherwise the Trainer would refuse the world size."""
+    names = {
+        "accelerator": "LT_ACCELERATOR",
+        "devices": "LT_DEVICES",
+        "num_nodes": "LT_NUM_NODES",
+        "strategy": "LT_STRATEGY",
+    }
+    out: dict[str, Any] = {}
+    for key, var in names.items():
+        value = os.environ.get(var)
+        if value is not None:
+            out[key] = int(value) if value.isdigit() else value
+    return out
 
 
 class _TqdmHandler(logging.StreamHandler):

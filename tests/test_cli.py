@@ -36,6 +36,7 @@ def test_help_lists_the_subcommands(capsys):
     out = capsys.readouterr().out
     assert "calibrate" in out
     assert "evaluate" in out
+    assert "export" in out
 
 
 def test_print_config_has_the_lightning_groups_and_the_method_arguments(capsys):

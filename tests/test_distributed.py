@@ -204,7 +204,7 @@ def test_ddp_spawn_in_process(tmp_path):
 def test_torchrun_two_processes_match_one(single_process_run, tmp_path):
     out = tmp_path / "torchrun"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-           "--master-port", str(_free_port()), "-m", "lightning_tlq.calibrate", *_ARGS, "--devices", "2",
+           "--master-port", str(_free_port()), "-m", "lightning_tlq.calibrate", *_ARGS, "--trainer.devices", "2",
            "--output_dir", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, env=_clean_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

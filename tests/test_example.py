@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForImageTextToText
 
+from lightning_tlq.export import export
 from lightning_tlq.models import build_tiny_vlm
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "finetune_then_quantize.py"
@@ -33,6 +34,8 @@ def test_finetune_then_quantize(tmp_path, capsys):
     # quantized: 4-bit codes per group of 64 inputs
     q = saved.get_decoder().layers[0].self_attn.q_proj.weight.detach().reshape(128, -1, 64)
     assert max(len(torch.unique(q[r, g])) for r in range(128) for g in range(2)) <= 16
+    summary = export(str(out), str(tmp_path / "packed"), quiet=True)  # exportable like a calibrate output
+    assert (summary["format"], summary["quantized_modules"]) == ("pack-quantized", 14)
     rows = list(csv.DictReader((Path(result["log_dir"]) / "metrics.csv").read_text().splitlines()))
     assert [r for r in rows if r.get("train_loss")], "training losses were logged"
     assert len([r for r in rows if r.get("tlq/layer/weighted_rel_error")]) == 2
