@@ -119,9 +119,28 @@ def _clean_env(**extra):
     return env
 
 
-def _compare(reference: Path, other: Path, bits: int = 3, group_size: int = 64):
+def _grid_steps(a: torch.Tensor, b: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Per element, how many grid steps apart two fake-quantized weights are.
+
+    The step of a group is its scale: the smallest gap between the distinct values the two runs put in it (both
+    lie on the same grid, static groups from the same original weights; a group with one value counts as exact).
+    """
+    ga, gb = (t.reshape(t.shape[0], -1, group_size) for t in (a, b))
+    steps = torch.zeros_like(ga)
+    for r in range(ga.shape[0]):
+        for g in range(ga.shape[1]):
+            diff = (ga[r, g] - gb[r, g]).abs()
+            if not diff.any():
+                continue
+            values = torch.unique(torch.cat([ga[r, g], gb[r, g]]))
+            step = (values[1:] - values[:-1]).min()
+            steps[r, g] = torch.round(diff / step)
+    return steps.reshape(a.shape)
+
+
+def _compare(reference: Path, other: Path, group_size: int = 64, world_size: int = 2, max_steps: int = 1):
     ref, got = json.loads((reference / REPORT_NAME).read_text()), json.loads((other / REPORT_NAME).read_text())
-    assert got["settings"]["world_size"] == 2
+    assert got["settings"]["world_size"] == world_size
     assert got["data"] == ref["data"]
     for a, b in zip(ref["layers"], got["layers"]):
         assert a["token_set_fingerprint"] == b["token_set_fingerprint"]
@@ -134,11 +153,8 @@ def _compare(reference: Path, other: Path, bits: int = 3, group_size: int = 64):
     for k in quantized:
         equal = w_ref[k] == w_got[k]
         same, total = same + int(equal.sum()), total + equal.numel()
-        step = (w_ref[k] - w_got[k]).abs()[~equal]
-        # a differing code is one grid step away: at most one group's scale (absmax / 3.5 at 3 bits)
-        grid = w_ref[k].reshape(w_ref[k].shape[0], -1, group_size).abs().amax(-1, keepdim=True)
-        scale = (grid / ((2**bits - 1) / 2)).expand(-1, -1, group_size).reshape(w_ref[k].shape)[~equal]
-        assert (step <= scale * 1.01 + 1e-6).all(), k
+        if not equal.all():
+            assert _grid_steps(w_ref[k], w_got[k], group_size).max() <= max_steps, k
     assert same / total >= 0.999, same / total
     others = [k for k in w_ref if k not in quantized]
     assert all(torch.equal(w_ref[k], w_got[k]) for k in others)
@@ -175,7 +191,7 @@ def test_two_processes_match_one_qwen2_vl_w4_g32(single_process_qwen_run, tmp_pa
     proc = _run_cli(out, "--trainer.devices", "2", "--trainer.strategy", "ddp", env=_clean_env(), args=_QWEN_ARGS)
     log = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, log
-    _compare(single_process_qwen_run, out, bits=4, group_size=32)
+    _compare(single_process_qwen_run, out, group_size=32)
 
 
 def test_two_nodes_on_localhost_match_one(single_process_run, tmp_path):
@@ -222,3 +238,18 @@ def test_fabric_run_two_processes_match_one(single_process_run, tmp_path):
     proc = subprocess.run(cmd, env=_clean_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     _compare(single_process_run, out)
+
+
+def test_eight_processes_match_one(tmp_path):
+    """The 8-rank code path (owners spread over 8 ranks, one whole batch per rank) on CPU with gloo."""
+    args = [a if a != "10" else "16" for a in _ARGS]  # 16 samples, batch 2: 8 global batches
+    one, eight = tmp_path / "one", tmp_path / "eight"
+    ref = _run_cli(one, env=_clean_env(), args=args)
+    log = ref.communicate(timeout=300)[0]
+    assert ref.returncode == 0, log
+    proc = _run_cli(eight, "--trainer.devices", "8", "--trainer.strategy", "ddp", env=_clean_env(), args=args)
+    log = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, log
+    # Observed 2026-11-26: 99.98% of codes identical to 1 process; a few differ by 2 grid steps (GPTQ feeds one
+    # flipped code's error into the rest of its row), so this checks <= 2 steps where 1-vs-2 processes check 1.
+    _compare(one, eight, world_size=8, max_steps=2)
