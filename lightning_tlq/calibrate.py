@@ -94,8 +94,6 @@ def calibrate(
     Returns:
         The report (also written to ``output_dir/tlq_report.json``).
     """
-    from lightning.fabric import Fabric
-
     check_output_dir(output_dir, overwrite)
     if export:  # fail before calibrating if the format cannot hold these settings
         export_format(quant.spec, quant.act_bits)
@@ -104,23 +102,25 @@ def calibrate(
         prepare_partial_dir(output_dir, resume=resume, overwrite=overwrite)
         settings = _settings(model, data, quant, importance, token_set, dtype, metrics, seed)
         callbacks.append(LayerCheckpoint(partial_dir(output_dir), settings, resume=resume))
-    if os.environ.get("LT_CLI_USED"):
-        # `fabric run` already chose accelerator, devices and nodes (LT_* variables) and started the processes;
-        # passing our own values as well would conflict with its flags.
-        fabric = Fabric(loggers=list(loggers or []), callbacks=callbacks)
-    else:
-        fabric = Fabric(
-            accelerator=accelerator,
-            devices=devices,
-            num_nodes=num_nodes,
-            strategy=strategy,
-            loggers=list(loggers or []),
-            callbacks=callbacks,
-        )
+    fabric = build_fabric(accelerator, devices, num_nodes, strategy, loggers, callbacks)
     args = (model, data, quant, importance, token_set, memory, output_dir, overwrite, dtype, metrics, seed, quiet)
     if os.environ.get("LT_CLI_USED"):  # under `fabric run` the processes already exist
         return _main(fabric, *args, export=export)
     return fabric.launch(_main, *args, export=export)
+
+
+def build_fabric(
+    accelerator: str, devices: Any, num_nodes: int, strategy: str, loggers: Any = None, callbacks: Any = None
+) -> Any:
+    """A Fabric for our entry points; under ``fabric run`` (``LT_CLI_USED``) the launcher's flags rule."""
+    from lightning.fabric import Fabric
+
+    common = {"loggers": list(loggers or []), "callbacks": list(callbacks or [])}
+    if os.environ.get("LT_CLI_USED"):
+        # `fabric run` already chose accelerator, devices and nodes (LT_* variables) and started the processes;
+        # passing our own values as well would conflict with its flags.
+        return Fabric(**common)
+    return Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy, **common)
 
 
 def _main(

@@ -132,21 +132,12 @@ def evaluate(
     Returns:
         The metrics (also written to ``output_dir/metrics.json``).
     """
-    from lightning.fabric import Fabric
+    from lightning_tlq.calibrate import build_fabric
 
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1.")
     check_output_dir(output_dir, overwrite)
-    if os.environ.get("LT_CLI_USED"):  # `fabric run` chose the devices and started the processes
-        fabric = Fabric(loggers=list(loggers or []))
-    else:
-        fabric = Fabric(
-            accelerator=accelerator,
-            devices=devices,
-            num_nodes=num_nodes,
-            strategy=strategy,
-            loggers=list(loggers or []),
-        )
+    fabric = build_fabric(accelerator, devices, num_nodes, strategy, loggers)
     args = (model, data, output_dir, overwrite, max_new_tokens, dtype, seed, quiet)
     if os.environ.get("LT_CLI_USED"):
         return _main(fabric, *args)
