@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import pytest
 import torch
 import transformers
+from tiny_families import IMAGE_ID, PAD_ID, TEXT
+from tiny_families import build_model as _build_model
 from torch import nn
 
 from lightning_tlq.adapters import (
@@ -26,65 +24,6 @@ from lightning_tlq.adapters import (
 )
 
 FAMILIES = ("llava", "qwen2_vl")
-IMAGE_ID, PAD_ID = 100, 0
-TEXT = {
-    "vocab_size": 128,
-    "hidden_size": 128,
-    "intermediate_size": 256,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 512,
-    "pad_token_id": PAD_ID,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-}
-
-
-def _config(family: str) -> transformers.PretrainedConfig:
-    if family == "llava":
-        vision = {
-            "model_type": "clip_vision_model",
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "image_size": 32,
-            "patch_size": 8,
-            "projection_dim": 32,
-        }
-        return transformers.LlavaConfig(
-            vision_config=vision,
-            text_config=dict(TEXT, model_type="llama"),
-            image_token_index=IMAGE_ID,
-            vision_feature_layer=-1,
-        )
-    vision = {
-        "depth": 2,
-        "embed_dim": 32,
-        "hidden_size": TEXT["hidden_size"],
-        "num_heads": 4,
-        "mlp_ratio": 2,
-        "patch_size": 4,
-        "spatial_merge_size": 2,
-        "temporal_patch_size": 2,
-        "in_channels": 3,
-    }
-    rope = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [4, 6, 6]}  # sum = head_dim / 2 = 16
-    return transformers.Qwen2VLConfig(
-        vision_config=vision,
-        text_config=dict(TEXT, rope_parameters=rope),
-        image_token_id=IMAGE_ID,
-        video_token_id=IMAGE_ID + 1,
-        vision_start_token_id=IMAGE_ID + 2,
-        vision_end_token_id=IMAGE_ID + 3,
-    )
-
-
-def _build_model(family: str, seed: int = 0) -> nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return transformers.AutoModelForImageTextToText.from_config(_config(family)).eval()
 
 
 def _sequence(family: str, text_after: int, generator: torch.Generator) -> list[int]:

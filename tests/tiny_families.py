@@ -81,7 +81,20 @@ IMAGE_TOKENS: dict[str, int] = {
 
 
 def config(family: str) -> transformers.PretrainedConfig:
-    """Return the tiny config of ``family``."""
+    """Return the tiny config of ``family`` (one of :data:`FAMILIES`, or ``llava`` / ``qwen2_vl``)."""
+    if family == "llava":
+        return transformers.LlavaConfig(
+            vision_config=dict(VISION, model_type="clip_vision_model", projection_dim=32),
+            text_config=dict(TEXT, model_type="llama"),
+            image_token_index=IMAGE_ID,
+            vision_feature_layer=-1,
+        )
+    if family == "qwen2_vl":
+        vision = {"depth": 2, "embed_dim": 32, "hidden_size": HIDDEN, "num_heads": 4, "mlp_ratio": 2}
+        vision.update({k: _QWEN_VISION[k] for k in ("patch_size", "spatial_merge_size", "temporal_patch_size")})
+        return transformers.Qwen2VLConfig(
+            vision_config=dict(vision, in_channels=3), text_config=dict(TEXT, rope_parameters=_ROPE), **_QWEN_IDS
+        )
     if family == "qwen2_5_vl":
         return transformers.Qwen2_5_VLConfig(
             vision_config=dict(_QWEN_VISION, window_size=16, fullatt_block_indexes=[1]),
@@ -132,7 +145,7 @@ def config(family: str) -> transformers.PretrainedConfig:
             boi_token_index=IMAGE_ID + 1,
             eoi_token_index=IMAGE_ID + 2,
         )
-    raise ValueError(f"Unknown tiny family {family!r}; choose one of {FAMILIES}.")
+    raise ValueError(f"Unknown tiny family {family!r}; choose one of {('llava', 'qwen2_vl', *FAMILIES)}.")
 
 
 def build_model(family: str, seed: int = 0) -> nn.Module:
