@@ -354,6 +354,13 @@ def _pad_right(tensors: list[torch.Tensor], value: int) -> torch.Tensor:
     return torch.cat(padded, dim=0)
 
 
+def prompt_inputs(encoded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The generation inputs of one encoded sample: everything before its first answer token, no labels."""
+    answer = (encoded["labels"][0] != IGNORE_INDEX).nonzero()
+    start = int(answer[0]) if answer.numel() else encoded["input_ids"].shape[1]
+    return {k: (v[:, :start] if k in _PAD_VALUES else v) for k, v in encoded.items() if k != "labels"}
+
+
 def collate(encoded: Sequence[dict[str, torch.Tensor]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad sequence tensors and concatenate everything else along dim 0.
 

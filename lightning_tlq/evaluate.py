@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from lightning_tlq.config import DataArgs
-from lightning_tlq.data import IGNORE_INDEX, Sample, collate
+from lightning_tlq.data import IGNORE_INDEX, Sample, collate, prompt_inputs
 from lightning_tlq.datamodule import encode_samples, load_samples
 from lightning_tlq.module import TLQModule
 from lightning_tlq.module import answer_loss as summed_answer_loss
@@ -37,21 +37,12 @@ from lightning_tlq.preflight import (
 from lightning_tlq.report import atomic_output_dir, check_output_dir
 
 METRICS_NAME = "metrics.json"
-# Sequence keys of an encoded sample (cut at the answer to build the generation prompt).
-_SEQUENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 _NUM_EXAMPLES = 8
 
 
 def normalize_answer(text: str) -> str:
     """Lower-case, drop punctuation, collapse whitespace (what exact match compares)."""
     return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
-
-
-def prompt_inputs(encoded: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The generation inputs of one encoded sample: everything before its first answer token, no labels."""
-    answer = (encoded["labels"][0] != IGNORE_INDEX).nonzero()
-    start = int(answer[0]) if answer.numel() else encoded["input_ids"].shape[1]
-    return {k: (v[:, :start] if k in _SEQUENCE_KEYS else v) for k, v in encoded.items() if k != "labels"}
 
 
 def answer_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:

@@ -9,7 +9,7 @@ import yaml
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from lightning_tlq.cli import main
-from lightning_tlq.data import encode_sample, synthetic_samples
+from lightning_tlq.data import encode_sample, prompt_inputs, synthetic_samples
 from lightning_tlq.report import REPORT_NAME
 
 METHODS = ("rtn", "gptq", "tlq")
@@ -73,12 +73,8 @@ def test_output_reloads_generates_and_is_on_the_grid(runs):
     processor = AutoProcessor.from_pretrained(out, local_files_only=True)
     sample = synthetic_samples(1, seed=5)[0]
     enc = encode_sample(processor, sample)
-    prompt_len = int((enc["labels"][0] == -100).sum())
-    inputs = {
-        k: v[:, :prompt_len] if v.dim() == 2 and v.shape[1] == enc["input_ids"].shape[1] else v
-        for k, v in enc.items()
-        if k != "labels"
-    }
+    inputs = prompt_inputs(enc)
+    prompt_len = inputs["input_ids"].shape[1]
     generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert generated.shape[1] > prompt_len
     # every quantized row group holds at most 2^3 distinct values; the vision tower is untouched

@@ -11,7 +11,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from lightning_tlq.actquant import apply_saved_activation_quant
 from lightning_tlq.cli import main
-from lightning_tlq.data import encode_sample, synthetic_samples
+from lightning_tlq.data import encode_sample, prompt_inputs, synthetic_samples
 from lightning_tlq.models.tiny import build_tiny_vlm, save_tiny_vlm
 from lightning_tlq.report import REPORT_NAME
 
@@ -90,12 +90,8 @@ def test_w4a8_vision_result_reloads_and_generates(run):
     model = AutoModelForImageTextToText.from_pretrained(out, local_files_only=True)
     processor = AutoProcessor.from_pretrained(out, local_files_only=True)
     enc = encode_sample(processor, synthetic_samples(1, seed=5)[0])
-    prompt_len = int((enc["labels"][0] == -100).sum())
-    inputs = {
-        k: v[:, :prompt_len] if v.dim() == 2 and v.shape[1] == enc["input_ids"].shape[1] else v
-        for k, v in enc.items()
-        if k != "labels"
-    }
+    inputs = prompt_inputs(enc)
+    prompt_len = inputs["input_ids"].shape[1]
     with apply_saved_activation_quant(model) as handle, torch.no_grad():
         assert len(handle.modules) == len(report["quantization"]["targets"])
         generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)

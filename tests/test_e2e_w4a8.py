@@ -10,7 +10,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from lightning_tlq.actquant import CONFIG_KEY, apply_saved_activation_quant
 from lightning_tlq.cli import main
 from lightning_tlq.core.actquant import fake_quantize_per_token
-from lightning_tlq.data import encode_sample, synthetic_samples
+from lightning_tlq.data import encode_sample, prompt_inputs, synthetic_samples
 from lightning_tlq.models.tiny import build_tiny_vlm
 from lightning_tlq.report import REPORT_NAME
 
@@ -57,12 +57,8 @@ def test_w4a8_tlq_beats_gptq_beats_rtn_on_weighted_error(runs):
 
 def _prompt_inputs(processor):
     enc = encode_sample(processor, synthetic_samples(1, seed=5)[0])
-    prompt_len = int((enc["labels"][0] == -100).sum())
-    inputs = {
-        k: v[:, :prompt_len] if v.dim() == 2 and v.shape[1] == enc["input_ids"].shape[1] else v
-        for k, v in enc.items()
-        if k != "labels"
-    }
+    inputs = prompt_inputs(enc)
+    prompt_len = inputs["input_ids"].shape[1]
     return inputs, prompt_len
 
 

@@ -9,8 +9,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from lightning_tlq.cli import main
 from lightning_tlq.config import DataArgs
-from lightning_tlq.data import encode_sample, synthetic_samples
-from lightning_tlq.evaluate import METRICS_NAME, evaluate, normalize_answer, prompt_inputs
+from lightning_tlq.data import encode_sample, prompt_inputs, synthetic_samples
+from lightning_tlq.evaluate import METRICS_NAME, evaluate, normalize_answer
 
 EVAL = ["--data.num_samples", "5", "--data.batch_size", "2", "--trainer.accelerator", "cpu", "--quiet", "true"]
 

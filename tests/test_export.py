@@ -14,7 +14,7 @@ from lightning_tlq.calibrate import calibrate
 from lightning_tlq.cli import main
 from lightning_tlq.config import DataArgs, QuantArgs
 from lightning_tlq.core.quantizer import QuantSpec, dequantize
-from lightning_tlq.data import collate, encode_sample, synthetic_samples
+from lightning_tlq.data import collate, encode_sample, prompt_inputs, synthetic_samples
 from lightning_tlq.export import (
     PACKED_DIRNAME,
     QPARAMS_NAME,
@@ -111,9 +111,7 @@ def test_transformers_loads_the_export_and_matches_the_fake_quantized_model(cali
 
 def _prompt(directory):
     """One sample cut before its answer: what generate continues."""
-    enc = encode_sample(load_processor(directory), synthetic_samples(1, seed=5)[0])
-    n = int((enc.pop("labels")[0] == -100).sum())
-    return {k: v[:, :n] if v.dim() == 2 and v.shape[1] == enc["input_ids"].shape[1] else v for k, v in enc.items()}
+    return prompt_inputs(encode_sample(load_processor(directory), synthetic_samples(1, seed=5)[0]))
 
 
 @pytest.mark.xfail(

@@ -14,7 +14,7 @@ from lightning_tlq.calibrate import calibrate
 from lightning_tlq.config import DataArgs, QuantArgs
 from lightning_tlq.core.pack import packed_length, to_unsigned
 from lightning_tlq.core.quantizer import QuantSpec, rtn
-from lightning_tlq.data import collate, encode_sample, synthetic_samples
+from lightning_tlq.data import collate, encode_sample, prompt_inputs, synthetic_samples
 from lightning_tlq.export import PACKED_DIRNAME, export
 from lightning_tlq.models.tiny import load_processor
 from lightning_tlq.nn import PackedLinear, fake_quantize_tokens, load_packed, packed_memory
@@ -204,9 +204,7 @@ def test_load_packed_matches_the_fake_quantized_model(exported, case):
     mem = packed_memory(model)
     assert mem["packed_bytes"] == expected
     assert mem["bf16_bytes"] == sum(2 * m.in_features * m.out_features for m in layers)
-    enc = encode_sample(load_processor(src), synthetic_samples(1, seed=9)[0])
-    n = int((enc.pop("labels")[0] == -100).sum())
-    prompt = {k: v[:, :n] if v.dim() == 2 and v.shape[1] == enc["input_ids"].shape[1] else v for k, v in enc.items()}
+    prompt = prompt_inputs(encode_sample(load_processor(src), synthetic_samples(1, seed=9)[0]))
     out = model.generate(**prompt, max_new_tokens=3, do_sample=False)
     assert torch.equal(out, ref.generate(**prompt, max_new_tokens=3, do_sample=False))
 
