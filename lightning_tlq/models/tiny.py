@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -36,7 +37,7 @@ from lightning_tlq.data import SYNTHETIC_WORDS
 Family = Literal["llava", "qwen2_vl"]
 FAMILIES: tuple[str, ...] = get_args(Family)
 TINY_MODELS: dict[str, Family] = {"tiny-llava": "llava", "tiny-qwen2_vl": "qwen2_vl"}
-DEFAULT_MODEL = "tiny-llava"
+DEFAULT_MODEL = "scenes-llava"  # the embedded trained model (lightning_tlq.models.scenes)
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 IMAGE_SIZE = 32
@@ -119,18 +120,19 @@ def _check_family(family: str) -> None:
         raise ValueError(f"Unknown tiny VLM family {family!r}; choose one of {list(FAMILIES)}.")
 
 
-def build_tokenizer(family: Family = "llava") -> PreTrainedTokenizerFast:
+def build_tokenizer(family: Family = "llava", words: Sequence[str] = SYNTHETIC_WORDS) -> PreTrainedTokenizerFast:
     """Build the word-level tokenizer of a tiny VLM.
 
     Args:
         family: Model family; decides which image tokens are added.
+        words: The data's vocabulary (default: the built-in synthetic set's); the chat template's words are added.
 
     Returns:
         A fast tokenizer whose ids are: special tokens, the family's image tokens, then the sorted words.
     """
     _check_family(family)
     specials = [*SPECIAL_TOKENS, *FAMILY_TOKENS[family]]
-    words = sorted(set(TEMPLATE_WORDS) | set(SYNTHETIC_WORDS))
+    words = sorted(set(TEMPLATE_WORDS) | set(words))
     vocab = {token: i for i, token in enumerate([*specials, *words])}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -148,14 +150,14 @@ def build_tokenizer(family: Family = "llava") -> PreTrainedTokenizerFast:
     )
 
 
-def _image_processor(family: Family) -> transformers.BaseImageProcessor:
+def _image_processor(family: Family, image_size: int = IMAGE_SIZE) -> transformers.BaseImageProcessor:
     """Return the family's real image processor, preferring the PIL backend (no torchvision needed)."""
     common = {"image_mean": CLIP_MEAN, "image_std": CLIP_STD, "do_convert_rgb": True}
     if family == "llava":
         cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
         return cls(
-            size={"shortest_edge": IMAGE_SIZE},
-            crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+            size={"shortest_edge": image_size},
+            crop_size={"height": image_size, "width": image_size},
             do_center_crop=True,
             **common,
         )
@@ -164,21 +166,25 @@ def _image_processor(family: Family) -> transformers.BaseImageProcessor:
     return cls(size={"shortest_edge": pixels, "longest_edge": pixels}, patch_size=4, merge_size=2, **common)
 
 
-def build_processor(family: Family = "llava") -> ProcessorMixin:
+def build_processor(
+    family: Family = "llava", words: Sequence[str] = SYNTHETIC_WORDS, image_size: int = IMAGE_SIZE
+) -> ProcessorMixin:
     """Build the HF processor (tokenizer + image processor + chat template) of a tiny VLM.
 
     Args:
         family: Model family.
+        words: The data's vocabulary (see :func:`build_tokenizer`).
+        image_size: Square image side the image processor resizes to (LLaVA only; Qwen2-VL keeps 32).
 
     Returns:
         A ``LlavaProcessor`` or :class:`Qwen2VLImageOnlyProcessor` (a ``Qwen2VLProcessor``); either expands
         each image placeholder to 16 image tokens.
     """
-    tokenizer = build_tokenizer(family)
+    tokenizer = build_tokenizer(family, words)
     template = _CHAT_TEMPLATE.replace("IMAGE_PLACEHOLDER", _IMAGE_PLACEHOLDER[family])
     if family == "llava":
         return LlavaProcessor(
-            image_processor=_image_processor(family),
+            image_processor=_image_processor(family, image_size),
             tokenizer=tokenizer,
             patch_size=8,
             vision_feature_select_strategy="default",
@@ -338,8 +344,8 @@ def resolve_model(
     """Load a model and processor by tiny-model name or local directory (never from the hub).
 
     Args:
-        name_or_path: ``"tiny-llava"``, ``"tiny-qwen2_vl"`` or a local directory holding a saved
-            image-text-to-text model and its processor.
+        name_or_path: ``"scenes-llava"`` (the embedded trained model), ``"tiny-llava"``, ``"tiny-qwen2_vl"`` or a
+            local directory holding a saved image-text-to-text model and its processor.
         dtype: Optional ``"float32"``, ``"bfloat16"`` or ``"float16"``; default keeps fp32 for tiny
             models and the checkpoint's dtype otherwise.
 
@@ -350,8 +356,10 @@ def resolve_model(
         FileNotFoundError: If the name is not a tiny model and no such directory exists.
         ValueError: If the directory is not an HF model directory, or the dtype is unknown.
     """
+    from lightning_tlq.models.scenes import embedded_path
+
     torch_dtype = _resolve_dtype(dtype)
-    name = str(name_or_path)
+    name = embedded_path(str(name_or_path))
     if name in TINY_MODELS:
         model, processor = build_tiny_vlm(TINY_MODELS[name])
         return (model.to(torch_dtype) if torch_dtype else model), processor
