@@ -24,6 +24,8 @@ from lightning_tlq.distributed import Collective, shard_batches
 from lightning_tlq.export import PACKED_DIRNAME, export_format, save_qparams, write_packed
 from lightning_tlq.importance import TokenImportance
 from lightning_tlq.loop import CalibrationLoop
+from lightning_tlq.models.scenes import model_task
+from lightning_tlq.models.tiny import DEFAULT_MODEL
 from lightning_tlq.module import TLQModule
 from lightning_tlq.preflight import (
     check_batches,
@@ -40,7 +42,7 @@ from lightning_tlq.resume import LayerCheckpoint, partial_dir, prepare_partial_d
 
 
 def calibrate(
-    model: str = "tiny-llava",
+    model: str = DEFAULT_MODEL,
     data: DataArgs = DataArgs(),
     quant: QuantArgs = QuantArgs(),
     importance: ImportanceArgs = ImportanceArgs(),
@@ -68,8 +70,10 @@ def calibrate(
     :func:`lightning_tlq.actquant.apply_saved_activation_quant` applied.
 
     Args:
-        model: a local Hugging Face model directory, or a built-in tiny model: ``tiny-llava``, ``tiny-qwen2_vl``.
-        data: calibration data (default: the built-in synthetic image-question set).
+        model: a local Hugging Face model directory, the embedded trained ``scenes-llava`` (default), or a built-in
+            random tiny model: ``tiny-llava``, ``tiny-qwen2_vl``.
+        data: calibration data (default: the calibration split of the task the model was trained on; the scenes
+            task for ``scenes-llava``, the synthetic shapes set for the tiny models).
         quant: quantization settings, incl. ``method``.
         importance: token importance settings.
         token_set: token-level calibration set settings.
@@ -146,7 +150,7 @@ def _main(
     structure = model_on_meta(model)
     check_quantizable(structure, quant)
     limit = resolve_max_length(data.max_length, model_max_length(structure))
-    samples = load_samples(data)
+    samples = load_samples(data, model_task(structure.config))
     shard = shard_batches(len(samples), data.batch_size, fabric.world_size, fabric.global_rank)
     # Every rank validates every sample: a bad one then fails all ranks alike instead of leaving the others waiting.
     encoded = encode_samples(load_processor_for(model), samples, limit)

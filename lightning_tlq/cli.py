@@ -14,7 +14,7 @@ same processes.
 
 Examples::
 
-    lightning-tlq calibrate --overwrite true                          # tiny LLaVA, synthetic data, W4A16 g128
+    lightning-tlq calibrate --overwrite true                          # scenes-llava, its calibration split, W4A16 g128
     lightning-tlq calibrate --config configs/tiny_llava_w3a16_g64.yaml --quant.bits 2
     lightning-tlq calibrate --model.model_name_or_path /ckpt/llava --data.path calib.jsonl --trainer.devices 2
     lightning-tlq evaluate --model.model_name_or_path tlq_out --data.seed 1 --output_dir tlq_eval

@@ -15,6 +15,7 @@ from lightning_tlq.core.quantizer import QuantSpec
 Method = Literal["rtn", "gptq", "tlq"]
 Score = Literal["fisher", "grad_abs", "taylor"]
 ImportanceMode = Literal["token", "modality", "none"]
+DataSplit = Literal["calibration", "validation", "test"]
 
 _METHODS = ("rtn", "gptq", "tlq")
 _SCORES = ("fisher", "grad_abs", "taylor")
@@ -138,8 +139,15 @@ class DataArgs:
     """Reject samples longer than this many tokens (default: the model's limit). Never truncates."""
     seed: int = 0
     """Seed of the synthetic data."""
+    split: DataSplit | None = None
+    """Split of the built-in task when ``path`` is None: ``calibration`` (the task's training split),
+    ``validation`` or ``test`` (never calibrated on); None = the subcommand's default (``calibrate``: calibration,
+    ``evaluate``: test). The scenes task of the embedded model has disjoint splits; the tiny models' shapes task
+    has none (use another ``seed`` for held-out data)."""
 
     def __post_init__(self) -> None:
+        if self.split is not None:
+            _check_choice("data.split", self.split, ("calibration", "validation", "test"))
         if self.num_samples < 1:
             raise ValueError(f"data.num_samples={self.num_samples} must be >= 1.")
         if self.batch_size < 1:

@@ -24,16 +24,32 @@ from lightning_tlq.config import DataArgs
 from lightning_tlq.data import Sample, collate, encode_sample, load_jsonl, synthetic_samples
 
 
-def load_samples(data: DataArgs) -> list[Sample]:
-    """The first ``data.num_samples`` samples of ``data.path``, or that many synthetic ones.
+def load_samples(data: DataArgs, task: str | None = None, default_split: str = "calibration") -> list[Sample]:
+    """The first ``data.num_samples`` samples of ``data.path``, or that many of the built-in task's.
+
+    Args:
+        data: The data settings.
+        task: The built-in task when ``data.path`` is None: ``"scenes"`` (what the embedded model was trained on;
+            its ``data.split``) or None for the tiny models' shapes set.
+        default_split: The split used when ``data.split`` is None.
 
     Raises:
         FileNotFoundError: If the JSONL or one of its images is missing.
         ValueError: On a corrupt image, bad JSON, an empty answer or an empty file (the message names the line).
     """
     if data.path is None:
+        if task == "scenes":
+            return scenes_samples(data.split or default_split, data.num_samples, seed=data.seed)
         return synthetic_samples(data.num_samples, seed=data.seed)
     return load_jsonl(data.path, image_root=data.image_root)[: data.num_samples]
+
+
+def scenes_samples(split: str, n: int, seed: int = 0) -> list[Sample]:
+    """``n`` samples of the scenes task's ``split`` (``calibration`` is its training split)."""
+    from lightning_tlq.tasks import scenes
+
+    name = "train" if split == "calibration" else split
+    return [Sample(e.pil(), e.question, e.answer, e.kind) for e in scenes.take(name, n, seed=seed)]
 
 
 def encode_samples(processor: Any, samples: Sequence[Sample], max_length: int | None) -> list[dict[str, torch.Tensor]]:
@@ -68,6 +84,7 @@ class CalibrationDataModule(pl.LightningDataModule):
         batch_size: Samples per batch.
         max_length: Reject samples longer than this many tokens (default: the model's limit). Never truncates.
         seed: Seed of the synthetic data (and of the training shuffle).
+        split: Split of the built-in task when ``path`` is None (see :class:`~lightning_tlq.config.DataArgs`).
     """
 
     def __init__(
@@ -78,6 +95,7 @@ class CalibrationDataModule(pl.LightningDataModule):
         batch_size: int = 4,
         max_length: int | None = None,
         seed: int = 0,
+        split: str | None = None,
     ) -> None:
         super().__init__()
         self.args = DataArgs(
@@ -87,13 +105,14 @@ class CalibrationDataModule(pl.LightningDataModule):
             batch_size=batch_size,
             max_length=max_length,
             seed=seed,
+            split=split,  # type: ignore[arg-type]
         )
         self.samples: list[Sample] | None = None
         self.encoded: list[dict[str, torch.Tensor]] | None = None
         self.pad_token_id: int | None = None
 
     def prepare(
-        self, processor: Any, pad_token_id: int | None, model_max_length: int | None = None
+        self, processor: Any, pad_token_id: int | None, model_max_length: int | None = None, task: str | None = None
     ) -> CalibrationDataModule:
         """Load and encode the samples with ``processor``; every error names the offending sample.
 
@@ -101,11 +120,12 @@ class CalibrationDataModule(pl.LightningDataModule):
             processor: The model's multimodal processor.
             pad_token_id: Token id that pads ``input_ids`` (the model's).
             model_max_length: The model's position limit; ``max_length`` may not exceed it.
+            task: The built-in task used when ``path`` is None (``"scenes"``; None: the shapes set).
         """
         from lightning_tlq.preflight import resolve_max_length
 
         limit = resolve_max_length(self.args.max_length, model_max_length)
-        self.samples = load_samples(self.args)
+        self.samples = load_samples(self.args, task)
         self.encoded = encode_samples(processor, self.samples, limit)
         self.pad_token_id = pad_token_id if pad_token_id is not None else processor.tokenizer.pad_token_id
         return self
@@ -122,9 +142,10 @@ class CalibrationDataModule(pl.LightningDataModule):
                 "`processor` attributes."
             )
         from lightning_tlq.adapters import get_adapter
+        from lightning_tlq.models.scenes import model_task
         from lightning_tlq.preflight import model_max_length
 
-        self.prepare(processor, get_adapter(model).pad_token_id, model_max_length(model))
+        self.prepare(processor, get_adapter(model).pad_token_id, model_max_length(model), model_task(model.config))
 
     def _loader(self, shuffle: bool) -> DataLoader:
         self._ensure_prepared()

@@ -11,22 +11,22 @@ from torch import Tensor
 from lightning_tlq.adapters import VLMAdapter, get_adapter
 from lightning_tlq.adapters.vision import vision_adapter
 from lightning_tlq.importance import enable_activation_grads
-from lightning_tlq.models.tiny import resolve_model
+from lightning_tlq.models.tiny import DEFAULT_MODEL, resolve_model
 
 
 class TLQModule(pl.LightningModule):
     """A frozen HF vision-language model whose loss is the SFT loss on answer tokens.
 
     Args:
-        model_name_or_path: a local Hugging Face model directory, or a built-in tiny model name (``tiny-llava``,
-            ``tiny-qwen2_vl``).
+        model_name_or_path: a local Hugging Face model directory, the embedded trained ``scenes-llava`` (default),
+            or a built-in random tiny model (``tiny-llava``, ``tiny-qwen2_vl``).
         dtype: ``float32``, ``bfloat16`` or ``float16``.
 
     The model is built in :meth:`configure_model` (once), all weights have ``requires_grad=False``, and
     :meth:`sft_loss` makes activation gradients available for importance collection.
     """
 
-    def __init__(self, model_name_or_path: str = "tiny-llava", dtype: str = "float32") -> None:
+    def __init__(self, model_name_or_path: str = DEFAULT_MODEL, dtype: str = "float32") -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model: Any = None

@@ -20,7 +20,8 @@ from lightning_tlq.cli import main
 from lightning_tlq.models import save_tiny_vlm
 from lightning_tlq.report import REPORT_NAME
 
-SMALL = ["--data.num_samples", "8", "--data.batch_size", "4", "--trainer.accelerator", "cpu", "--quiet", "true"]
+SMALL = ["--model.model_name_or_path", "tiny-llava", "--data.num_samples", "8", "--data.batch_size", "4",
+         "--trainer.accelerator", "cpu", "--quiet", "true"]  # fmt: skip
 
 
 @pytest.fixture

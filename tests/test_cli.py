@@ -41,7 +41,7 @@ def test_help_lists_the_subcommands(capsys):
 
 def test_print_config_has_the_lightning_groups_and_the_method_arguments(capsys):
     cfg = _printed(capsys, "calibrate")
-    assert cfg["model"] == {"model_name_or_path": "tiny-llava", "dtype": "float32"}
+    assert cfg["model"] == {"model_name_or_path": "scenes-llava", "dtype": "float32"}
     assert cfg["data"]["num_samples"] == 64
     assert cfg["trainer"]["logger"] is False
     assert cfg["seed_everything"] == 0
@@ -80,8 +80,9 @@ def test_readme_first_command(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     main(["calibrate", "--overwrite", "true"])  # README: lightning-tlq calibrate --overwrite true
     report = json.loads((tmp_path / "tlq_out" / REPORT_NAME).read_text())
-    assert report["model"] == "tiny-llava"
+    assert report["model"] == "scenes-llava"
     assert report["data"]["samples"] == 64
+    assert len(report["layers"]) == 8
     assert "mean relative output error" in capsys.readouterr().out
 
 

@@ -33,8 +33,8 @@ class ScenesModelShape:
     """Sizes of the scenes LLaVA; the defaults are the shipped model's."""
 
     hidden_size: int = 256
-    intermediate_size: int = 1024
-    num_hidden_layers: int = 6
+    intermediate_size: int = 768
+    num_hidden_layers: int = 8
     num_attention_heads: int = 4
     vision_hidden_size: int = 128
     vision_intermediate_size: int = 512
