@@ -7,6 +7,7 @@ from lightning_tlq.callbacks import TLQCallback
 from lightning_tlq.config import DataArgs, ImportanceArgs, QuantArgs, TokenSetArgs
 from lightning_tlq.datamodule import CalibrationDataModule
 from lightning_tlq.evaluate import evaluate
+from lightning_tlq.harness import ReferenceLogits, evaluate_model, reference_logits
 from lightning_tlq.importance import TokenImportance
 from lightning_tlq.loop import CalibrationLoop
 from lightning_tlq.module import TLQModule
@@ -26,6 +27,7 @@ __all__ = [
     "LayerCheckpoint",
     "LayerStage",
     "QuantArgs",
+    "ReferenceLogits",
     "TLQCallback",
     "TLQModule",
     "TokenImportance",
@@ -37,7 +39,9 @@ __all__ = [
     "apply_saved_activation_quant",
     "calibrate",
     "evaluate",
+    "evaluate_model",
     "get_adapter",
+    "reference_logits",
     "register_adapter",
     "supported_model_types",
 ]

@@ -113,17 +113,22 @@ class TLQTrainer(pl.Trainer):
         output_dir: str = "tlq_eval",
         overwrite: bool = False,
         max_new_tokens: int = 8,
+        reference_model: str | None = None,
         quiet: bool = False,
     ) -> dict[str, Any]:
-        """Evaluate a (quantized) VLM: answer-token loss and perplexity, exact match of greedy answers.
+        """Evaluate a (quantized) VLM: exact match per question type, answer-token NLL and perplexity, KL divergence
+        to a full-precision reference.
 
         Args:
             model: The model to evaluate, e.g. ``--model.model_name_or_path tlq_out``.
-            datamodule: Evaluation data (use held-out samples: another JSONL or another ``--data.seed``).
+            datamodule: Evaluation data (use held-out samples: another JSONL or another ``--data.seed``); JSONL
+                records may carry a ``kind`` (question type) for per-type metrics.
             output_dir: Where ``metrics.json`` goes.
             overwrite: Replace ``output_dir`` if it exists.
             max_new_tokens: Greedy generation length per answer.
-            quiet: No summary line.
+            reference_model: The full-precision model (local directory or tiny model; same tokenizer and
+                vocabulary): report KL(P_ref || P_model) at every answer token, both models on the same batches.
+            quiet: No progress bar and no summary line.
 
         Returns:
             The metrics (also written to ``output_dir/metrics.json``).
@@ -137,6 +142,7 @@ class TLQTrainer(pl.Trainer):
             overwrite=overwrite,
             max_new_tokens=max_new_tokens,
             dtype=model.hparams.dtype,
+            reference_model=reference_model,
             seed=_global_seed(),
             quiet=quiet,
             loggers=self.loggers,

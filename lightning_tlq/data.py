@@ -1,7 +1,7 @@
 """Calibration data for vision-language models: samples, encoding, batching and token masks.
 
 A :class:`Sample` is an image with a question and a short answer. :func:`encode_sample` turns it into the
-processor's tensors plus ``labels`` that supervise only the answer, :func:`collate` right-pads samples into a
+processor's tensors plus ``labels`` that supervise only the answer, :func:`collate` pads samples into a
 batch, and :func:`token_masks` splits a batch's positions into image, text, answer and padding tokens.
 """
 
@@ -13,7 +13,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
@@ -348,10 +348,10 @@ def encode_sample(
 # --------------------------------------------------------------------------------------------- batching
 
 
-def _pad_right(tensors: list[torch.Tensor], value: int) -> torch.Tensor:
+def _pad(tensors: list[torch.Tensor], value: int, side: str) -> torch.Tensor:
     length = max(t.shape[-1] for t in tensors)
-    padded = [torch.nn.functional.pad(t, (0, length - t.shape[-1]), value=value) for t in tensors]
-    return torch.cat(padded, dim=0)
+    widths = [(0, length - t.shape[-1]) if side == "right" else (length - t.shape[-1], 0) for t in tensors]
+    return torch.cat([torch.nn.functional.pad(t, w, value=value) for t, w in zip(tensors, widths)], dim=0)
 
 
 def prompt_inputs(encoded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -361,20 +361,26 @@ def prompt_inputs(encoded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: (v[:, :start] if k in _PAD_VALUES else v) for k, v in encoded.items() if k != "labels"}
 
 
-def collate(encoded: Sequence[dict[str, torch.Tensor]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad sequence tensors and concatenate everything else along dim 0.
+def collate(
+    encoded: Sequence[dict[str, torch.Tensor]], pad_token_id: int, padding_side: Literal["right", "left"] = "right"
+) -> dict[str, torch.Tensor]:
+    """Pad sequence tensors (on the right by default) and concatenate everything else along dim 0.
 
     ``input_ids`` are padded with ``pad_token_id``, ``attention_mask`` / ``mm_token_type_ids`` with 0 and
     ``labels`` with -100. Other tensors (LLaVA ``pixel_values [1, 3, H, W]``, Qwen2-VL packed
     ``pixel_values [patches, C]`` and ``image_grid_thw [1, 3]``) are concatenated.
 
     Args:
-        encoded: Outputs of :func:`encode_sample`, all with the same keys.
+        encoded: Outputs of :func:`encode_sample` (or :func:`prompt_inputs`), all with the same keys.
         pad_token_id: Token id used to pad ``input_ids``.
+        padding_side: ``"right"`` for loss computation, ``"left"`` for batched generation (every prompt then ends
+            at the last position, where generation continues).
 
     Returns:
         The batch.
     """
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"padding_side={padding_side!r} is not supported; choose 'right' or 'left'.")
     if not encoded:
         raise ValueError("collate() got no samples.")
     keys = set(encoded[0])
@@ -386,7 +392,7 @@ def collate(encoded: Sequence[dict[str, torch.Tensor]], pad_token_id: int) -> di
         tensors = [item[key] for item in encoded]
         if key in _PAD_VALUES:
             value = _PAD_VALUES[key]
-            batch[key] = _pad_right(tensors, pad_token_id if value is None else value)
+            batch[key] = _pad(tensors, pad_token_id if value is None else value, padding_side)
         else:
             batch[key] = torch.cat(tensors, dim=0)
     return batch

@@ -1,18 +1,38 @@
-"""``lightning-tlq evaluate``: answer-token SFT loss / perplexity and exact-match accuracy of greedy answers.
+"""``lightning-tlq evaluate``: exact match of greedy answers (overall and per question type), answer-token NLL and
+perplexity, and the KL divergence of the answer distributions to a full-precision reference model.
 
 Works on any model ``calibrate`` accepts, including its output directory (fake-quantized weights; a recorded W4A8
-activation scheme is applied, as at inference), on a JSONL of image-question-answer records or the synthetic set;
-writes ``metrics.json``. Samples are sharded over processes
-without padding or repetition and the sums are reduced with torchmetrics, so the numbers do not depend on the
-number of processes.
+activation scheme is applied, as at inference), on a JSONL of ``{"image", "question", "answer", "kind"?}`` records
+or the synthetic set; writes ``metrics.json`` atomically. With ``reference_model`` (e.g. the model that was
+quantized) both models run on the same batches, and KL(P_ref || P_model) over the vocabulary is averaged over every
+answer token (teacher-forced on the reference answer). Samples are sharded over processes without padding or
+repetition; the metrics are torchmetrics states summed over processes, so the numbers do not depend on the
+number of processes. The harness itself (batched greedy generation, the metrics) is :mod:`lightning_tlq.harness`.
+
+``metrics.json``: ``model``, ``reference_model``, ``samples``, ``answer_tokens``, ``exact_match``, ``nll``,
+``perplexity``, ``kl_to_reference`` (with a reference), ``overall`` (the same plus ``correct``), ``per_type``
+(the same per question type; samples without a ``kind`` under ``""``), ``activation_bits``, ``settings``,
+``examples`` (the first 8 samples: question, answer, prediction, correct, nll, kl) and ``seconds``.
+
+In process, without a Fabric launch (a benchmark runner evaluating many quantized variants against one
+full-precision reference on the same data; the reference's forward runs once)::
+
+    from lightning_tlq.data import load_jsonl
+    from lightning_tlq.harness import evaluate_model, load_module, reference_logits
+
+    samples = load_jsonl("eval.jsonl")
+    reference = reference_logits(load_module("ckpt/fp"), samples, batch_size=8)
+    for path in ("out/w4", "out/w3"):
+        metrics = evaluate_model(load_module(path), samples, reference=reference, batch_size=8)
+
+``evaluate_model`` takes any ``TLQModule`` (``TLQModule().attach(model, processor)`` for a model already in
+memory) and returns the same dict as ``metrics.json`` minus the run's settings.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -20,75 +40,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from lightning_tlq.config import DataArgs
-from lightning_tlq.data import IGNORE_INDEX, Sample, collate, prompt_inputs
+from lightning_tlq.data import Sample, encode_sample
 from lightning_tlq.datamodule import encode_samples, load_samples
-from lightning_tlq.module import TLQModule
-from lightning_tlq.module import answer_loss as summed_answer_loss
-from lightning_tlq.preflight import (
-    check_finite_weights,
-    load_processor_for,
-    model_max_length,
-    model_on_meta,
-    resolve_max_length,
+from lightning_tlq.harness import (
+    NUM_EXAMPLES,
+    activation_bits,
+    check_reference,
+    evaluate_shard,
+    load_module,
+    normalize_answer,
 )
+from lightning_tlq.preflight import load_processor_for, model_max_length, model_on_meta, resolve_max_length
 from lightning_tlq.report import atomic_output_dir, check_output_dir
 
+__all__ = ["METRICS_NAME", "evaluate", "normalize_answer"]
+
 METRICS_NAME = "metrics.json"
-_NUM_EXAMPLES = 8
-
-
-def normalize_answer(text: str) -> str:
-    """Lower-case, drop punctuation, collapse whitespace (what exact match compares)."""
-    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
-
-
-def answer_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Summed next-token cross-entropy over answer tokens (the calibration's SFT loss) and their count."""
-    return summed_answer_loss(logits, labels), (labels[:, 1:] != IGNORE_INDEX).sum()
-
-
-@torch.no_grad()
-def evaluate_samples(
-    module: TLQModule,
-    samples: Sequence[Sample],
-    encoded: Sequence[dict[str, Tensor]],
-    *,
-    batch_size: int,
-    max_new_tokens: int,
-    device: torch.device,
-) -> dict[str, Any]:
-    """Loss sums (batched) and greedy answers (one sample at a time) on this process's samples.
-
-    Returns:
-        ``torchmetrics`` sum metrics (``loss``, ``tokens``, ``correct``, ``samples``) and this shard's examples.
-    """
-    from torchmetrics import SumMetric
-
-    sums = {name: SumMetric().to(device) for name in ("loss", "tokens", "correct", "samples")}
-    model, processor, adapter = module.model, module.processor, module.adapter
-    for start in range(0, len(encoded), batch_size):
-        batch = collate(encoded[start : start + batch_size], adapter.pad_token_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        loss, tokens = answer_loss(module(batch), batch["labels"])
-        sums["loss"].update(loss)
-        sums["tokens"].update(tokens.float())
-    examples = []
-    for sample, item in zip(samples, encoded):
-        inputs = {k: v.to(device) for k, v in prompt_inputs(item).items()}
-        prompt_len = inputs["input_ids"].shape[1]
-        out = model.generate(
-            **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=adapter.pad_token_id
-        )
-        prediction = processor.tokenizer.decode(out[0, prompt_len:], skip_special_tokens=True).strip()
-        correct = normalize_answer(prediction) == normalize_answer(sample.answer)
-        sums["correct"].update(torch.tensor(float(correct), device=device))
-        sums["samples"].update(torch.tensor(1.0, device=device))
-        examples.append({"question": sample.question, "answer": sample.answer, "prediction": prediction})
-        examples[-1]["correct"] = correct
-    return {"sums": sums, "examples": examples}
 
 
 def evaluate(
@@ -98,6 +67,7 @@ def evaluate(
     overwrite: bool = False,
     max_new_tokens: int = 8,
     dtype: str = "float32",
+    reference_model: str | None = None,
     accelerator: str = "auto",
     devices: int | list[int] = 1,
     num_nodes: int = 1,
@@ -106,19 +76,21 @@ def evaluate(
     seed: int = 0,
     quiet: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate a (quantized) VLM: answer-token SFT loss and perplexity, exact match of greedy answers.
+    """Evaluate a (quantized) VLM: exact match per question type, answer-token NLL/perplexity, KL to a reference.
 
     Args:
         model: a local Hugging Face model directory (e.g. the output of ``calibrate``) or a built-in tiny model.
-        data: evaluation data (use held-out samples: another JSONL, or another synthetic ``data.seed``).
+        data: evaluation data (use held-out samples: another JSONL, or another synthetic ``data.seed``);
+            ``data.batch_size`` samples per forward and per ``generate`` call.
         output_dir: where ``metrics.json`` goes.
         overwrite: replace ``output_dir`` if it exists.
         max_new_tokens: greedy generation length per answer.
-        dtype: dtype the model runs in.
+        dtype: dtype both models run in.
+        reference_model: the full-precision model (same tokenizer and vocabulary) for ``kl_to_reference``.
         accelerator, devices, num_nodes, strategy: Fabric settings.
         loggers: Lightning loggers that receive the metrics (``eval/...``).
         seed: global seed.
-        quiet: do not print the summary.
+        quiet: no progress bar and no summary.
 
     Returns:
         The metrics (also written to ``output_dir/metrics.json``).
@@ -128,27 +100,41 @@ def evaluate(
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1.")
     check_output_dir(output_dir, overwrite)
+    if reference_model is not None:
+        _reference_structure(reference_model)  # a missing or unsupported reference fails before any process starts
     fabric = build_fabric(accelerator, devices, num_nodes, strategy, loggers)
-    args = (model, data, output_dir, overwrite, max_new_tokens, dtype, seed, quiet)
+    args = (model, reference_model, data, output_dir, overwrite, max_new_tokens, dtype, seed, quiet)
     if os.environ.get("LT_CLI_USED"):
         return _main(fabric, *args)
     return fabric.launch(_main, *args)
 
 
-def _apply_saved_activation_quant(model: Any) -> int | None:
-    """Apply a lightning-tlq checkpoint's recorded activation quantization; its bit width (None: weight-only)."""
-    from lightning_tlq.actquant import CONFIG_KEY, apply_saved_activation_quant, saved_quantization_config
+def _reference_structure(reference_model: str) -> Any:
+    try:
+        return model_on_meta(reference_model)
+    except (FileNotFoundError, ValueError) as err:
+        raise type(err)(f"reference_model={reference_model!r}: {err}") from err
 
-    if getattr(model.config, CONFIG_KEY, None) is None:
-        return None  # not a lightning-tlq output (e.g. the full-precision model)
-    activations = saved_quantization_config(model).get("input_activations")
-    apply_saved_activation_quant(model)  # forward pre-hooks, kept for the whole evaluation
-    return int(activations["num_bits"]) if activations else None
+
+def _check_reference(
+    model: str, reference_model: str, structure: Any, processor: Any, sample: Sample, item: dict, limit: int | None
+) -> None:
+    """Same vocabulary, same tokenizer and the same encoding of the first sample, before any weights load."""
+    reference_processor = load_processor_for(reference_model)
+    names = (model, reference_model)
+    check_reference(structure, processor, _reference_structure(reference_model), reference_processor, names=names)
+    theirs = encode_sample(reference_processor, sample, limit)
+    if theirs.keys() != item.keys() or any(not torch.equal(theirs[key], item[key]) for key in item):
+        raise ValueError(
+            f"reference_model {reference_model!r} encodes sample 0 differently from model {model!r} (another chat "
+            "template or image processing): both models must read the same inputs."
+        )
 
 
 def _main(
     fabric: Any,
     model: str,
+    reference_model: str | None,
     data: DataArgs,
     output_dir: str,
     overwrite: bool,
@@ -159,48 +145,71 @@ def _main(
 ) -> dict[str, Any]:
     start = time.perf_counter()
     fabric.seed_everything(seed, verbose=False)
-    limit = resolve_max_length(data.max_length, model_max_length(model_on_meta(model)))
+    structure = model_on_meta(model)
+    limit = resolve_max_length(data.max_length, model_max_length(structure))
     samples = load_samples(data)
-    encoded = encode_samples(load_processor_for(model), samples, limit)
-    module = TLQModule(model, dtype=dtype)
-    module.configure_model()
-    check_finite_weights(module.model)
-    act_bits = _apply_saved_activation_quant(module.model)
-    module.model.to(fabric.device)
+    processor = load_processor_for(model)
+    encoded = encode_samples(processor, samples, limit)
+    if reference_model is not None:
+        _check_reference(model, reference_model, structure, processor, samples[0], encoded[0], limit)
+    module = load_module(model, dtype, fabric.device)
+    reference = load_module(reference_model, dtype, fabric.device) if reference_model is not None else None
     rank, world = fabric.global_rank, fabric.world_size
-    shard = evaluate_samples(
-        module,
-        samples[rank::world],
-        encoded[rank::world],
-        batch_size=data.batch_size,
-        max_new_tokens=max_new_tokens,
-        device=fabric.device,
-    )
-    totals = {name: float(metric.compute()) for name, metric in shard["sums"].items()}  # reduced over processes
-    loss = totals["loss"] / totals["tokens"]
+    shard = evaluate_shard(
+        module, samples[rank::world], encoded[rank::world], reference=reference,
+        kinds=sorted({s.kind for s in samples}), indices=range(rank, len(samples), world),
+        batch_size=data.batch_size, max_new_tokens=max_new_tokens, progress=not quiet and fabric.is_global_zero,
+    )  # fmt: skip
+    result = shard.metrics.compute()  # reduced over processes
     metrics = {
         "model": model,
-        "samples": int(totals["samples"]),
-        "answer_tokens": int(totals["tokens"]),
-        "sft_loss": loss,
-        "perplexity": math.exp(loss),
-        "exact_match": totals["correct"] / totals["samples"],
-        "activation_bits": act_bits,
+        "reference_model": reference_model,
+        **result,
+        "activation_bits": activation_bits(module.model),
         "settings": {"data": asdict(data), "max_new_tokens": max_new_tokens, "dtype": dtype, "world_size": world},
-        "examples": shard["examples"][:_NUM_EXAMPLES],
+        "examples": _first_records(fabric, shard.records, NUM_EXAMPLES),
     }
-    fabric.log_dict({f"eval/{k}": metrics[k] for k in ("sft_loss", "perplexity", "exact_match")})
+    fabric.log_dict(_logged(result))
     if fabric.is_global_zero:
-        metrics["seconds"] = time.perf_counter() - start
+        metrics["seconds"] = {**shard.seconds, "total": time.perf_counter() - start}  # this process
         with atomic_output_dir(output_dir, overwrite) as tmp:
             (Path(tmp) / METRICS_NAME).write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
         if not quiet:
-            print(
-                f"lightning-tlq evaluate: {model} on {metrics['samples']} samples: answer-token loss "
-                f"{loss:.4f} (perplexity {metrics['perplexity']:.3f}), exact match {metrics['exact_match']:.3f}; "
-                f"saved to {Path(output_dir).resolve() / METRICS_NAME}"
-            )
+            print(_summary_line(metrics, Path(output_dir).resolve() / METRICS_NAME))
     fabric.barrier()
     for logger in fabric.loggers:
         logger.finalize("success")
     return metrics
+
+
+def _first_records(fabric: Any, records: list[dict[str, Any]], count: int) -> list[dict[str, Any]]:
+    """The records of the dataset's first ``count`` samples, gathered from every process."""
+    mine = [record for record in records if record["index"] < count]
+    if fabric.world_size > 1:
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * fabric.world_size
+        dist.all_gather_object(gathered, mine)
+        mine = [record for part in gathered for record in part]
+    return sorted(mine, key=lambda record: record["index"])
+
+
+def _logged(result: dict[str, Any]) -> dict[str, float]:
+    keys = ("exact_match", "nll", "perplexity", "kl_to_reference")
+    logged = {f"eval/{key}": result[key] for key in keys if key in result}
+    for kind, values in result["per_type"].items():
+        if kind and values["exact_match"] is not None:
+            logged[f"eval/{kind}/exact_match"] = values["exact_match"]
+    return logged
+
+
+def _summary_line(metrics: dict[str, Any], path: Path) -> str:
+    types = ", ".join(
+        f"{kind or '(no type)'} {v['exact_match']:.3f}" for kind, v in metrics["per_type"].items() if v["samples"]
+    )
+    kl = f", KL to reference {metrics['kl_to_reference']:.4g}" if "kl_to_reference" in metrics else ""
+    return (
+        f"lightning-tlq evaluate: {metrics['model']} on {metrics['samples']} samples: exact match "
+        f"{metrics['exact_match']:.3f} ({types}), answer-token NLL {metrics['nll']:.4f} (perplexity "
+        f"{metrics['perplexity']:.3f}){kl}; saved to {path}"
+    )

@@ -56,7 +56,8 @@ def test_print_config_has_the_lightning_groups_and_the_method_arguments(capsys):
         "checkpoint",
     } <= cfg.keys()
     cfg = _printed(capsys, "evaluate")
-    assert {"output_dir", "max_new_tokens"} <= cfg.keys()
+    assert {"output_dir", "max_new_tokens", "reference_model"} <= cfg.keys()
+    assert cfg["reference_model"] is None
     assert "quant" not in cfg
 
 

@@ -166,6 +166,23 @@ def test_collate_padding_values(tiny):
     assert batch["pixel_values"].shape[0] == sum(e["pixel_values"].shape[0] for e in encoded)
 
 
+def test_collate_left_pads_for_generation(tiny):
+    _, processor = tiny
+    pad_id = processor.tokenizer.pad_token_id
+    encoded = [encode_sample(processor, s) for s in _samples_of_different_lengths()]
+    right, left = collate(encoded, pad_id), collate(encoded, pad_id, padding_side="left")
+    for i, item in enumerate(encoded):
+        n = item["input_ids"].shape[1]
+        width = right["input_ids"].shape[1]
+        for key in ("input_ids", "attention_mask", "labels", "mm_token_type_ids"):
+            if key in item:
+                assert torch.equal(left[key][i, width - n :], item[key][0]), key
+                assert torch.equal(left[key][i, : width - n], right[key][i, n:]), key  # same pad values
+    assert torch.equal(left["pixel_values"], right["pixel_values"])
+    with pytest.raises(ValueError, match="padding_side='middle'"):
+        collate(encoded, pad_id, padding_side="middle")
+
+
 def test_collate_rejects_mismatched_keys(tiny):
     _, processor = tiny
     a, b = (encode_sample(processor, s) for s in synthetic_samples(2))

@@ -1,0 +1,478 @@
+"""The evaluation harness behind ``lightning-tlq evaluate``, usable in process (no Fabric launch).
+
+For every batch of samples (collated in order, ``batch_size`` at a time) it runs
+
+- a teacher-forced forward of the model on prompt + reference answer (right-padded batch): the float32
+  log-softmax at every position that predicts an answer token (``labels != -100``), computed only there
+  (``logits_to_keep``);
+- the same forward of the reference model on the same batch, or a lookup of its precomputed logits
+  (:func:`reference_logits`), for KL(P_ref || P_model) over the vocabulary at each of those positions;
+- one batched greedy ``generate`` call on the left-padded prompts (``do_sample=False``, ``num_beams=1``; the
+  checkpoint's other generation settings apply), whose answers are compared to the references after
+  :func:`normalize_answer`.
+
+Everything is accumulated in torchmetrics metrics with float64 states (float32 on MPS), one group over all samples
+and one per question type (``Sample.kind``; samples without one form the type ``""``): ``SumMetric`` (samples,
+correct answers, answer tokens), ``MeanMetric`` (per-token NLL, and per-token KL from
+``torchmetrics.functional.kl_divergence``) and ``torchmetrics.text.Perplexity``. Their ``compute`` sums the states
+over processes, so results do not depend on how the samples are sharded, provided every process passes the same
+``kinds``.
+
+Example (a benchmark runner: many quantized variants against one full-precision reference on the same data)::
+
+    from lightning_tlq.data import synthetic_samples
+    from lightning_tlq.harness import evaluate_model, load_module, reference_logits
+
+    samples = synthetic_samples(64, seed=1)  # or lightning_tlq.data.load_jsonl("eval.jsonl")
+    reference = reference_logits(load_module("ckpt/fp"), samples, batch_size=8)  # FP forward once
+    for path in ("out/w4", "out/w3", "out/w2"):
+        metrics = evaluate_model(load_module(path), samples, reference=reference, batch_size=8)
+        print(path, metrics["exact_match"], metrics["kl_to_reference"], metrics["per_type"])
+
+``reference_logits`` keeps the model's float32 logits at the answer positions on the CPU (``answer tokens x
+vocabulary`` x 4 bytes, e.g. 64 samples x 3 tokens x 152k = 117 MB; logits rather than log-probabilities, since a
+float32 log-softmax would add rounding errors of ~1e-7 x |log p| that enter the KL linearly: both distributions
+are normalised in float64 when used). Pass the reference module itself instead to run it beside the model on every
+batch (nothing stored, both models in memory).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_tlq.answer_metrics import AnswerMetrics
+from lightning_tlq.data import IGNORE_INDEX, Sample, collate, prompt_inputs
+from lightning_tlq.module import TLQModule
+
+__all__ = [
+    "AnswerMetrics",
+    "ReferenceLogits",
+    "ShardResult",
+    "activation_bits",
+    "check_reference",
+    "evaluate_model",
+    "evaluate_shard",
+    "greedy_answers",
+    "load_module",
+    "normalize_answer",
+    "output_vocab_size",
+    "reference_logits",
+]
+
+NUM_EXAMPLES = 8
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, drop punctuation, collapse whitespace (what exact match compares)."""
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+@dataclass
+class ReferenceLogits:
+    """A reference model's logits at every answer position of a list of samples (teacher-forced).
+
+    Attributes:
+        logits: Per sample, ``[answer_tokens, vocab]`` float32 logits at the positions that predict its answer
+            tokens, in order (CPU).
+        model: What the reference is, for reports (e.g. its path).
+    """
+
+    logits: list[Tensor]
+    model: str | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of logits per position."""
+        return int(self.logits[0].shape[-1])
+
+
+# --------------------------------------------------------------------------------------------- models
+
+
+def load_module(name_or_path: str, dtype: str = "float32", device: torch.device | str | None = None) -> TLQModule:
+    """Build a model for evaluation: weights checked for NaN/Inf, a saved W4A8 activation scheme applied.
+
+    Args:
+        name_or_path: A local Hugging Face directory (e.g. ``calibrate``'s output) or a built-in tiny model.
+        dtype: ``float32``, ``bfloat16`` or ``float16``.
+        device: Where to put it (default: stays on the CPU).
+    """
+    from lightning_tlq.preflight import check_finite_weights
+
+    module = TLQModule(name_or_path, dtype=dtype)
+    module.configure_model()
+    check_finite_weights(module.model)
+    if _has_saved_scheme(module.model):
+        from lightning_tlq.actquant import apply_saved_activation_quant
+
+        apply_saved_activation_quant(module.model)  # forward pre-hooks, kept for the module's lifetime
+    if device is not None:
+        module.model.to(device)
+    return module
+
+
+def _has_saved_scheme(model: Any) -> bool:
+    from lightning_tlq.actquant import CONFIG_KEY
+
+    return getattr(model.config, CONFIG_KEY, None) is not None
+
+
+def activation_bits(model: Any) -> int | None:
+    """Activation bits recorded in a lightning-tlq checkpoint's config (None: weight-only or not ours)."""
+    if not _has_saved_scheme(model):
+        return None
+    from lightning_tlq.actquant import saved_quantization_config
+
+    activations = saved_quantization_config(model).get("input_activations")
+    return int(activations["num_bits"]) if activations else None
+
+
+def _device(module: TLQModule) -> torch.device:
+    return next(module.model.parameters()).device
+
+
+def _pad_id(module: TLQModule) -> int:
+    """The model's pad id, else the tokenizer's, else its eos (padding is masked out either way)."""
+    tokenizer = module.processor.tokenizer
+    for value in (module.adapter.pad_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if value is not None:
+            return int(value)
+    raise ValueError("The model and its tokenizer define neither a pad nor an eos token id; set `pad_token_id`.")
+
+
+def output_vocab_size(model: Any) -> int:
+    """Logits per position: the output embedding's rows (works on the ``meta`` device)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and getattr(head, "weight", None) is not None:
+        return int(head.weight.shape[0])
+    return int(model.config.get_text_config().vocab_size)
+
+
+def check_reference(
+    model: Any, processor: Any, reference: Any, reference_processor: Any, *, names: tuple[str, str] = ("", "")
+) -> None:
+    """Raise unless the reference scores the same token sequences over the same vocabulary as the model.
+
+    Works on full models and on their ``meta``-device structure (no weights needed).
+
+    Raises:
+        ValueError: If the logit counts or the tokenizers' vocabularies differ.
+    """
+    what = f"reference_model {names[1]!r}" if names[1] else "the reference"
+    mine = f"model {names[0]!r}" if names[0] else "the model"
+    ours, theirs = output_vocab_size(model), output_vocab_size(reference)
+    if ours != theirs:
+        raise ValueError(
+            f"{what} has {theirs} logits per position, {mine} {ours}: the KL needs one vocabulary. Use the "
+            "full-precision version of the evaluated model as the reference."
+        )
+    vocab, ref_vocab = processor.tokenizer.get_vocab(), reference_processor.tokenizer.get_vocab()
+    if vocab != ref_vocab:
+        differ = sorted(set(vocab.items()) ^ set(ref_vocab.items()), key=str)[:3]
+        raise ValueError(
+            f"{what} has a different tokenizer than {mine} ({len(ref_vocab)} vs {len(vocab)} tokens; e.g. "
+            f"{differ} differ): both models must read the same token ids."
+        )
+
+
+# --------------------------------------------------------------------------------------------- forward passes
+
+
+def _to(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+def _answer_logits(module: TLQModule, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """Teacher-forced float32 logits at the answer positions of a right-padded batch.
+
+    Returns:
+        ``logits [N, V]`` (sample 0's answer tokens in order, then sample 1's, ...), their ``targets [N]`` and
+        the batch row of each ``[N]``, on the module's device.
+    """
+    batch = _to(batch, _device(module))
+    targets = batch["labels"][:, 1:]  # position t predicts token t + 1
+    keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().flatten()
+    logits = module.model(**module.adapter.forward_inputs(batch), logits_to_keep=keep).logits
+    if logits.shape[1] == batch["input_ids"].shape[1]:  # a model that ignores logits_to_keep
+        logits = logits[:, keep]
+    targets = targets[:, keep]
+    mask = targets != IGNORE_INDEX
+    return logits[mask].float(), targets[mask], mask.nonzero()[:, 0]
+
+
+def _answer_counts(encoded: Sequence[dict[str, Tensor]]) -> list[int]:
+    return [int((item["labels"][:, 1:] != IGNORE_INDEX).sum()) for item in encoded]
+
+
+def _encode(module: TLQModule, samples: Sequence[Sample]) -> list[dict[str, Tensor]]:
+    from lightning_tlq.datamodule import encode_samples
+    from lightning_tlq.preflight import model_max_length
+
+    return encode_samples(module.processor, samples, model_max_length(module.model))
+
+
+@torch.no_grad()
+def reference_logits(
+    reference: TLQModule,
+    samples: Sequence[Sample],
+    *,
+    encoded: Sequence[dict[str, Tensor]] | None = None,
+    batch_size: int = 8,
+    name: str | None = None,
+) -> ReferenceLogits:
+    """Run the reference model once over the samples and keep its logits at the answer positions.
+
+    Args:
+        reference: The full-precision model (e.g. :func:`load_module`).
+        samples: The evaluation samples.
+        encoded: Their encodings (default: encoded with ``reference.processor``).
+        batch_size: Samples per forward.
+        name: What the reference is, for reports.
+
+    Returns:
+        Per-sample ``[answer_tokens, vocab]`` float32 logits on the CPU, for :func:`evaluate_model`.
+    """
+    _check_module(reference)
+    encoded = list(encoded) if encoded is not None else _encode(reference, samples)
+    _check_lengths(samples, encoded, batch_size)
+    pad, out = _pad_id(reference), []
+    for start in range(0, len(encoded), batch_size):
+        items = encoded[start : start + batch_size]
+        logits, _, _ = _answer_logits(reference, collate(items, pad))
+        out += list(logits.cpu().split(_answer_counts(items)))
+    return ReferenceLogits(out, name or str(reference.hparams.model_name_or_path))
+
+
+@torch.no_grad()
+def greedy_answers(module: TLQModule, encoded: Sequence[dict[str, Tensor]], max_new_tokens: int = 8) -> list[str]:
+    """Greedy answers of encoded samples in one ``generate`` call on their left-padded prompts.
+
+    The same tokens as one ``generate`` call per sample (left padding keeps every prompt's positions: the
+    attention mask gives the position ids, M-RoPE included); generation stops at the first eos.
+    """
+    tokenizer, pad = module.processor.tokenizer, _pad_id(module)
+    batch = _to(collate([prompt_inputs(item) for item in encoded], pad, padding_side="left"), _device(module))
+    out = module.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad)
+    eos = module.model.generation_config.eos_token_id
+    eos = {tokenizer.eos_token_id} if eos is None else set(eos if isinstance(eos, list) else [eos])
+    answers = []
+    for row in out[:, batch["input_ids"].shape[1] :].tolist():
+        end = next((i + 1 for i, token in enumerate(row) if token in eos), len(row))
+        answers.append(tokenizer.decode(row[:end], skip_special_tokens=True).strip())
+    return answers
+
+
+# --------------------------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class ShardResult:
+    """What :func:`evaluate_shard` returns: the metric states and one record per sample.
+
+    Attributes:
+        metrics: The torchmetrics state (``compute()`` reduces it over processes).
+        records: Per sample ``index, kind, question, answer, prediction, correct, nll`` (+ ``kl_to_reference``).
+        seconds: Time in the teacher-forced forwards (``forward``, reference included) and in ``generate``.
+    """
+
+    metrics: AnswerMetrics
+    records: list[dict[str, Any]]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _check_module(module: Any) -> None:
+    if not isinstance(module, TLQModule) or module.model is None:
+        raise TypeError("Pass a TLQModule holding a model: TLQModule().attach(model, processor) or load_module(path).")
+
+
+def _check_lengths(samples: Sequence[Sample], encoded: Sequence[Any], batch_size: int) -> None:
+    if not samples:
+        raise ValueError("No samples: there is nothing to evaluate.")
+    if len(encoded) != len(samples):
+        raise ValueError(f"Got {len(samples)} samples but {len(encoded)} encodings; pass one encoding per sample.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1.")
+
+
+def _check_inputs(
+    module: TLQModule,
+    samples: Sequence[Sample],
+    encoded: Sequence[dict[str, Tensor]],
+    reference: TLQModule | ReferenceLogits | None,
+    kinds: Sequence[str],
+) -> None:
+    _check_module(module)
+    missing = sorted({s.kind for s in samples} - set(kinds))
+    if missing:
+        raise ValueError(f"Question types {missing} are not in kinds={list(kinds)}.")
+    if isinstance(reference, TLQModule):
+        check_reference(module.model, module.processor, reference.model, reference.processor)
+    elif isinstance(reference, ReferenceLogits):
+        if len(reference.logits) != len(samples):
+            raise ValueError(
+                f"The reference logits cover {len(reference.logits)} samples, not {len(samples)}: compute "
+                "them with reference_logits on the same samples."
+            )
+        if reference.vocab_size != output_vocab_size(module.model):
+            raise ValueError(
+                f"The reference logits have {reference.vocab_size} entries per position, the model "
+                f"{output_vocab_size(module.model)} logits: the reference must share the model's vocabulary."
+            )
+        counts = [int(t.shape[0]) for t in reference.logits]
+        bad = [i for i, (a, b) in enumerate(zip(counts, _answer_counts(encoded))) if a != b]
+        if bad:
+            raise ValueError(
+                f"The reference logits of sample(s) {bad[:5]} do not match their answer tokens: compute them "
+                "with reference_logits on the same samples and encodings."
+            )
+    elif reference is not None:
+        raise TypeError(f"reference must be a TLQModule or ReferenceLogits, not {type(reference).__name__}.")
+
+
+@torch.no_grad()
+def evaluate_shard(
+    module: TLQModule,
+    samples: Sequence[Sample],
+    encoded: Sequence[dict[str, Tensor]],
+    *,
+    reference: TLQModule | ReferenceLogits | None = None,
+    kinds: Sequence[str] | None = None,
+    indices: Sequence[int] | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 8,
+    progress: bool = False,
+) -> ShardResult:
+    """Run the evaluation over these samples (this process's shard) without reducing across processes.
+
+    Args:
+        module: The model under evaluation.
+        samples, encoded: The samples and their encodings (:func:`lightning_tlq.data.encode_sample`).
+        reference: The reference model, its precomputed logits, or None (no KL).
+        kinds: Question types tracked (default: those of ``samples``; give every process the same list).
+        indices: The samples' positions in the whole dataset, for the records (default ``0..n-1``).
+        batch_size: Samples per forward and per ``generate`` call.
+        max_new_tokens: Greedy generation length.
+        progress: Show a progress bar over the samples (stderr).
+    """
+    from torchmetrics.functional import kl_divergence
+    from tqdm.auto import tqdm
+
+    _check_lengths(samples, encoded, batch_size)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1.")
+    kinds = sorted({s.kind for s in samples}) if kinds is None else list(kinds)
+    _check_inputs(module, samples, encoded, reference, kinds)
+    indices = list(range(len(samples)) if indices is None else indices)
+    device, pad = _device(module), _pad_id(module)
+    result = ShardResult(AnswerMetrics(kinds, reference is not None, device), [], {"forward": 0.0, "generate": 0.0})
+    bar = tqdm(total=len(samples), desc="evaluate", unit="sample", disable=not progress, file=sys.stderr)
+    for start in range(0, len(samples), batch_size):
+        stop = min(start + batch_size, len(samples))
+        items, batch_samples = encoded[start:stop], samples[start:stop]
+        tick = time.perf_counter()
+        logits, targets, rows = _answer_logits(module, collate(items, pad))
+        ref = None
+        if isinstance(reference, TLQModule):
+            ref = _answer_logits(reference, collate(items, _pad_id(reference)))[0].to(device)
+        elif reference is not None:
+            ref = torch.cat(reference.logits[start:stop]).to(device)
+        dtype = result.metrics.dtype  # float64: log-softmax rounding would otherwise enter the KL linearly
+        log_probs = torch.log_softmax(logits.to(dtype), dim=-1)
+        token_nll = F.nll_loss(log_probs, targets, reduction="none")
+        token_kl = None
+        if ref is not None:
+            ref_log_probs = torch.log_softmax(ref.to(dtype), dim=-1)
+            token_kl = kl_divergence(ref_log_probs, log_probs, log_prob=True, reduction="none")
+        result.seconds["forward"] += time.perf_counter() - tick
+        tick = time.perf_counter()
+        predictions = greedy_answers(module, items, max_new_tokens)
+        result.seconds["generate"] += time.perf_counter() - tick
+        correct = [normalize_answer(p) == normalize_answer(s.answer) for p, s in zip(predictions, batch_samples)]
+        kinds_here = [s.kind for s in batch_samples]
+        result.metrics.update(kinds_here, correct, log_probs, targets, rows, token_nll, token_kl)
+        result.records += _records(indices[start:stop], batch_samples, predictions, correct, rows, token_nll, token_kl)
+        bar.update(len(items))
+    bar.close()
+    return result
+
+
+def _records(
+    indices: Sequence[int],
+    samples: Sequence[Sample],
+    predictions: Sequence[str],
+    correct: Sequence[bool],
+    rows: Tensor,
+    token_nll: Tensor,
+    token_kl: Tensor | None,
+) -> list[dict[str, Any]]:
+    count = torch.bincount(rows, minlength=len(samples)).to(token_nll.dtype)
+
+    def per_sample(values: Tensor) -> list[float]:
+        return (torch.zeros_like(count).index_add_(0, rows, values) / count).tolist()
+
+    nll = per_sample(token_nll)
+    kl = per_sample(token_kl) if token_kl is not None else None
+    out = []
+    for i, (index, sample, prediction, ok) in enumerate(zip(indices, samples, predictions, correct)):
+        record = {"index": index, "kind": sample.kind, "question": sample.question, "answer": sample.answer}
+        record.update(prediction=prediction, correct=ok, nll=nll[i])
+        if kl is not None:
+            record["kl_to_reference"] = kl[i]
+        out.append(record)
+    return out
+
+
+def evaluate_model(
+    module: TLQModule,
+    samples: Sequence[Sample],
+    *,
+    encoded: Sequence[dict[str, Tensor]] | None = None,
+    reference: TLQModule | ReferenceLogits | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 8,
+    kinds: Sequence[str] | None = None,
+    num_examples: int | None = NUM_EXAMPLES,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Evaluate an already-built model on samples, in this process: the metrics dict of ``metrics.json``.
+
+    Args:
+        module: The model (``TLQModule().attach(model, processor)`` or :func:`load_module`), on its device.
+        samples: Image-question-answer samples (``kind`` = question type).
+        encoded: Their encodings, to reuse across models (default: encoded with ``module.processor``).
+        reference: The full-precision model, run on the same batches, or its :func:`reference_logits`
+            (computed once, reused for every variant); None skips the KL.
+        batch_size: Samples per forward and per ``generate`` call.
+        max_new_tokens: Greedy generation length.
+        kinds: Question types to report (default: those of ``samples``).
+        num_examples: Per-sample records to return under ``examples`` (None: all).
+        progress: Show a progress bar.
+
+    Returns:
+        ``samples``, ``answer_tokens``, ``exact_match``, ``nll`` (mean over answer tokens), ``perplexity``,
+        ``kl_to_reference`` (with a reference), ``overall`` (the same plus ``correct``), ``per_type`` (the same per
+        question type), ``examples`` and ``seconds`` (``forward``, ``generate``, ``total``).
+
+    Raises:
+        ValueError: On empty or mismatched inputs, or a reference with another vocabulary or tokenizer.
+    """
+    start = time.perf_counter()
+    _check_module(module)
+    encoded = list(encoded) if encoded is not None else _encode(module, samples)
+    shard = evaluate_shard(
+        module, samples, encoded, reference=reference, kinds=kinds, batch_size=batch_size,
+        max_new_tokens=max_new_tokens, progress=progress,
+    )  # fmt: skip
+    metrics = shard.metrics.compute()
+    metrics["examples"] = shard.records[:num_examples] if num_examples is not None else shard.records
+    metrics["seconds"] = {**shard.seconds, "total": time.perf_counter() - start}
+    return metrics
