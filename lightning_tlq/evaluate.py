@@ -44,6 +44,8 @@ import torch
 from lightning_tlq.config import DataArgs
 from lightning_tlq.data import Sample, encode_sample
 from lightning_tlq.datamodule import encode_samples, load_samples
+from lightning_tlq.models.scenes import model_task
+from lightning_tlq.models.tiny import DEFAULT_MODEL
 from lightning_tlq.harness import (
     NUM_EXAMPLES,
     activation_bits,
@@ -61,7 +63,7 @@ METRICS_NAME = "metrics.json"
 
 
 def evaluate(
-    model: str = "tiny-llava",
+    model: str = DEFAULT_MODEL,
     data: DataArgs = DataArgs(),
     output_dir: str = "tlq_eval",
     overwrite: bool = False,
@@ -79,9 +81,11 @@ def evaluate(
     """Evaluate a (quantized) VLM: exact match per question type, answer-token NLL/perplexity, KL to a reference.
 
     Args:
-        model: a local Hugging Face model directory (e.g. the output of ``calibrate``) or a built-in tiny model.
-        data: evaluation data (use held-out samples: another JSONL, or another synthetic ``data.seed``);
-            ``data.batch_size`` samples per forward and per ``generate`` call.
+        model: a local Hugging Face model directory (e.g. the output of ``calibrate``), the embedded
+            ``scenes-llava`` (default) or a built-in tiny model.
+        data: evaluation data: a JSONL, or (``data.path`` None) the ``test`` split of the task the model was
+            trained on unless ``data.split`` says otherwise (tiny models: the shapes set, held out by another
+            ``data.seed``); ``data.batch_size`` samples per forward and per ``generate`` call.
         output_dir: where ``metrics.json`` goes.
         overwrite: replace ``output_dir`` if it exists.
         max_new_tokens: greedy generation length per answer.
@@ -147,7 +151,7 @@ def _main(
     fabric.seed_everything(seed, verbose=False)
     structure = model_on_meta(model)
     limit = resolve_max_length(data.max_length, model_max_length(structure))
-    samples = load_samples(data)
+    samples = load_samples(data, model_task(structure.config), default_split="test")  # held out, never calibrated
     processor = load_processor_for(model)
     encoded = encode_samples(processor, samples, limit)
     if reference_model is not None:

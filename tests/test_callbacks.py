@@ -215,7 +215,12 @@ def test_ddp_spawn_validate_under_gloo_no_grad(tmp_path):
     and the result matches one process."""
     reference = tmp_path / "reference"
     reference.mkdir()
-    _trainer(reference, _callback(reference, trigger="validate"), inference_mode=False).validate(VLM(), _data())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each spawned CPU process gets: BLAS results depend on the thread count
+    try:
+        _trainer(reference, _callback(reference, trigger="validate"), inference_mode=False).validate(VLM(), _data())
+    finally:
+        torch.set_num_threads(threads)
     module, tlq = VLM(), _callback(tmp_path, trigger="validate")
     _spawn_trainer(tmp_path, tlq, "validate", inference_mode=False).validate(module, datamodule=_data())
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
