@@ -97,8 +97,8 @@ def test_bits_out_of_range(tmp_path, calibrate_cli, no_weights_loaded, bits):
 
 def test_unknown_choice_is_a_usage_error(tmp_path, calibrate_cli, capsys):
     with pytest.raises(SystemExit):
-        calibrate_cli(tmp_path / "out", "--quant.method", "awq")
-    assert "awq" in capsys.readouterr().err
+        calibrate_cli(tmp_path / "out", "--quant.method", "hqq")
+    assert "hqq" in capsys.readouterr().err
     assert leftovers(tmp_path / "out") == []
 
 
