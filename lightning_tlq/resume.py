@@ -175,7 +175,7 @@ class LayerCheckpoint:
             layers[index].load_state_dict(saved["state"])
             records.append(saved["record"])
             for name, res in saved["results"].items():
-                results[f"{index}.{name}"] = ModuleResult(res["codes"], res["scale"], res["zero"], res["record"])
+                results[f"{index}.{name}"] = ModuleResult(None, res["codes"], res["scale"], res["zero"], res["record"])
         saved_importance = self._load(self.directory / f"importance.rank{rank}.pt")
         hidden = self._load(self.directory / f"hidden_{next_layer - 1:04d}.rank{rank}.pt") if next_layer else None
         self.restored = ResumeState(
@@ -196,7 +196,8 @@ class LayerCheckpoint:
         for key, module in modules.items():
             module.load_state_dict(saved["state"][key])
         self.restored.vision_results = {
-            key: ModuleResult(r["codes"], r["scale"], r["zero"], r["record"]) for key, r in saved["results"].items()
+            key: ModuleResult(None, r["codes"], r["scale"], r["zero"], r["record"])
+            for key, r in saved["results"].items()
         }
         self.restored.vision_records = saved["records"]
         self._vision_done = True

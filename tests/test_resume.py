@@ -26,15 +26,12 @@ def _flags(model_dir, out, *extra):
             "--output_dir", str(out), *extra]  # fmt: skip
 
 
-def _weights(out):
-    return load_file(out / "model.safetensors")
-
-
 def _assert_bit_identical(a, b):
-    wa, wb = _weights(a), _weights(b)
-    assert wa.keys() == wb.keys()
-    different = [k for k in wa if not torch.equal(wa[k], wb[k])]
-    assert not different, different
+    for name in ("model.safetensors", "tlq_qparams.safetensors"):  # the weights, and the codes export reads
+        wa, wb = load_file(a / name), load_file(b / name)
+        assert wa.keys() == wb.keys()
+        different = [k for k in wa if not torch.equal(wa[k], wb[k])]
+        assert not different, (name, different[:5])
 
 
 def _strip_times(records):
