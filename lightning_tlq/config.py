@@ -212,11 +212,11 @@ class MemoryArgs:
 
 def importance_for(quant: QuantArgs, importance: ImportanceArgs) -> ImportanceArgs:
     """The importance settings a run really uses: ``mbq`` derives its vision weights from mean ``|dL/dy|`` per token,
-    so it always collects ``grad_abs`` scores (with a warning when ``importance.score`` said otherwise; the
-    importance-weighted errors of the report then use ``grad_abs`` weights too). Other methods: unchanged."""
+    so it always collects ``grad_abs`` scores (logged when ``importance.score`` said otherwise, and recorded in the
+    report's settings; its importance-weighted errors then use ``grad_abs`` weights too). Other methods: unchanged."""
     if quant.method != "mbq" or importance.score == "grad_abs":
         return importance
-    log.warning(
+    log.info(
         "quant.method=mbq weighs vision against answer tokens by their mean |gradient|: collecting "
         "importance.score=grad_abs instead of %s.",
         importance.score,

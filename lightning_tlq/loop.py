@@ -431,7 +431,13 @@ class CalibrationLoop:
             multipliers, set_record = self._select(index, layer_imp, masks, valid, sample_ids)
             record.update(set_record)
         weights = [
-            TokenWeights(valid[b], layer_imp[b], multipliers[b], masks[b].image.cpu(), masks[b].answer.cpu() & valid[b])
+            TokenWeights(
+                valid[b],
+                layer_imp[b],
+                multipliers[b],
+                vision=masks[b].image.cpu(),
+                answer=masks[b].answer.cpu() & valid[b],
+            )
             for b in range(n_batches)
         ]
         return weights, record
