@@ -90,6 +90,10 @@ def test_scale_search_losses_are_the_direct_output_errors_and_awq_beats_rtn():
     assert losses.min().item() <= rtn_loss
     assert losses.min().item() < 0.9 * rtn_loss  # with outlier channels the search really helps
     assert search.counts.tolist() == [200.0, 0.0, 0.0]
+    uncached = ScaleSearch(weights, cands, SPEC, cache_bytes=0)  # re-quantizes per batch: the same sums
+    uncached.add(x[:120])
+    uncached.add(x[120:])
+    assert torch.equal(uncached.state(), search.state())
 
 
 def test_scale_search_with_activation_quant_and_split_state_reduction():

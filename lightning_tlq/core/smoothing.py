@@ -148,6 +148,8 @@ class ScaleSearch:
         act_bits: per-token activation bits applied to ``x / s`` in the loss (None: weight-only).
         objective: ``mse`` (AWQ: squared error over every token) or ``mbq`` (L1 error over answer and vision
             tokens, see :meth:`losses`).
+        cache_bytes: keep every candidate's quantized weight (float32) between :meth:`add` calls when they fit in
+            this many bytes, instead of re-quantizing per call; the results are the same either way.
 
     Attributes:
         sums: ``[K, 3]`` float64: per candidate the squared error, the L1 error over answer tokens and over vision
@@ -164,6 +166,7 @@ class ScaleSearch:
         *,
         act_bits: int | None = None,
         objective: Objective = "mse",
+        cache_bytes: int = 2**28,
     ) -> None:
         if objective not in ("mse", "mbq"):
             raise ValueError(f"Unknown scale-search objective {objective!r}; choose mse or mbq.")
@@ -178,6 +181,8 @@ class ScaleSearch:
         self.sums = torch.zeros(len(candidates), 3, dtype=torch.float64, device=device)
         self.reference = torch.zeros(3, dtype=torch.float64, device=device)
         self.counts = torch.zeros(3, dtype=torch.float64, device=device)
+        fits = len(candidates) * self.weight.numel() * 4 <= cache_bytes
+        self._cache: list[Tensor | None] | None = [None] * len(candidates) if fits else None
 
     def add(self, x: Tensor, answer: Tensor | None = None, vision: Tensor | None = None) -> None:
         """Add input rows ``x`` ``[N, in]`` (real tokens only); ``answer``/``vision`` are ``[N]`` bool (``mbq``)."""
@@ -190,11 +195,20 @@ class ScaleSearch:
         n = x.shape[0]
         self.counts += torch.tensor([n, _count(answer), _count(vision)], dtype=torch.float64, device=self.counts.device)
         for k, s in enumerate(self.candidates):
-            quantized = rtn((weight * s).to(self.weight.dtype), self.spec).weight.float()
+            quantized = self._quantized(k, weight)
             xs = x / s
             if self.act_bits is not None:
                 xs = fake_quantize_per_token(xs, self.act_bits)
             self.sums[k] += self._sums(xs @ quantized.T - ref, answer, vision)
+
+    def _quantized(self, k: int, weight: Tensor) -> Tensor:
+        """``Q(W diag(s_k))`` as float32, in the dtype the fold stores ``W diag(s)`` in."""
+        if self._cache is not None and self._cache[k] is not None:
+            return self._cache[k]
+        quantized = rtn((weight * self.candidates[k]).to(self.weight.dtype), self.spec).weight.float()
+        if self._cache is not None:
+            self._cache[k] = quantized
+        return quantized
 
     def _sums(self, d: Tensor, answer: Tensor | None, vision: Tensor | None) -> Tensor:
         out = torch.zeros(3, dtype=torch.float64, device=self.sums.device)
