@@ -18,7 +18,7 @@ from lightning_tlq.export import QPARAMS_NAME
 from lightning_tlq.report import REPORT_NAME
 
 WEIGHT_ONLY = ("rtn", "awq", "mbq")  # W3A16 g64
-W4A8 = ("rtn", "smoothquant", "mbq")  # W4A8 g64
+W4A8 = ("smoothquant", "mbq")  # W4A8 g64
 GRID = [i / 20 for i in range(20)]
 
 
