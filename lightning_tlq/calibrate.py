@@ -17,7 +17,7 @@ import torch
 
 from lightning_tlq.actquant import CONFIG_KEY, quantization_config
 from lightning_tlq.adapters.vision import vision_adapter
-from lightning_tlq.config import DataArgs, ImportanceArgs, MemoryArgs, QuantArgs, TokenSetArgs
+from lightning_tlq.config import DataArgs, ImportanceArgs, MemoryArgs, QuantArgs, TokenSetArgs, importance_for
 from lightning_tlq.data import collate
 from lightning_tlq.datamodule import encode_samples, load_samples
 from lightning_tlq.distributed import Collective, shard_batches
@@ -65,8 +65,9 @@ def calibrate(
 ) -> dict[str, Any]:
     """Calibrate a VLM's language model (with ``quant.vision`` also its vision tower) with TLQ and save it.
 
-    ``method`` ``rtn`` and ``gptq`` are the baselines. The saved ``config.json`` records the scheme under
-    ``tlq_quantization``; with ``quant.act_bits`` set, evaluate the saved model with
+    ``method`` ``rtn``, ``gptq``, ``awq``, ``smoothquant`` and ``mbq`` are the baselines (``mbq`` always collects
+    ``grad_abs`` importance, see :func:`~lightning_tlq.config.importance_for`). The saved ``config.json`` records
+    the scheme under ``tlq_quantization``; with ``quant.act_bits`` set, evaluate the saved model with
     :func:`lightning_tlq.actquant.apply_saved_activation_quant` applied.
 
     Args:
@@ -99,6 +100,7 @@ def calibrate(
         The report (also written to ``output_dir/tlq_report.json``).
     """
     check_output_dir(output_dir, overwrite)
+    importance = importance_for(quant, importance)
     if export:  # fail before calibrating if the format cannot hold these settings
         export_format(quant.spec, quant.act_bits)
     callbacks: list[Any] = [TokenImportance(importance.score, importance.groups), CalibrationProgress(not quiet)]

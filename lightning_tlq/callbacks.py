@@ -57,7 +57,7 @@ from torch import Tensor, nn
 from lightning_tlq.actquant import CONFIG_KEY, quantization_config
 from lightning_tlq.adapters import get_adapter
 from lightning_tlq.adapters.vision import vision_adapter
-from lightning_tlq.config import ImportanceArgs, MemoryArgs, QuantArgs, TokenSetArgs
+from lightning_tlq.config import ImportanceArgs, MemoryArgs, QuantArgs, TokenSetArgs, importance_for
 from lightning_tlq.distributed import shard_range
 from lightning_tlq.export import save_qparams
 from lightning_tlq.importance import TokenImportance
@@ -255,6 +255,7 @@ class TLQCallback(Callback):
         device = next(model.parameters()).device
         flags, was_training = {n: p.requires_grad for n, p in model.named_parameters()}, model.training
         module = TLQModule().attach(model, processor)  # eval mode, frozen weights (gradients only w.r.t. inputs)
+        self.importance = importance_for(self.quant, self.importance)  # mbq: grad_abs
         callbacks = [
             TokenImportance(self.importance.score, self.importance.groups),
             CalibrationProgress(self.progress_bar),

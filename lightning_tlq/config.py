@@ -6,18 +6,23 @@ text) and that validates itself in ``__post_init__``, naming the offending field
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from lightning_tlq.core.actquant import check_act_bits
 from lightning_tlq.core.quantizer import QuantSpec
 
-Method = Literal["rtn", "gptq", "tlq"]
+Method = Literal["rtn", "gptq", "tlq", "awq", "smoothquant", "mbq"]
 Score = Literal["fisher", "grad_abs", "taylor"]
 ImportanceMode = Literal["token", "modality", "none"]
 DataSplit = Literal["calibration", "validation", "test"]
 
-_METHODS = ("rtn", "gptq", "tlq")
+log = logging.getLogger(__name__)
+
+_METHODS = ("rtn", "gptq", "tlq", "awq", "smoothquant", "mbq")
+_SMOOTHING_METHODS = ("awq", "smoothquant", "mbq")
+"""Methods that search per-input-channel scales, fold them into the producing ops, then round to nearest."""
 _SCORES = ("fisher", "grad_abs", "taylor")
 _MODES = ("token", "modality", "none")
 
@@ -39,7 +44,11 @@ class QuantArgs:
     """Weight quantization settings."""
 
     method: Method = "tlq"
-    """Calibration method: ``rtn`` (round to nearest), ``gptq`` (uniform token weights) or ``tlq``."""
+    """Calibration method: ``rtn`` (round to nearest), ``gptq`` (uniform token weights), ``tlq``, or the scale-search
+    baselines ``awq`` (activation-aware scales, MSE grid search), ``smoothquant`` (W-A settings: fixed-alpha
+    smoothing) and ``mbq`` (modality-balanced: AWQ/SmoothQuant scales searched on a vision/answer-weighted MAE, with
+    gradient-derived vision weights). The baselines fold their scales into the previous norm / linear and round the
+    weights to nearest; GPTQ settings (``act_order``, ``block_size``, ``damp``) do not apply to them."""
     bits: int = 4
     """Weight bit width, 2..8."""
     group_size: int = 128
@@ -60,6 +69,14 @@ class QuantArgs:
     vision: bool = False
     """Also quantize the vision tower and projector: layer by layer on the quantized path, before the language
     model (which is then calibrated on the quantized tower's features). Default: keep them in full precision."""
+    scale_grid: int = 20
+    """awq / mbq: number of alpha grid points searched, ``alpha in {0, 1/n, ..., (n-1)/n}`` (AWQ uses 20); 1 searches
+    only alpha = 0, which is plain round to nearest for awq and weight-only mbq."""
+    smoothquant_alpha: float = 0.5
+    """smoothquant: migration strength alpha in ``s_j = max|x_j|^alpha / max|W_:j|^(1 - alpha)``, in [0, 1]."""
+    awq_clip: bool = False
+    """awq / mbq: after the scales, also search a max-abs clipping ratio per (output row, weight group) of each
+    module (AWQ's clip search: ratios 1.0, 0.95, ..., 0.55 on the output MSE; q and k projections are not clipped)."""
 
     def __post_init__(self) -> None:
         _check_choice("quant.method", self.method, _METHODS)
@@ -73,6 +90,35 @@ class QuantArgs:
             except ValueError as err:
                 msg = f"quant.act_bits={self.act_bits!r} is invalid: use null (weight-only) or an integer in 2..8."
                 raise ValueError(msg) from err
+        self._check_smoothing()
+
+    def _check_smoothing(self) -> None:
+        if isinstance(self.scale_grid, bool) or not isinstance(self.scale_grid, int) or self.scale_grid < 1:
+            raise ValueError(f"quant.scale_grid={self.scale_grid!r} must be a positive integer (grid points of alpha).")
+        _check_range("quant.smoothquant_alpha", self.smoothquant_alpha, 0.0, 1.0)
+        if self.method == "smoothquant" and self.act_bits is None:
+            raise ValueError(
+                "quant.method=smoothquant migrates activation outliers into the weights for weight-activation "
+                "quantization and needs quant.act_bits (e.g. 8 for W4A8); for weight-only settings use "
+                "quant.method=awq or mbq."
+            )
+        if self.awq_clip and self.method not in ("awq", "mbq"):
+            raise ValueError(f"quant.awq_clip=true applies to quant.method awq or mbq, not {self.method!r}.")
+        if self.vision and self.is_smoothing:
+            raise ValueError(
+                f"quant.method={self.method} quantizes the language model only: quant.vision=true is not supported "
+                "with awq, smoothquant or mbq. Use quant.vision=false, or quant.method rtn, gptq or tlq."
+            )
+
+    @property
+    def is_smoothing(self) -> bool:
+        """Whether the method searches and folds per-channel scales (awq, smoothquant, mbq), then rounds to nearest."""
+        return self.method in _SMOOTHING_METHODS
+
+    @property
+    def uses_gptq(self) -> bool:
+        """Whether modules are solved with GPTQ (gptq, tlq) rather than rounded to nearest."""
+        return self.method in ("gptq", "tlq")
 
     @property
     def spec(self) -> QuantSpec:
@@ -170,3 +216,17 @@ class MemoryArgs:
     def __post_init__(self) -> None:
         if self.max_gpu_memory_gib is not None and self.max_gpu_memory_gib <= 0:
             raise ValueError(f"memory.max_gpu_memory_gib={self.max_gpu_memory_gib} must be positive (GiB) or null.")
+
+
+def importance_for(quant: QuantArgs, importance: ImportanceArgs) -> ImportanceArgs:
+    """The importance settings a run really uses: ``mbq`` derives its vision weights from mean ``|dL/dy|`` per token,
+    so it always collects ``grad_abs`` scores (logged when ``importance.score`` said otherwise, and recorded in the
+    report's settings; its importance-weighted errors then use ``grad_abs`` weights too). Other methods: unchanged."""
+    if quant.method != "mbq" or importance.score == "grad_abs":
+        return importance
+    log.info(
+        "quant.method=mbq weighs vision against answer tokens by their mean |gradient|: collecting "
+        "importance.score=grad_abs instead of %s.",
+        importance.score,
+    )
+    return replace(importance, score="grad_abs")

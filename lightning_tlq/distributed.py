@@ -39,12 +39,14 @@ class Collective:
         dist.reduce(buf, dst=dst, op=dist.ReduceOp.SUM)
         return buf.to(tensor.device) if buf.device != tensor.device else buf
 
-    def all_reduce(self, tensor: Tensor) -> Tensor:
-        """Sum ``tensor`` over ranks, result on every rank."""
+    def all_reduce(self, tensor: Tensor, op: str = "sum") -> Tensor:
+        """Sum (``op="sum"``) or maximum (``op="max"``) of ``tensor`` over ranks, result on every rank."""
+        if op not in ("sum", "max"):
+            raise ValueError(f"Collective.all_reduce: op must be 'sum' or 'max', got {op!r}.")
         if not self.enabled:
             return tensor
         buf = self._ready(tensor)
-        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
         return buf.to(tensor.device) if buf.device != tensor.device else buf
 
     def broadcast(self, tensor: Tensor, src: int) -> Tensor:

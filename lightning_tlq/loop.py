@@ -20,7 +20,8 @@ from torch import Tensor
 from lightning_tlq.actquant import apply_activation_quant
 from lightning_tlq.adapters.base import CapturedInputs, move_to
 from lightning_tlq.config import ImportanceArgs, MemoryArgs, QuantArgs, TokenSetArgs
-from lightning_tlq.core.importance import postprocess_flat, scatter_back
+from lightning_tlq.core.importance import modality_sums, postprocess_flat, scatter_back, vision_weight
+from lightning_tlq.core.smoothing import floor_at_median
 from lightning_tlq.core.tokenset import mass_threshold, select_tokens, token_uniforms
 from lightning_tlq.data import TokenMasks, token_masks
 from lightning_tlq.distributed import Collective
@@ -28,6 +29,7 @@ from lightning_tlq.importance import TokenImportance
 from lightning_tlq.module import TLQModule, answer_loss, check_has_answer
 from lightning_tlq.placement import LayerPlacement
 from lightning_tlq.resume import LayerCheckpoint, ResumeState
+from lightning_tlq.smoothing import LayerSmoothing
 from lightning_tlq.stage import LayerStage, TokenWeights
 from lightning_tlq.vision import VisionCalibration, is_vision_key
 
@@ -57,12 +59,13 @@ class CalibrationLoop:
     Args:
         fabric: a launched ``lightning.fabric.Fabric``; its device runs the work and ``fabric.call`` emits
             ``on_calibration_start(fabric, num_layers, batch_sizes, importance_passes, start_layer)``,
-            ``on_importance_*``, ``on_importance_ready(fabric, importance, vision_scores)``, with ``quant.vision``
+            ``on_importance_*``, ``on_importance_ready(fabric, importance, vision_scores)`` (with ``quant.method=mbq``
+            also ``vision_weights``), with ``quant.vision``
             ``on_vision_stage_*`` and ``on_vision_end(fabric, modules, results, records)``,
             ``on_layer_start(fabric, index)``,
             ``on_layer_end(fabric, index, record, layer, results, hidden)`` and ``on_calibration_end(fabric,
             records)`` to its callbacks. When importance is needed (``tlq``, or ``metrics``), one of its callbacks
-            must be a :class:`TokenImportance`, which collects the scores. An optional
+            must be a :class:`TokenImportance`, which collects the scores (``grad_abs`` scores for ``mbq``). An optional
             :class:`~lightning_tlq.resume.LayerCheckpoint` callback makes the run resumable.
         module: the wrapped model (``configure_model`` already called; weights on the CPU).
         quant, importance, token_set, memory: settings.
@@ -91,6 +94,12 @@ class CalibrationLoop:
         self.memory = memory or MemoryArgs()
         self.metrics = metrics
         self.collector = self._find_collector(fabric)
+        if quant.method == "mbq" and self.collector.score != "grad_abs":
+            raise ValueError(
+                f"quant.method=mbq weighs vision tokens by their mean |gradient|, but the TokenImportance callback "
+                f"collects {self.collector.score!r} scores: build it with TokenImportance('grad_abs', ...) (the "
+                "lightning-tlq entry points do this for mbq)."
+            )
         self.collective = Collective()
         self.results: dict[str, Any] = {}
         self.phase_seconds: dict[str, float] = {}
@@ -110,6 +119,8 @@ class CalibrationLoop:
             )
         self.vision_records: list[dict[str, Any]] = []
         self._vision_scores: dict[str, list[Tensor]] = {}
+        self.vision_weights: dict[str, float] = {}
+        """mbq: ``"<layer>.<block output module>"`` -> the vision weight rho of that layer's attention / MLP."""
 
     # --- driver ------------------------------------------------------------------------------------------------
     def run(self, batches: Sequence[dict[str, Tensor]]) -> list[dict[str, Any]]:
@@ -139,14 +150,17 @@ class CalibrationLoop:
             with self._timed("importance"):
                 if resumed is None:
                     importance = self._importance(batches, masks, captured)
+                    extra = {"vision_weights": self.vision_weights} if self.quant.method == "mbq" else {}
                     self.fabric.call(
                         "on_importance_ready",
                         fabric=self.fabric,
                         importance=importance,
                         vision_scores=self._vision_scores,
+                        **extra,
                     )
                 else:
                     importance, self._vision_scores = resumed.importance, resumed.vision_scores
+                    self.vision_weights = dict(resumed.vision_weights or {})
             if self.vision is not None:
                 self._calibrate_vision(batches, sample_ids, resumed)
                 captured = self._capture(batches)  # the decoder now sees what the quantized tower produces
@@ -217,6 +231,7 @@ class CalibrationLoop:
                 collective=self.collective,
                 metrics=self.metrics,
                 groups=self.importance_args.groups,
+                smoothing=self._smoothing(index, layer),
             )
             hidden = stage.run(self._layer_forward(index, captured), hidden, weights)
             for step, sec in stage.seconds.items():
@@ -239,6 +254,23 @@ class CalibrationLoop:
             )
         return records
 
+    def _smoothing(self, index: int, layer: torch.nn.Module) -> LayerSmoothing | None:
+        if not self.quant.is_smoothing:
+            return None
+        plan = self.adapter.smoothing_plan(index)
+        weights = None
+        if self.quant.method == "mbq":
+            weights = {f.block_output: self.vision_weights[f"{index}.{f.block_output}"] for f in plan}
+        return LayerSmoothing(
+            index,
+            layer,
+            plan,
+            self.quant,
+            collective=self.collective,
+            vision_weights=weights,
+            clip_excluded=self.adapter.clip_excluded,
+        )
+
     def _layer_forward(self, index: int, captured: Sequence[CapturedInputs]) -> Callable[[int, Tensor], Tensor]:
         device = self.fabric.device
 
@@ -256,6 +288,8 @@ class CalibrationLoop:
 
     # --- importance --------------------------------------------------------------------------------------------
     def _needs_importance(self) -> bool:
+        if self.quant.method == "mbq":  # its vision weights come from the gradients
+            return True
         if self.importance_args.mode == "none":
             return False
         return self.quant.method == "tlq" or self.metrics
@@ -287,7 +321,26 @@ class CalibrationLoop:
             self.fabric.call("on_importance_end", fabric=self.fabric)
         scores = self.collector.scores
         self._vision_scores = {k: v for k, v in scores.items() if is_vision_key(k)}
+        if self.quant.method == "mbq":
+            self.vision_weights = self._modality_weights(scores, masks)
         return self._postprocess({k: v for k, v in scores.items() if not is_vision_key(k)}, masks)
+
+    def _modality_weights(self, scores: dict[str, list[Tensor]], masks: Sequence[TokenMasks]) -> dict[str, float]:
+        """MBQ's vision weight per layer and block: mean ``|dL/dy|`` at the block output (o_proj for attention,
+        down_proj for the MLP) over vision tokens / over answer tokens, over all ranks' tokens, floored at the median
+        of that block's ratios across layers."""
+        n_layers = self.adapter.num_layers
+        blocks = list(dict.fromkeys(f.block_output for f in self.adapter.smoothing_plan(0)))
+        keys = [f"{i}.{block}" for block in blocks for i in range(n_layers)]
+        vision, answer = [m.image for m in masks], [m.answer & ~m.pad for m in masks]
+        local = torch.stack([modality_sums(scores[k], vision, answer) for k in keys])
+        totals = self.collective.all_reduce(local)
+        ratios = [vision_weight(t, f"mbq: decoder layer {k}") for k, t in zip(keys, totals)]
+        out: dict[str, float] = {}
+        for b in range(len(blocks)):
+            floored = floor_at_median(ratios[b * n_layers : (b + 1) * n_layers])
+            out.update(zip(keys[b * n_layers : (b + 1) * n_layers], floored))
+        return out
 
     def _backward_whole(self, batches: Sequence[dict[str, Tensor]]) -> None:
         for batch_idx, batch in enumerate(batches):
@@ -377,7 +430,16 @@ class CalibrationLoop:
         if self.quant.method == "tlq":
             multipliers, set_record = self._select(index, layer_imp, masks, valid, sample_ids)
             record.update(set_record)
-        weights = [TokenWeights(valid[b], layer_imp[b], multipliers[b]) for b in range(n_batches)]
+        weights = [
+            TokenWeights(
+                valid[b],
+                layer_imp[b],
+                multipliers[b],
+                vision=masks[b].image.cpu(),
+                answer=masks[b].answer.cpu() & valid[b],
+            )
+            for b in range(n_batches)
+        ]
         return weights, record
 
     def _select(

@@ -81,8 +81,9 @@ def check_quantizable(model: nn.Module, quant: QuantArgs) -> VLMAdapter:
     ``in_features`` is a multiple of the group size.
 
     Raises:
-        UnsupportedModelError: If the adapter cannot find the decoder layers or a target module, or the family
-            has no vision support while ``quant.vision`` is set.
+        UnsupportedModelError: If the adapter cannot find the decoder layers or a target module, the family
+            has no vision support while ``quant.vision`` is set, or (awq / smoothquant / mbq) no op to fold input
+            scales into.
         ValueError: If ``quant.group_size`` does not divide a module's ``in_features`` (the message lists sizes
             that do).
     """
@@ -93,6 +94,9 @@ def check_quantizable(model: nn.Module, quant: QuantArgs) -> VLMAdapter:
             for name in group:
                 module = layers[index].get_submodule(name)
                 _check_shape(quant, module, f"decoder layer {index} {name}")
+    if quant.is_smoothing:  # awq / smoothquant / mbq: every group's scales must have an op to fold into
+        for index in range(len(layers)):
+            adapter.smoothing_plan(index)
     if quant.vision:
         from lightning_tlq.adapters.vision import vision_adapter
 

@@ -93,6 +93,8 @@ class ResumeState:
     vision_results: dict[str, ModuleResult] | None = None
     """The calibrated vision tower's results (None: not calibrated yet, or no ``quant.vision``)."""
     vision_records: list[dict[str, Any]] | None = None
+    vision_weights: dict[str, float] | None = None
+    """mbq's per-layer vision weights from the importance pass (None for other methods)."""
 
 
 def _atomic_save(obj: Any, path: Path, *, what: str) -> None:
@@ -173,12 +175,13 @@ class LayerCheckpoint:
             layers[index].load_state_dict(saved["state"])
             records.append(saved["record"])
             for name, res in saved["results"].items():
-                results[f"{index}.{name}"] = ModuleResult(res["codes"], res["scale"], res["zero"], res["record"])
+                results[f"{index}.{name}"] = ModuleResult(None, res["codes"], res["scale"], res["zero"], res["record"])
         saved_importance = self._load(self.directory / f"importance.rank{rank}.pt")
         hidden = self._load(self.directory / f"hidden_{next_layer - 1:04d}.rank{rank}.pt") if next_layer else None
         self.restored = ResumeState(
             next_layer, saved_importance["decoder"], hidden, records, results, saved_importance["vision"]
         )
+        self.restored.vision_weights = saved_importance.get("vision_weights")
         if state.get("vision_done"):
             self._restore_vision(vision_modules)
         if fabric.is_global_zero:
@@ -193,7 +196,8 @@ class LayerCheckpoint:
         for key, module in modules.items():
             module.load_state_dict(saved["state"][key])
         self.restored.vision_results = {
-            key: ModuleResult(r["codes"], r["scale"], r["zero"], r["record"]) for key, r in saved["results"].items()
+            key: ModuleResult(None, r["codes"], r["scale"], r["zero"], r["record"])
+            for key, r in saved["results"].items()
         }
         self.restored.vision_records = saved["records"]
         self._vision_done = True
@@ -241,8 +245,10 @@ class LayerCheckpoint:
         fabric: Any,
         importance: Mapping[str, list[Tensor]],
         vision_scores: Mapping[str, list[Tensor]] | None = None,
+        vision_weights: Mapping[str, float] | None = None,
     ) -> None:
-        """Save this rank's post-processed importance (and raw vision scores), then commit ``next_layer = 0``."""
+        """Save this rank's post-processed importance (raw vision scores, mbq's vision weights), then commit
+        ``next_layer = 0``."""
         if fabric.is_global_zero:
             self.directory.mkdir(parents=True, exist_ok=True)
         fabric.barrier()
@@ -251,6 +257,8 @@ class LayerCheckpoint:
             part: {name: [t.detach().cpu() for t in ts] for name, ts in (scores or {}).items()}
             for part, scores in (("decoder", importance), ("vision", vision_scores))
         }
+        if vision_weights is not None:
+            saved["vision_weights"] = dict(vision_weights)
         _atomic_save(saved, self.directory / f"importance.rank{fabric.global_rank}.pt", what="token importance")
         self._commit(fabric, next_layer=0)
 

@@ -20,6 +20,7 @@ from lightning_tlq.core.gptq import gptq_quantize
 from lightning_tlq.core.hessian import HessianAccumulator, relative_output_error
 from lightning_tlq.core.quantizer import rtn
 from lightning_tlq.distributed import Collective, assign_owners
+from lightning_tlq.smoothing import LayerSmoothing
 
 
 @dataclass
@@ -33,6 +34,10 @@ class TokenWeights:
     """Module name (relative to the layer) -> ``[B, S, G]`` importance weights, mean 1 over real tokens."""
     multiplier: Tensor | None = None
     """``[B, S]`` token-set multipliers (0 = not in the calibration set); None keeps every real token."""
+    vision: Tensor | None = None
+    """``[B, S]`` bool: image tokens (mbq's modality-weighted loss); None where unknown."""
+    answer: Tensor | None = None
+    """``[B, S]`` bool: supervised answer tokens, ``labels != -100`` (mbq); None where unknown."""
 
 
 @dataclass
@@ -87,11 +92,13 @@ class LayerStage:
         index: decoder layer index (or a label such as ``"vision 0"`` for other stages).
         layer: the decoder layer (already on the compute device).
         module_groups: names (relative to ``layer``) of the linear modules, grouped in inference order.
-        quant: quantization settings (``quant.method`` picks rtn / gptq / tlq).
+        quant: quantization settings (``quant.method`` picks rtn / gptq / tlq, or a scale-search baseline).
         collective: reductions to module owners and broadcasts (no-ops on one process).
         metrics: also accumulate the unweighted and importance-weighted Hessians over all real tokens, to report
             each module's relative output error.
         groups: importance groups per module (Hessians per output-channel group).
+        smoothing: awq / smoothquant / mbq: searches and folds the layer's input scales first (on the full-precision
+            layer); its clipping (``quant.awq_clip``) and records are applied when the modules are rounded.
     """
 
     def __init__(
@@ -104,7 +111,11 @@ class LayerStage:
         collective: Collective | None = None,
         metrics: bool = True,
         groups: int = 1,
+        smoothing: LayerSmoothing | None = None,
     ) -> None:
+        if quant.is_smoothing and smoothing is None:
+            raise ValueError(f"quant.method={quant.method} needs a LayerSmoothing for layer {index}.")
+        self.smoothing = smoothing
         self.index = index
         self.layer = layer
         self.module_groups = [list(g) for g in module_groups]
@@ -132,6 +143,8 @@ class LayerStage:
             weights: per batch, token weights for this layer.
         """
         groups = self.module_groups if self.quant.true_sequential else [sum(self.module_groups, [])]
+        if self.smoothing is not None:
+            self._timed("search", self.smoothing.run, forward, inputs, weights)
         for names in groups:
             self._timed("accumulate", self.accumulate, names, forward, inputs, weights)
             self._timed("reduce", self.reduce, names)
@@ -227,14 +240,17 @@ class LayerStage:
                 *(self.collective.broadcast(t, owner) for t in (res.weight, res.codes, res.scale, res.zero))
             )
             record = _unpack_record(self.collective.broadcast(_pack_record(record, module.weight.device), owner))
+            if self.smoothing is not None:  # computed identically on every rank
+                record.update(self.smoothing.records.get(name, {}))
             module.weight.data.copy_(res.weight)
             self.results[name] = ModuleResult(None, res.codes.cpu(), res.scale.cpu(), res.zero.cpu(), record)
 
     def _solve_one(self, name: str, original: Tensor, stats: _Stats) -> tuple[ModuleResult, dict[str, Any]]:
         start = time.perf_counter()
         record: dict[str, Any] = {"damp": None, "retries": 0}
-        if self.quant.method == "rtn":
-            res = rtn(original, self.quant.spec)
+        if not self.quant.uses_gptq:
+            weight = self.smoothing.clipped(name, original) if self.smoothing is not None else original
+            res = rtn(weight, self.quant.spec)
         else:
             if stats.solve.tokens == 0:
                 raise RuntimeError(f"Layer {self.index} {name}: no calibration token reached this module.")

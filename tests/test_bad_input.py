@@ -95,10 +95,39 @@ def test_bits_out_of_range(tmp_path, calibrate_cli, no_weights_loaded, bits):
            "--quant.bits", bits)  # fmt: skip
 
 
+def test_smoothquant_needs_activation_bits(tmp_path, calibrate_cli, no_weights_loaded):
+    _fails(calibrate_cli, tmp_path / "out", ValueError,
+           r"quant.method=smoothquant .* needs quant.act_bits \(e.g. 8 for W4A8\); for weight-only settings use "
+           r"quant.method=awq or mbq", "--quant.method", "smoothquant")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("flags", "match"),
+    [
+        (["--quant.method", "awq", "--quant.vision", "true"], r"quant.vision=true is not supported with awq"),
+        (["--quant.method", "gptq", "--quant.awq_clip", "true"], r"quant.awq_clip=true applies to .*awq or mbq"),
+        (["--quant.method", "mbq", "--quant.scale_grid", "0"], r"quant.scale_grid=0 must be a positive integer"),
+        (["--quant.method", "smoothquant", "--quant.act_bits", "8", "--quant.smoothquant_alpha", "1.5"],
+         r"quant.smoothquant_alpha=1.5 is out of range"),
+    ],
+)  # fmt: skip
+def test_bad_baseline_settings(tmp_path, calibrate_cli, no_weights_loaded, flags, match):
+    _fails(calibrate_cli, tmp_path / "out", ValueError, match, *flags)
+
+
+def test_family_without_a_fold_for_its_scales(tmp_path, calibrate_cli, no_weights_loaded, monkeypatch):
+    from lightning_tlq.adapters import LlavaAdapter
+
+    monkeypatch.setattr(LlavaAdapter, "smoothing_producers", None)  # e.g. a family whose norms are not w * x
+    _fails(calibrate_cli, tmp_path / "out", UnsupportedModelError,
+           r"LlavaAdapter declares no smoothing_producers .* awq, smoothquant and mbq cannot fold input scales",
+           "--quant.method", "awq")  # fmt: skip
+
+
 def test_unknown_choice_is_a_usage_error(tmp_path, calibrate_cli, capsys):
     with pytest.raises(SystemExit):
-        calibrate_cli(tmp_path / "out", "--quant.method", "awq")
-    assert "awq" in capsys.readouterr().err
+        calibrate_cli(tmp_path / "out", "--quant.method", "hqq")
+    assert "hqq" in capsys.readouterr().err
     assert leftovers(tmp_path / "out") == []
 
 

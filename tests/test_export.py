@@ -255,6 +255,43 @@ def test_calibrate_export_option_and_cli(tmp_path, capsys):
         assert (cli_out / name).is_file(), name
 
 
+@pytest.mark.parametrize(
+    ("family", "flags", "fmt"),
+    [
+        ("llava", ["--quant.method", "awq", "--quant.awq_clip", "true"], "pack-quantized"),
+        ("qwen2_vl", ["--quant.method", "smoothquant", "--quant.act_bits", "8"], "int-quantized"),
+    ],
+    ids=["awq", "smoothquant-w4a8"],
+)
+def test_scale_search_calibration_exports_through_the_cli(tmp_path, family, flags, fmt):
+    """``lightning-tlq calibrate --quant.method awq --export true``: the folded norm / v_proj / up_proj weights travel
+    with the model as plain tensors and the packed checkpoint serves exactly the calibrated weights."""
+    out = tmp_path / "run"
+    main(["calibrate", "--model.model_name_or_path", f"tiny-{family}", "--data.num_samples", "8",
+          "--data.batch_size", "4", "--quant.group_size", "64", "--trainer.accelerator", "cpu",
+          "--output_dir", str(out), "--export", "true", "--quiet", "true", *flags])  # fmt: skip
+    report = json.loads((out / REPORT_NAME).read_text())
+    assert report["export"]["format"] == fmt
+    assert report["export"]["weights_moved_by_scale_dtype"] == 0
+    fake = load_file(str(out / "model.safetensors"))
+    ours = load_file(str(out / PACKED_DIRNAME / "model.safetensors"))
+    norms = [k for k in fake if k.endswith("layers.0.input_layernorm.weight") and "vision" not in k]
+    assert norms
+    assert not torch.equal(fake[norms[0]], torch.ones_like(fake[norms[0]]))  # folded (the tiny init is all ones)
+    assert torch.equal(ours[norms[0]], fake[norms[0]])
+    packed, ref = _load(out / PACKED_DIRNAME), _load(out)
+    if fmt == "int-quantized":  # the fake-quantized reference runs its recorded per-token int8 inputs
+        quantized = {n for n, m in packed.named_modules() if getattr(m, "quantization_scheme", None) is not None}
+        for name, module in ref.named_modules():
+            if name in quantized:
+                module.register_forward_pre_hook(lambda m, args: (fake_quantize_tokens(args[0]),))
+    batch = _inputs(out)
+    assert _rel(_logits(ref, batch), _logits(packed, batch)) <= RTOL
+    prompt = _prompt(out)
+    generated = packed.generate(**prompt, max_new_tokens=4, do_sample=False)
+    assert torch.equal(generated, ref.generate(**prompt, max_new_tokens=4, do_sample=False))
+
+
 def test_two_process_calibration_exports_the_broadcast_codes(tmp_path):
     """Under ddp_spawn each module is solved by its owner rank; rank 0 writes codes that reproduce its weights."""
     out = tmp_path / "spawn"

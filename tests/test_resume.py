@@ -26,15 +26,12 @@ def _flags(model_dir, out, *extra):
             "--output_dir", str(out), *extra]  # fmt: skip
 
 
-def _weights(out):
-    return load_file(out / "model.safetensors")
-
-
 def _assert_bit_identical(a, b):
-    wa, wb = _weights(a), _weights(b)
-    assert wa.keys() == wb.keys()
-    different = [k for k in wa if not torch.equal(wa[k], wb[k])]
-    assert not different, different
+    for name in ("model.safetensors", "tlq_qparams.safetensors"):  # the weights, and the codes export reads
+        wa, wb = load_file(a / name), load_file(b / name)
+        assert wa.keys() == wb.keys()
+        different = [k for k in wa if not torch.equal(wa[k], wb[k])]
+        assert not different, (name, different[:5])
 
 
 def _strip_times(records):
@@ -210,3 +207,21 @@ def test_resume_with_the_vision_tower(tmp_path, calibrate_cli, monkeypatch):
     report = calibrate_cli(tmp_path / "inside", *VISION, "--resume", "true")
     assert report["resumed_from_layer"] == 0
     _assert_bit_identical(tmp_path / "inside", tmp_path / "reference")
+
+
+def test_interrupted_mbq_run_resumes_with_its_vision_weights(tiny4_dir, tmp_path, calibrate_cli, monkeypatch):
+    """mbq's per-layer vision weights come from the importance pass, which a resumed run does not repeat: they are
+    checkpointed with the importance; the folded norms travel in the layer states."""
+    flags = ["--model.model_name_or_path", str(tiny4_dir), "--quant.method", "mbq", "--quant.bits", "3",
+             "--quant.group_size", "64", "--quant.scale_grid", "4"]  # fmt: skip
+    whole = calibrate_cli(tmp_path / "whole", *flags)
+    out = tmp_path / "out"
+    _interrupt_at(monkeypatch, 2, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        calibrate_cli(out, *flags)
+    monkeypatch.undo()
+    report = calibrate_cli(out, *flags, "--resume", "true")
+    assert report["resumed_from_layer"] == 2
+    _assert_bit_identical(out, tmp_path / "whole")
+    assert _strip_times(report["layers"]) == _strip_times(whole["layers"])  # incl. alpha and vision_weight
+    assert report["layers"][3]["modules"]["mlp.down_proj"]["vision_weight"] > 0

@@ -77,6 +77,8 @@ IMAGE_TOKENS: dict[str, int] = {
     "internvl": 4,
     "gemma3": 4,
     "qwen3_vl": 4,
+    "llava": 16,  # the two base families too (make_batch only): 4x4 CLIP patches, CLS dropped
+    "qwen2_vl": 4,
 }
 
 
@@ -158,7 +160,7 @@ def build_model(family: str, seed: int = 0) -> nn.Module:
 def _image_span(family: str) -> list[int]:
     """The tokens standing for one image, with the family's start/end markers."""
     tokens = [IMAGE_ID] * IMAGE_TOKENS[family]
-    if family in ("qwen2_5_vl", "qwen3_vl"):
+    if family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
         return [IMAGE_ID + 2, *tokens, IMAGE_ID + 3]
     if family == "gemma3":
         return [IMAGE_ID + 1, *tokens, IMAGE_ID + 2]
@@ -167,7 +169,7 @@ def _image_span(family: str) -> list[int]:
 
 def _pixels(family: str, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
     """Pixel inputs (and their family extras) for ``n`` images, one per sample."""
-    if family in ("qwen2_5_vl", "qwen3_vl"):  # packed patches: 16 per image of 3 * 2 * 4 * 4 values
+    if family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):  # packed patches: 16 per image of 3 * 2 * 4 * 4 values
         return {
             "pixel_values": torch.randn(16 * n, 96, generator=generator),
             "image_grid_thw": torch.tensor([[1, 4, 4]] * n),

@@ -8,6 +8,7 @@ decorated with :func:`register_adapter`; :func:`get_adapter` then picks it by ``
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "CapturedInputs",
+    "ScaleFold",
     "UnsupportedModelError",
     "VLMAdapter",
     "get_adapter",
@@ -50,8 +52,43 @@ _LLAMA_GROUPS: tuple[tuple[str, ...], ...] = (
 )
 
 
+# Per module group of a Llama-style layer: the op producing the group's input (awq / smoothquant / mbq fold 1/s
+# into it), and the module whose output gradient weighs the group's tokens under mbq (attention / MLP block).
+_LLAMA_SMOOTHING_PRODUCERS: tuple[str | None, ...] = (
+    "input_layernorm",
+    "self_attn.v_proj",
+    "post_attention_layernorm",
+    "mlp.up_proj",
+)
+_LLAMA_BLOCK_OUTPUTS: tuple[str, ...] = ("self_attn.o_proj", "self_attn.o_proj", "mlp.down_proj", "mlp.down_proj")
+
+
 class UnsupportedModelError(ValueError):
     """Raised when a model (family or structure) is not supported by any registered adapter."""
+
+
+@dataclass(frozen=True)
+class ScaleFold:
+    """How one module group's per-input-channel scales are folded (awq / smoothquant / mbq).
+
+    Attributes:
+        modules: The group's linear modules (names relative to the decoder layer), all reading one input.
+        producer: The op whose output is that input, into which ``1 / s`` is folded; None when no exact fold
+            exists (the group is then not smoothed, see :attr:`skipped`).
+        kind: ``norm`` (an elementwise-affine norm: ``(offset + weight) * n(x) + bias``) or ``linear`` (divide the
+            producer's output rows), None when skipped.
+        offset: The norm's weight offset: 0 for ``weight * n(x)``, 1 for Gemma's ``(1 + weight) * n(x)``.
+        block_output: The module whose output gradient weighs this group's vision tokens under mbq (o_proj for
+            the attention groups, down_proj for the MLP groups).
+        skipped: Why the group is not smoothed (None when it is).
+    """
+
+    modules: tuple[str, ...]
+    producer: str | None
+    kind: str | None
+    offset: float
+    block_output: str
+    skipped: str | None = None
 
 
 class _StopForward(Exception):
@@ -280,6 +317,15 @@ class VLMAdapter:
         injects_residuals: Whether the model adds something to the hidden states between decoder layers (Qwen3-VL
             deepstack). Capture then records it per layer (:attr:`CapturedInputs.residual_delta`) and also runs
             the last layer; otherwise finding such an addition is an error.
+        smoothing_producers: Per entry of :attr:`linear_groups`, the op whose output is exactly that group's input
+            and nothing else's, so that awq / smoothquant / mbq can fold ``1 / s`` into it: a norm, or a linear
+            whose output channels reach the group channel-wise-linearly (v_proj through attention, up_proj
+            through ``act(gate) * up``). None for a group without one; None as a whole refuses those methods.
+        block_outputs: Per group, the module whose output gradient gives mbq's vision weight (attention: o_proj,
+            MLP: down_proj).
+        norm_weight_offset: 0 if the norms compute ``weight * n(x)`` (Llama, Qwen), 1 for ``(1 + weight) * n(x)``
+            (Gemma). :meth:`smoothing_plan` checks it numerically on each norm.
+        clip_excluded: Modules that AWQ's clip search leaves alone (q and k: their outputs meet in ``q k^T``).
         model: The wrapped model.
     """
 
@@ -289,6 +335,10 @@ class VLMAdapter:
     vision_prefixes: ClassVar[tuple[str, ...]] = ()
     kept_layer_kwargs: ClassVar[frozenset[str]] = frozenset()
     injects_residuals: ClassVar[bool] = False
+    smoothing_producers: ClassVar[tuple[str | None, ...] | None] = _LLAMA_SMOOTHING_PRODUCERS
+    block_outputs: ClassVar[tuple[str, ...]] = _LLAMA_BLOCK_OUTPUTS
+    norm_weight_offset: ClassVar[float] = 0.0
+    clip_excluded: ClassVar[tuple[str, ...]] = ("self_attn.q_proj", "self_attn.k_proj")
 
     def __init__(self, model: nn.Module) -> None:
         """Wrap ``model``.
@@ -394,6 +444,86 @@ class VLMAdapter:
             for group in self.module_groups(i)
             for name in group
         ]
+
+    def smoothing_plan(self, layer_index: int) -> list[ScaleFold]:
+        """Return, per module group of a decoder layer, where awq / smoothquant / mbq fold its input scales.
+
+        A linear producer whose output width differs from the group's input width (``v_proj`` -> ``o_proj`` under
+        grouped-query attention) has no exact per-channel fold: that group is skipped, as AWQ does. Each norm is
+        checked numerically (on a float32 CPU copy with random weights, so this also works on the ``meta``
+        device): dividing its weight as :attr:`norm_weight_offset` says must divide its output.
+
+        Raises:
+            UnsupportedModelError: If the family declares no producers, a producer is missing, or a norm does not
+                behave like ``(offset + weight) * n(x)``.
+        """
+        groups = self.module_groups(layer_index)
+        name = type(self).__name__
+        if self.smoothing_producers is None or len(self.smoothing_producers) != len(groups):
+            raise UnsupportedModelError(
+                f"{name} declares no smoothing_producers for its {len(groups)} module groups, so awq, smoothquant and "
+                "mbq cannot fold input scales in this family; use rtn, gptq or tlq, or set smoothing_producers (and "
+                "block_outputs, norm_weight_offset) in the adapter."
+            )
+        layer = self._layer(layer_index)
+        plan = []
+        for group, producer, block in zip(groups, self.smoothing_producers, self.block_outputs):
+            modules = [layer.get_submodule(n) for n in group]
+            width = modules[0].in_features
+            if any(m.in_features != width for m in modules):
+                raise UnsupportedModelError(f"{name}: the modules {group} do not share one input width.")
+            if producer is None:
+                plan.append(ScaleFold(tuple(group), None, None, 0.0, block, "the family declares no producer op"))
+                continue
+            try:
+                op = layer.get_submodule(producer)
+            except AttributeError:
+                raise UnsupportedModelError(
+                    f"{name}.smoothing_producers names '{producer}', which decoder layer {layer_index} "
+                    f"({type(layer).__name__}) does not have; fix smoothing_producers for this family."
+                ) from None
+            if isinstance(op, nn.Linear):
+                skipped = None
+                if op.out_features != width:
+                    skipped = (
+                        f"{producer} has {op.out_features} outputs but {group[0]} {width} inputs (grouped-query "
+                        "attention): no exact per-channel fold"
+                    )
+                plan.append(ScaleFold(tuple(group), producer, "linear", 0.0, block, skipped))
+                continue
+            self._check_norm_fold(op, width, f"decoder layer {layer_index} {producer}")
+            plan.append(ScaleFold(tuple(group), producer, "norm", self.norm_weight_offset, block))
+        return plan
+
+    def _check_norm_fold(self, norm: nn.Module, width: int, where: str) -> None:
+        from lightning_tlq.core.smoothing import fold_into_norm_
+
+        weight = getattr(norm, "weight", None)
+        if not isinstance(weight, Tensor) or tuple(weight.shape) != (width,):
+            raise UnsupportedModelError(
+                f"{where} ({type(norm).__name__}) has no per-channel weight of width {width} to fold scales into; "
+                f"awq, smoothquant and mbq do not support {type(self).__name__} as it is."
+            )
+        probe = copy.deepcopy(norm)
+        probe = probe.to_empty(device="cpu") if weight.is_meta else probe.to("cpu")
+        probe = probe.float()
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for param in probe.parameters():
+                param.copy_(torch.rand(param.shape, generator=gen) + 0.5)
+            x = torch.randn(3, width, generator=gen)
+            s = torch.rand(width, generator=gen) + 0.5
+            expected = probe(x) / s
+            fold_into_norm_(probe.weight, getattr(probe, "bias", None), s, self.norm_weight_offset)
+            ok = torch.allclose(probe(x), expected, rtol=1e-4, atol=1e-6)
+        if not ok:
+            form = "(1 + weight) * n(x)" if self.norm_weight_offset else "weight * n(x)"
+            raise UnsupportedModelError(
+                f"{where} ({type(norm).__name__}) does not compute {form}: dividing its weight by s does not divide "
+                f"its output by s, so awq, smoothquant and mbq cannot fold scales into it. Set norm_weight_offset "
+                f"in {type(self).__name__} to the norm's form (1 for Gemma-style (1 + weight) norms), or use rtn, "
+                "gptq or tlq."
+            )
 
     @property
     def ignore_prefixes(self) -> tuple[str, ...]:

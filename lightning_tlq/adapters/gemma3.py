@@ -21,12 +21,21 @@ class Gemma3Adapter(VLMAdapter):
     - The projector applies a raw ``mm_input_projection_weight`` parameter (not an ``nn.Linear``); it stays in
       full precision with the vision tower.
 
-    Decoder layers (q/k/v/o with ``q_norm``/``k_norm``, gate/up/down) match the default groups.
+    Decoder layers (q/k/v/o with ``q_norm``/``k_norm``, gate/up/down) match the default groups. Its RMSNorms compute
+    ``(1 + weight) * n(x)`` and the MLP reads ``pre_feedforward_layernorm`` (``post_attention_layernorm`` normalises
+    the attention output before the residual add), which is where awq / smoothquant / mbq fold the MLP scales.
     """
 
     model_types: ClassVar[tuple[str, ...]] = ("gemma3",)
     forward_keys: ClassVar[tuple[str, ...]] = (*VLMAdapter.forward_keys, "token_type_ids")
     vision_prefixes: ClassVar[tuple[str, ...]] = ("model.vision_tower", "model.multi_modal_projector")
+    smoothing_producers: ClassVar[tuple[str | None, ...] | None] = (
+        "input_layernorm",
+        "self_attn.v_proj",
+        "pre_feedforward_layernorm",
+        "mlp.up_proj",
+    )
+    norm_weight_offset: ClassVar[float] = 1.0
 
     def forward_inputs(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         """Build forward kwargs, adding ``token_type_ids`` (1 on image tokens) if the batch has none.

@@ -127,3 +127,33 @@ def scatter_back(flat: Tensor, like: Sequence[Tensor], valid: Sequence[Tensor]) 
         out.append(full)
         start += n
     return out
+
+
+def modality_sums(scores: Sequence[Tensor], vision: Sequence[Tensor], answer: Sequence[Tensor]) -> Tensor:
+    """MBQ's gradient statistics of one module: ``[sum over vision tokens, their count, sum over answer tokens, their
+    count]`` (float64) of the per-token raw scores (``grad_abs``: mean ``|dL/dy|`` over channels), averaged over
+    output-channel groups. ``vision``/``answer`` are ``[B, S]`` bool per batch; sums can be added over ranks."""
+    out = torch.zeros(4, dtype=torch.float64)
+    for s, v, a in zip(scores, vision, answer):
+        per_token = s.double().mean(-1).cpu()
+        v, a = v.cpu(), a.cpu()
+        out += torch.stack([per_token[v].sum(), v.sum().double(), per_token[a].sum(), a.sum().double()])
+    return out
+
+
+def vision_weight(sums: Tensor, name: str = "") -> float:
+    """``rho = mean score over vision tokens / mean score over answer tokens`` from :func:`modality_sums` totals
+    (0.0 without vision tokens).
+
+    Raises:
+        ValueError: If there is no answer token or the answer tokens' mean score is 0.
+    """
+    vision_sum, vision_count, answer_sum, answer_count = (float(v) for v in sums)
+    if answer_count == 0 or answer_sum <= 0:
+        raise ValueError(
+            f"{name or 'A module'}: the answer tokens received no gradient (mean |dL/dy| = 0), so MBQ cannot weigh "
+            "vision tokens against them; check that the samples have answers (labels != -100)."
+        )
+    if vision_count == 0:
+        return 0.0
+    return (vision_sum / vision_count) / (answer_sum / answer_count)
