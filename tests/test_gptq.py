@@ -332,15 +332,14 @@ def test_inverse_upper_factor_is_the_upper_cholesky_factor_of_the_inverse(n):
 
 
 # --- asymmetric calibration (GPTAQ): cross term C = (X - X~) w X~^T, target W* = W + W C H^-1 ----------------------
-def _asymmetric_case(n: int = 400, d: int = 32, out: int = 24, seed: int = 30):
+def _asymmetric_case(n: int = 400, d: int = 32, out: int = 24, seed: int = 30, drift: float = 0.1):
     """Quantized-path inputs X~ and full-precision inputs X = X~ + a correlated drift, token weights, a weight."""
     g = _gen(seed)
     x_q = _correlated_inputs(n, d, seed=seed).double()
-    drift = (x_q @ (0.1 * torch.randn(d, d, generator=g, dtype=torch.float64))) + 0.05 * torch.randn(
-        n, d, generator=g, dtype=torch.float64
-    )
+    shift = x_q @ (drift * torch.randn(d, d, generator=g, dtype=torch.float64))
+    shift += drift / 2 * torch.randn(n, d, generator=g, dtype=torch.float64)
     w = torch.rand(n, generator=g, dtype=torch.float64) + 0.5
-    return x_q, x_q + drift, w, torch.randn(out, d, generator=g, dtype=torch.float64)
+    return x_q, x_q + shift, w, torch.randn(out, d, generator=g, dtype=torch.float64)
 
 
 def _asymmetric_error(Q: torch.Tensor, W: torch.Tensor, x_q: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> float:
@@ -391,9 +390,9 @@ def test_zero_cross_term_is_plain_gptq_bit_for_bit() -> None:
     )
 
 
-def test_cross_term_solve_is_gptq_on_the_damped_target() -> None:
-    """Without act-order the solve is exactly GPTQ run on W* = W + W C H_d^-1 (same damped factor)."""
-    from lightning_tlq.core.gptq import _upper_inverse_cholesky, asymmetric_target
+def test_cross_term_solve_is_the_gptq_loop_on_the_damped_target() -> None:
+    """The column loop runs on W* = W + W C H_d^-1 (the loop's own damped factor), on the static grid of W."""
+    from lightning_tlq.core.gptq import _quantize_columns, _upper_inverse_cholesky, asymmetric_target
 
     x_q, x, w, W64 = _asymmetric_case()
     H, C = _gram(x_q, x, w)
@@ -401,37 +400,50 @@ def test_cross_term_solve_is_gptq_on_the_damped_target() -> None:
     spec = QuantSpec(bits=3, group_size=16)
     U, _, _ = _upper_inverse_cholesky(H.float(), 0.01, 3, "")
     target = asymmetric_target(W, C.float(), U)
-    Hd = _damped(H, 0.01)
-    torch.testing.assert_close(target.double(), W64 + W64 @ C @ torch.linalg.inv(Hd), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        target.double(), W64 + W64 @ C @ torch.linalg.inv(_damped(H, 0.01)), rtol=1e-4, atol=1e-4
+    )
+    scale, zero = compute_qparams(W, spec)
+    cols = torch.arange(W.shape[1]) // 16
+    codes = _quantize_columns(target.clone(), U, scale[:, cols], zero[:, cols], spec, block_size=8)
     asym = gptq_quantize(W, H, spec, block_size=8, act_order=False, cross=C)
-    _assert_same(asym, gptq_quantize(target, H, spec, block_size=8, act_order=False))
-    # With act-order the target is formed in the permuted order: equal up to float32 rounding (~1e-5 here), which
-    # moves some group scales by an ulp; GPTQ's error feedback turns the few codes flipped by that into a cascade
-    # (seen: 96.6% of the codes equal, asymmetric error 2.5% apart), so only closeness is checked.
-    ordered = gptq_quantize(W, H, spec, block_size=8, cross=C)
-    reference = gptq_quantize(W64 + W64 @ C @ torch.linalg.inv(Hd), H, spec, block_size=8)
-    assert float((ordered.codes == reference.codes).double().mean()) > 0.95
-    e_ordered, e_ref = (_asymmetric_error(r.weight, W64, x_q, x, w) for r in (ordered, reference))
-    assert e_ordered == pytest.approx(e_ref, rel=0.05)
+    assert torch.equal(asym.codes, codes.to(spec.code_dtype))
+    assert torch.equal(asym.scale, scale)
+    assert torch.equal(asym.zero, zero)
+
+
+def test_cross_term_with_act_order_equals_solving_the_permuted_problem() -> None:
+    # integer-valued inputs make H, C (and mean(diag H)) exact, so permuting changes no rounding
+    g = _gen(62)
+    x_q = torch.randint(-3, 4, (64, 24), generator=g).float()
+    x_q[:, 5] *= 4
+    x = x_q + torch.randint(-1, 2, (64, 24), generator=g).float()
+    H, C = x_q.T @ x_q, (x - x_q).T @ x_q
+    W = torch.randn(8, 24, generator=_gen(63))
+    spec = QuantSpec(bits=3, group_size=-1)  # per-row params are invariant to column order
+    res = gptq_quantize(W, H, spec, block_size=8, act_order=True, cross=C)
+    perm, inv = res.perm, torch.argsort(res.perm)
+    ref = gptq_quantize(W[:, perm], H[perm][:, perm], spec, block_size=8, act_order=False, cross=C[perm][:, perm])
+    assert torch.equal(res.codes, ref.codes[:, inv])
+    assert not torch.equal(res.codes, gptq_quantize(W, H, spec, block_size=8, act_order=True).codes)
 
 
 @pytest.mark.parametrize("act_order", [True, False])
 def test_cross_term_lowers_the_asymmetric_error(act_order: bool) -> None:
-    x_q, x, w, W64 = _asymmetric_case(seed=31)
+    # a drift that moves W* by ~4.5% of max|W| (about what the tiny VLMs show)
+    x_q, x, w, W64 = _asymmetric_case(seed=31, drift=0.01)
     H, C = _gram(x_q, x, w)
     W = W64.float()
-    # the optimum of the damped objective (observed: 1113 against 743 undamped and 351696 for keeping W)
-    floor = _asymmetric_error(W64 + W64 @ C @ torch.linalg.inv(_damped(H, 0.01)), W64, x_q, x, w)
-    reference = _asymmetric_error(W64, W64, x_q, x, w)  # keeping W: the drift's error alone
-    for bits, factor in ((8, 1.05), (3, None)):
+    keep = _asymmetric_error(W64, W64, x_q, x, w)  # keeping W: the drift's error alone
+    for bits in (3, 4, 8):
         spec = QuantSpec(bits=bits, group_size=16)
         plain = gptq_quantize(W, H, spec, block_size=8, act_order=act_order)
         asym = gptq_quantize(W, H, spec, block_size=8, act_order=act_order, cross=C)
         e_plain, e_asym = (_asymmetric_error(r.weight, W64, x_q, x, w) for r in (plain, asym))
         assert e_asym < e_plain, (bits, e_asym, e_plain)
-        if factor is not None:  # 8 bits: almost unconstrained, so close to the optimum and far below keeping W
-            assert e_asym <= factor * floor
-        assert e_asym < 0.1 * reference
+    # 8 bits: nearly unconstrained. Observed 50.6 (act-order) against 3517 for keeping W, 11.1 for the damped
+    # optimum W* itself, 20.4 for GPTQ on W* with W*'s own grid (W's grid clips part of the shift)
+    assert e_asym < 0.02 * keep
 
 
 def test_cross_term_of_grouped_hessian_splits_rows() -> None:

@@ -24,7 +24,9 @@ since ``Q X~ - W X = E X~ - W (X - X~)`` with ``E = Q - W``, so the objective is
 tr(D H D^T)``, where ``E - D = Q - W*``. GPTQ on the target ``W*`` with ``H`` therefore minimises the asymmetric
 objective. With the damped ``H_d = H + d I`` used throughout (``W* = W + W C H_d^-1``) it minimises
 ``||Q X~ - W X||_w^2 + d ||Q - W||^2``, the damped objective pulling ``Q`` toward ``W``. ``W*`` is formed once from
-the same factor ``U`` (``U^T U = H_d^-1``) the column loop uses, and the group scales come from ``W*``.
+the same factor ``U`` (``U^T U = H_d^-1``) the column loop uses. The grid (static group scales and zero points)
+stays that of ``W``: it does not depend on the data, so it is bit-identical for any number of ranks (scales
+taken from ``W*`` moved by ulps with the rank count, and measured no better on the tiny models).
 """
 
 from __future__ import annotations
@@ -240,27 +242,23 @@ def _solve_block(
 ) -> _BlockSolve:
     """Quantize rows ``W [rows, in]`` (float32, modified in place) against one Hessian ``H [in, in]``.
 
-    With ``cross`` the rows quantized are GPTAQ's target :func:`asymmetric_target` instead of ``W``.
+    With ``cross`` the column loop runs on GPTAQ's target :func:`asymmetric_target`, on the static grid of ``W``.
     """
     H = H.clone()
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
+    scale, zero = compute_qparams(W, spec, name, scale_dtype=scale_dtype)
     in_features = W.shape[1]
     group_of_col = torch.arange(in_features, device=W.device) // spec.group_len(in_features)
     perm = torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order else None
-    Wp, Hp = (W[:, perm], H[perm][:, perm]) if perm is not None else (W, H)
-    U, used, retries = _upper_inverse_cholesky(Hp, damp, max_retries, name)
-    if cross is not None:
-        Cp = cross[perm][:, perm] if perm is not None else cross
-        Wp = asymmetric_target(Wp, Cp, U)
-        W = Wp[:, torch.argsort(perm)] if perm is not None else Wp
-        W[:, dead] = 0.0  # the quantized path never feeds these inputs
-        Wp[:, dead[perm] if perm is not None else dead] = 0.0
-    scale, zero = compute_qparams(W, spec, name, scale_dtype=scale_dtype)
     if perm is not None:
-        group_of_col = group_of_col[perm]
-    codes = _quantize_columns(Wp, U, scale[:, group_of_col], zero[:, group_of_col], spec, block_size)
+        W, H, group_of_col, dead = W[:, perm], H[perm][:, perm], group_of_col[perm], dead[perm]
+    U, used, retries = _upper_inverse_cholesky(H, damp, max_retries, name)
+    if cross is not None:
+        W = asymmetric_target(W, cross[perm][:, perm] if perm is not None else cross, U)
+        W[:, dead] = 0.0  # the quantized path never feeds these inputs
+    codes = _quantize_columns(W, U, scale[:, group_of_col], zero[:, group_of_col], spec, block_size)
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
     return _BlockSolve(codes.to(spec.code_dtype), scale, zero, used, retries, perm)
