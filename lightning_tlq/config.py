@@ -15,10 +15,12 @@ from lightning_tlq.core.quantizer import QuantSpec
 Method = Literal["rtn", "gptq", "tlq"]
 Score = Literal["fisher", "grad_abs", "taylor"]
 ImportanceMode = Literal["token", "modality", "none"]
+Target = Literal["quantized", "fp"]
 
 _METHODS = ("rtn", "gptq", "tlq")
 _SCORES = ("fisher", "grad_abs", "taylor")
 _MODES = ("token", "modality", "none")
+_TARGETS = ("quantized", "fp")
 
 
 def _check_choice(field: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -59,9 +61,22 @@ class QuantArgs:
     vision: bool = False
     """Also quantize the vision tower and projector: layer by layer on the quantized path, before the language
     model (which is then calibrated on the quantized tower's features). Default: keep them in full precision."""
+    target: Target = "quantized"
+    """What each module's output is matched to: ``quantized`` minimises ``||(Q - W) X~||^2`` on the quantized path's
+    inputs ``X~``; ``fp`` (GPTAQ asymmetric calibration) minimises ``||Q X~ - W X||^2``, ``X`` the full-precision
+    model's inputs, at the cost of a second (full-precision) activation stream and a second forward per module
+    group. gptq and tlq only; not with ``vision``."""
 
     def __post_init__(self) -> None:
         _check_choice("quant.method", self.method, _METHODS)
+        _check_choice("quant.target", self.target, _TARGETS)
+        if self.target == "fp" and self.method == "rtn":
+            raise ValueError("quant.target='fp' needs a calibrated method (gptq or tlq); rtn uses no activations.")
+        if self.target == "fp" and self.vision:
+            raise ValueError(
+                "quant.target='fp' is not supported with quant.vision=true (the vision tower's full-precision "
+                "stream is not implemented); use quant.target='quantized' or quant.vision=false."
+            )
         if self.block_size < 1:
             raise ValueError(f"quant.block_size={self.block_size} must be a positive number of columns.")
         _check_range("quant.damp", self.damp, 0.0, 1.0, lo_open=True)
