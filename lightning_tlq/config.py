@@ -17,6 +17,7 @@ Method = Literal["rtn", "gptq", "tlq", "awq", "smoothquant", "mbq"]
 Score = Literal["fisher", "grad_abs", "taylor"]
 ImportanceMode = Literal["token", "modality", "none"]
 DataSplit = Literal["calibration", "validation", "test"]
+Target = Literal["quantized", "fp"]
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,7 @@ _SMOOTHING_METHODS = ("awq", "smoothquant", "mbq")
 """Methods that search per-input-channel scales, fold them into the producing ops, then round to nearest."""
 _SCORES = ("fisher", "grad_abs", "taylor")
 _MODES = ("token", "modality", "none")
+_TARGETS = ("quantized", "fp")
 
 
 def _check_choice(field: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -77,9 +79,24 @@ class QuantArgs:
     awq_clip: bool = False
     """awq / mbq: after the scales, also search a max-abs clipping ratio per (output row, weight group) of each
     module (AWQ's clip search: ratios 1.0, 0.95, ..., 0.55 on the output MSE; q and k projections are not clipped)."""
+    target: Target = "quantized"
+    """What each module's output is matched to: ``quantized`` minimises ``||(Q - W) X~||^2`` on the quantized path's
+    inputs ``X~``; ``fp`` (GPTAQ asymmetric calibration) minimises ``||Q X~ - W X||^2``, ``X`` the full-precision
+    model's inputs, at the cost of a second (full-precision) activation stream and a second forward per module
+    group. gptq and tlq only; not with ``vision``."""
 
     def __post_init__(self) -> None:
         _check_choice("quant.method", self.method, _METHODS)
+        _check_choice("quant.target", self.target, _TARGETS)
+        if self.target == "fp" and self.method not in ("gptq", "tlq"):
+            raise ValueError(
+                f"quant.target='fp' needs a GPTQ-based method (gptq or tlq), not quant.method={self.method!r}."
+            )
+        if self.target == "fp" and self.vision:
+            raise ValueError(
+                "quant.target='fp' is not supported with quant.vision=true (the vision tower's full-precision "
+                "stream is not implemented); use quant.target='quantized' or quant.vision=false."
+            )
         if self.block_size < 1:
             raise ValueError(f"quant.block_size={self.block_size} must be a positive number of columns.")
         _check_range("quant.damp", self.damp, 0.0, 1.0, lo_open=True)

@@ -44,8 +44,6 @@ import torch
 from lightning_tlq.config import DataArgs
 from lightning_tlq.data import Sample, encode_sample
 from lightning_tlq.datamodule import encode_samples, load_samples
-from lightning_tlq.models.scenes import model_task
-from lightning_tlq.models.tiny import DEFAULT_MODEL
 from lightning_tlq.harness import (
     NUM_EXAMPLES,
     activation_bits,
@@ -54,6 +52,8 @@ from lightning_tlq.harness import (
     load_module,
     normalize_answer,
 )
+from lightning_tlq.models.scenes import model_task
+from lightning_tlq.models.tiny import DEFAULT_MODEL
 from lightning_tlq.preflight import load_processor_for, model_max_length, model_on_meta, resolve_max_length
 from lightning_tlq.report import atomic_output_dir, check_output_dir
 

@@ -62,7 +62,8 @@ class CalibrationLoop:
             ``on_importance_*``, ``on_importance_ready(fabric, importance, vision_scores)`` (with ``quant.method=mbq``
             also ``vision_weights``), with ``quant.vision``
             ``on_vision_stage_*`` and ``on_vision_end(fabric, modules, results, records)``,
-            ``on_layer_start(fabric, index)``,
+            ``on_layer_start(fabric, index)``, with ``quant.target = "fp"``
+            ``on_layer_fp_hidden(fabric, index, fp_hidden)`` (the full-precision stream after layer ``index``),
             ``on_layer_end(fabric, index, record, layer, results, hidden)`` and ``on_calibration_end(fabric,
             records)`` to its callbacks. When importance is needed (``tlq``, or ``metrics``), one of its callbacks
             must be a :class:`TokenImportance`, which collects the scores (``grad_abs`` scores for ``mbq``). An optional
@@ -74,6 +75,10 @@ class CalibrationLoop:
     With ``quant.vision`` the importance backward continues into the vision tower, the tower and projector are
     calibrated after the importance pass (:class:`VisionCalibration`, records in :attr:`vision_records`), and
     the decoder inputs are then captured again, through the quantized tower.
+
+    With ``quant.target = "fp"`` (GPTAQ) a second list of per-batch hidden states is kept beside the quantized
+    path's: the full-precision model's layer inputs, propagated through each layer's original weights before the
+    layer is quantized (kept where ``memory.offload_activations`` keeps the quantized path's, and checkpointed).
     """
 
     def __init__(
@@ -210,12 +215,16 @@ class CalibrationLoop:
         resumed: ResumeState | None = None,
     ) -> list[dict[str, Any]]:
         hidden = [self._store(c.hidden) for c in captured]
+        # target fp: the full-precision model's layer inputs; at layer 0 they are the quantized path's (the vision
+        # tower stays in full precision with target fp)
+        fp_hidden = list(hidden) if self.quant.target == "fp" else None
         records = []
         if resumed is not None:  # continue after the last finished layer, with its saved outputs
             records = list(resumed.records)
             self.results.update(resumed.results)
             if resumed.hidden is not None:
                 hidden = [self._store(h.to(self.fabric.device)) for h in resumed.hidden]
+                fp_hidden = self._resumed_fp_hidden(resumed)
         self._check_finite(self.start_layer - 1, hidden)
         for index in range(self.start_layer, self.adapter.num_layers):
             self.fabric.call("on_layer_start", fabric=self.fabric, index=index)
@@ -233,16 +242,22 @@ class CalibrationLoop:
                 groups=self.importance_args.groups,
                 smoothing=self._smoothing(index, layer),
             )
-            hidden = stage.run(self._layer_forward(index, captured), hidden, weights)
+            hidden = stage.run(self._layer_forward(index, captured), hidden, weights, fp_inputs=fp_hidden)
             for step, sec in stage.seconds.items():
                 self.phase_seconds[f"layers.{step}"] = self.phase_seconds.get(f"layers.{step}", 0.0) + sec
             self.placement.offload(index, modified=True)
             self._check_finite(index, hidden)
+            if fp_hidden is not None:
+                fp_hidden = stage.fp_outputs
+                assert fp_hidden is not None
+                self._check_finite(index, fp_hidden, path="full-precision")
             for name, result in stage.results.items():
                 self.results[f"{index}.{name}"] = result
             record = {"index": index, **set_record, "seconds": time.perf_counter() - start}
             record["modules"] = {name: r.record for name, r in stage.results.items()}
             records.append(record)
+            if fp_hidden is not None:  # before on_layer_end, which commits the checkpoint
+                self.fabric.call("on_layer_fp_hidden", fabric=self.fabric, index=index, fp_hidden=fp_hidden)
             self.fabric.call(
                 "on_layer_end",
                 fabric=self.fabric,
@@ -270,6 +285,15 @@ class CalibrationLoop:
             vision_weights=weights,
             clip_excluded=self.adapter.clip_excluded,
         )
+    def _resumed_fp_hidden(self, resumed: ResumeState) -> list[Tensor] | None:
+        if self.quant.target != "fp":
+            return None
+        if resumed.fp_hidden is None:
+            raise ValueError(
+                "quant.target='fp' cannot resume this checkpoint: it holds no full-precision activations for layer "
+                f"{resumed.next_layer}. Pass --resume false --overwrite true to start over."
+            )
+        return [self._store(h.to(self.fabric.device)) for h in resumed.fp_hidden]
 
     def _layer_forward(self, index: int, captured: Sequence[CapturedInputs]) -> Callable[[int, Tensor], Tensor]:
         device = self.fabric.device
@@ -538,12 +562,12 @@ class CalibrationLoop:
             )
 
     @staticmethod
-    def _check_finite(index: int, hidden: Sequence[Tensor]) -> None:
+    def _check_finite(index: int, hidden: Sequence[Tensor], path: str = "quantized") -> None:
         for b, h in enumerate(hidden):
             if not torch.isfinite(h).all():
                 where = f"Decoder layer {index}" if index >= 0 else "The embeddings (input of decoder layer 0)"
                 raise FloatingPointError(
-                    f"{where} produced NaN/Inf activations on calibration batch {b} on the quantized path. Check "
+                    f"{where} produced NaN/Inf activations on calibration batch {b} on the {path} path. Check "
                     "the model's weights and inputs; in float16/bfloat16, try dtype float32; with very low bit "
                     "widths, try more bits or a smaller group size."
                 )

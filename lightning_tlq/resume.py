@@ -8,7 +8,8 @@
   records (``vision.pt``, rank 0);
 - after decoder layer ``k``: the layer's quantized state and its modules' codes / scales / zero points and report
   record (``layer_{k}.pt``, rank 0), each rank's propagated activations on the quantized path
-  (``hidden_{k}.rank{r}.pt``), then, last, ``state.json`` with ``next_layer = k + 1`` (the commit point).
+  (``hidden_{k}.rank{r}.pt``), with ``quant.target = fp`` also those of the full-precision stream
+  (``fp_hidden_{k}.rank{r}.pt``), then, last, ``state.json`` with ``next_layer = k + 1`` (the commit point).
 
 Every file is written to a temporary name, fsynced and renamed, so a crash at any instant leaves the last committed
 layer intact. :class:`~lightning_tlq.loop.CalibrationLoop` asks it for :meth:`LayerCheckpoint.restore` before
@@ -95,6 +96,8 @@ class ResumeState:
     vision_records: list[dict[str, Any]] | None = None
     vision_weights: dict[str, float] | None = None
     """mbq's per-layer vision weights from the importance pass (None for other methods)."""
+    fp_hidden: list[Tensor] | None = None
+    """With ``quant.target = fp``: this rank's full-precision inputs of ``next_layer`` (None if none were saved)."""
 
 
 def _atomic_save(obj: Any, path: Path, *, what: str) -> None:
@@ -178,10 +181,13 @@ class LayerCheckpoint:
                 results[f"{index}.{name}"] = ModuleResult(None, res["codes"], res["scale"], res["zero"], res["record"])
         saved_importance = self._load(self.directory / f"importance.rank{rank}.pt")
         hidden = self._load(self.directory / f"hidden_{next_layer - 1:04d}.rank{rank}.pt") if next_layer else None
+        fp_file = self.directory / f"fp_hidden_{next_layer - 1:04d}.rank{rank}.pt"
         self.restored = ResumeState(
             next_layer, saved_importance["decoder"], hidden, records, results, saved_importance["vision"]
         )
         self.restored.vision_weights = saved_importance.get("vision_weights")
+        if next_layer and fp_file.is_file():
+            self.restored.fp_hidden = self._load(fp_file)
         if state.get("vision_done"):
             self._restore_vision(vision_modules)
         if fabric.is_global_zero:
@@ -283,6 +289,14 @@ class LayerCheckpoint:
         self._vision_done = True
         self._commit(fabric, next_layer=0)
 
+    def on_layer_fp_hidden(self, fabric: Any, index: int, fp_hidden: Sequence[Tensor]) -> None:
+        """Save this rank's full-precision stream after layer ``index`` (committed by :meth:`on_layer_end`)."""
+        _atomic_save(
+            [h.detach().cpu() for h in fp_hidden],
+            self.directory / f"fp_hidden_{index:04d}.rank{fabric.global_rank}.pt",
+            what=f"after layer {index}",
+        )
+
     def on_layer_end(
         self,
         fabric: Any,
@@ -310,7 +324,8 @@ class LayerCheckpoint:
             }
             _atomic_save(saved, self.directory / f"layer_{index:04d}.pt", what=what)
         self._commit(fabric, next_layer=index + 1)
-        (self.directory / f"hidden_{index - 1:04d}.rank{fabric.global_rank}.pt").unlink(missing_ok=True)
+        for stream in ("hidden", "fp_hidden"):
+            (self.directory / f"{stream}_{index - 1:04d}.rank{fabric.global_rank}.pt").unlink(missing_ok=True)
 
     def _commit(self, fabric: Any, next_layer: int) -> None:
         fabric.barrier()  # every rank's files are on disk before the state points at them

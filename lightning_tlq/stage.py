@@ -6,8 +6,9 @@ and the results are broadcast (:class:`lightning_tlq.distributed.Collective`, no
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +53,10 @@ class ModuleResult:
     record: dict[str, Any] = field(default_factory=dict)
 
 
+class _StopLayer(Exception):
+    """Raised from a module hook to end a full-precision forward once the modules of interest have run."""
+
+
 _RECORD_KEYS = ("damp", "retries", "seconds", "tokens", "rel_error", "weighted_rel_error")
 
 
@@ -69,15 +74,22 @@ def _unpack_record(packed: Tensor) -> dict[str, Any]:
 
 
 class _Stats:
-    """The Hessians one module needs: ``solve`` for the method, ``plain``/``weighted`` for the report."""
+    """The Hessians one module needs: ``solve`` for the method, ``plain``/``weighted`` for the report, and with
+    ``target = fp`` the cross term ``cross`` (same token weights as ``solve``)."""
 
-    def __init__(self, in_features: int, groups: int, method: str, metrics: bool, weighted: bool, device: Any):
+    def __init__(
+        self, in_features: int, groups: int, quant: QuantArgs, metrics: bool, weighted: bool, device: Any
+    ) -> None:
+        method = quant.method
         self.plain = HessianAccumulator(in_features, device=device) if (metrics or method == "gptq") else None
         self.weighted = HessianAccumulator(in_features, groups, device=device) if (metrics and weighted) else None
         self.solve = HessianAccumulator(in_features, groups, device=device) if method == "tlq" else self.plain
+        self.cross = None
+        if quant.target == "fp" and self.solve is not None:
+            self.cross = HessianAccumulator(in_features, self.solve.groups, device=device)
 
     def accumulators(self) -> list[HessianAccumulator]:
-        unique = {id(a): a for a in (self.plain, self.weighted, self.solve) if a is not None}
+        unique = {id(a): a for a in (self.plain, self.weighted, self.solve, self.cross) if a is not None}
         return list(unique.values())
 
 
@@ -87,6 +99,13 @@ class LayerStage:
     With ``quant.act_bits`` set, every forward of the layer (accumulate and propagate) runs with the inputs of its
     target modules fake-quantized per token, exactly as at inference, so the Hessians are built from the inputs the
     quantized modules really see and the next layer receives the quantized path's activations.
+
+    With ``quant.target = "fp"`` (GPTAQ) :meth:`run` also takes the full-precision model's inputs of this layer:
+    their full-precision outputs are computed first (:attr:`fp_outputs`, the next layer's full-precision inputs),
+    and in each module group every batch runs twice, on the full-precision path (original weights of the modules
+    already quantized, no activation quantization) and on the quantized path, so that each module's
+    full-precision inputs ``x`` and quantized-path inputs ``x~`` are paired token by token in the cross term
+    ``C = sum_t w_t (x_t - x~_t) x~_t^T`` that the solve uses (:func:`~lightning_tlq.core.gptq.gptq_quantize`).
 
     Args:
         index: decoder layer index (or a label such as ``"vision 0"`` for other stages).
@@ -127,13 +146,20 @@ class LayerStage:
         for name, module in self.modules.items():
             quant.spec.check_shape(module.in_features, name=f"layer {index} {name}")
         self.results: dict[str, ModuleResult] = {}
+        self.fp_outputs: list[Tensor] | None = None
+        """With ``quant.target = "fp"``: the full-precision layer's outputs for :meth:`run`'s ``fp_inputs``."""
+        self._original: dict[str, Tensor] = {}  # target fp: full-precision weights of the modules already solved
         self._stats: dict[str, _Stats] = {}
         self._owners: dict[str, int] = {}
         self.seconds: dict[str, float] = {}
         self.layer_device = next(iter(self.modules.values())).weight.device
 
     def run(
-        self, forward: Callable[[int, Tensor], Tensor], inputs: Sequence[Tensor], weights: Sequence[TokenWeights]
+        self,
+        forward: Callable[[int, Tensor], Tensor],
+        inputs: Sequence[Tensor],
+        weights: Sequence[TokenWeights],
+        fp_inputs: Sequence[Tensor] | None = None,
     ) -> list[Tensor]:
         """Calibrate every module group in order, then return the quantized layer's outputs for ``inputs``.
 
@@ -141,12 +167,21 @@ class LayerStage:
             forward: ``forward(batch_index, hidden)`` runs this layer on one batch.
             inputs: per batch, the layer's input (the quantized path's output of the previous layer).
             weights: per batch, token weights for this layer.
+            fp_inputs: per batch, the full-precision model's input of this layer; required with
+                ``quant.target = "fp"`` (and only then). Their outputs are left in :attr:`fp_outputs`.
         """
+        if (fp_inputs is not None) != (self.quant.target == "fp"):
+            raise ValueError(
+                f"Layer {self.index}: quant.target={self.quant.target!r} "
+                + ("needs the full-precision inputs (fp_inputs)." if fp_inputs is None else "takes no fp_inputs.")
+            )
+        if fp_inputs is not None:  # before any module of this layer is quantized
+            self.fp_outputs = self._timed("propagate_fp", self.propagate_full_precision, forward, fp_inputs)
         groups = self.module_groups if self.quant.true_sequential else [sum(self.module_groups, [])]
         if self.smoothing is not None:
             self._timed("search", self.smoothing.run, forward, inputs, weights)
         for names in groups:
-            self._timed("accumulate", self.accumulate, names, forward, inputs, weights)
+            self._timed("accumulate", self.accumulate, names, forward, inputs, weights, fp_inputs)
             self._timed("reduce", self.reduce, names)
             self._timed("solve", self.solve, names)
         return self._timed("propagate", self.propagate, forward, inputs)
@@ -170,37 +205,79 @@ class LayerStage:
         forward: Callable[[int, Tensor], Tensor],
         inputs: Sequence[Tensor],
         weights: Sequence[TokenWeights],
+        fp_inputs: Sequence[Tensor] | None = None,
     ) -> None:
-        """Run the layer over all batches, adding each module's weighted input statistics."""
+        """Run the layer over all batches, adding each module's weighted input statistics.
+
+        With ``fp_inputs`` each batch first runs on the full-precision path (up to the last module of ``names``),
+        whose module inputs are then paired with the quantized path's for the cross terms.
+        """
         has_importance = weights[0].importance is not None
         for name in names:
             module = self.modules[name]
             self._stats[name] = _Stats(
-                module.in_features, self.groups, self.quant.method, self.metrics, has_importance, module.weight.device
+                module.in_features, self.groups, self.quant, self.metrics, has_importance, module.weight.device
             )
         if all(not self._stats[n].accumulators() for n in names):
             return  # rtn without metrics: nothing to measure
-        current: dict[str, TokenWeights] = {}
-        handles = [
-            self.modules[n].register_forward_hook(lambda m, a, o, n=n: self._add(n, a[0], current["w"])) for n in names
-        ]
+        current: dict[str, Any] = {"w": None, "fp": {}}  # w is None while the full-precision path runs
+
+        def add(name: str, x: Tensor) -> None:
+            if current["w"] is not None:
+                self._add(name, x, current["w"], current["fp"].get(name))
+
+        handles = [self.modules[n].register_forward_hook(lambda m, a, o, n=n: add(n, a[0])) for n in names]
         try:
-            with torch.no_grad(), self._activation_quant():
+            with torch.no_grad():
                 for b, hidden in enumerate(inputs):
+                    if fp_inputs is not None:
+                        current["w"] = None
+                        current["fp"] = self._fp_module_inputs(names, forward, b, fp_inputs[b])
                     current["w"] = weights[b]
-                    forward(b, hidden)
+                    with self._activation_quant():
+                        forward(b, hidden)
         finally:
             for h in handles:
                 h.remove()
 
-    def _add(self, name: str, x: Tensor, tw: TokenWeights) -> None:
+    def _fp_module_inputs(
+        self, names: Sequence[str], forward: Callable[[int, Tensor], Tensor], b: int, hidden: Tensor
+    ) -> dict[str, Tensor]:
+        """The inputs of ``names`` when the full-precision layer runs on ``hidden`` (stopped once all are seen)."""
+        seen: dict[str, Tensor] = {}
+
+        def hook(name: str, args: tuple) -> None:
+            seen[name] = args[0].detach()
+            if len(seen) == len(names):
+                raise _StopLayer
+
+        handles = [self.modules[n].register_forward_pre_hook(lambda m, a, n=n: hook(n, a)) for n in names]
+        try:
+            with self._full_precision():
+                forward(b, hidden)
+        except _StopLayer:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        missing = [n for n in names if n not in seen]
+        if missing:
+            raise RuntimeError(f"Layer {self.index}: {missing} did not run on the full-precision path.")
+        return seen
+
+    def _add(self, name: str, x: Tensor, tw: TokenWeights, fp: Tensor | None = None) -> None:
         stats = self._stats[name]
         x = x.detach()
         lead = x.shape[:-1]
         valid = tw.valid.to(x.device) if tw.valid is not None else torch.ones(lead, dtype=torch.bool, device=x.device)
         rows = x[valid]  # [N, in]
+        fp_rows = fp[valid] if stats.cross is not None and fp is not None else None
+        if stats.cross is not None and (fp_rows is None or fp_rows.shape != rows.shape):
+            raise RuntimeError(f"Layer {self.index} {name}: no full-precision input matches the quantized path's.")
         if stats.plain is not None:
             stats.plain.add(rows)
+            if self.quant.method == "gptq" and fp_rows is not None:
+                stats.cross.add(rows, left=fp_rows.float() - rows.float())
         imp = tw.importance[name].to(x.device)[valid] if tw.importance is not None else None
         if stats.weighted is not None:
             stats.weighted.add(rows, imp)
@@ -210,6 +287,8 @@ class LayerStage:
                 w = w * tw.multiplier.to(x.device)[valid].unsqueeze(-1)
             keep = (w > 0).any(-1)
             stats.solve.add(rows[keep], w[keep])
+            if fp_rows is not None:
+                stats.cross.add(rows[keep], w[keep], left=fp_rows[keep].float() - rows[keep].float())
 
     def reduce(self, names: Sequence[str]) -> None:
         """Sum each module's statistics over ranks into the rank that owns (will solve) it.
@@ -242,6 +321,8 @@ class LayerStage:
             record = _unpack_record(self.collective.broadcast(_pack_record(record, module.weight.device), owner))
             if self.smoothing is not None:  # computed identically on every rank
                 record.update(self.smoothing.records.get(name, {}))
+            if self.quant.target == "fp":
+                self._original[name] = module.weight.detach().clone()
             module.weight.data.copy_(res.weight)
             self.results[name] = ModuleResult(None, res.codes.cpu(), res.scale.cpu(), res.zero.cpu(), record)
 
@@ -262,6 +343,7 @@ class LayerStage:
                 damp=self.quant.damp,
                 act_order=self.quant.act_order,
                 name=f"layer {self.index} {name}",
+                cross=stats.cross.H if stats.cross is not None else None,
             )
             record.update(damp=res.damp, retries=res.retries)
         record["seconds"] = time.perf_counter() - start
@@ -293,6 +375,26 @@ class LayerStage:
         """The quantized layer's outputs: the next layer's inputs on the quantized inference path."""
         with torch.no_grad(), self._activation_quant():
             return [forward(b, hidden) for b, hidden in enumerate(inputs)]
+
+    def propagate_full_precision(
+        self, forward: Callable[[int, Tensor], Tensor], fp_inputs: Sequence[Tensor]
+    ) -> list[Tensor]:
+        """The full-precision layer's outputs (original weights, no activation quantization): the next layer's
+        inputs on the full-precision path."""
+        with torch.no_grad(), self._full_precision():
+            return [forward(b, hidden) for b, hidden in enumerate(fp_inputs)]
+
+    @contextlib.contextmanager
+    def _full_precision(self) -> Iterator[None]:
+        """Temporarily put the original weights back into the modules already quantized in this stage."""
+        quantized = {name: self.modules[name].weight.data for name in self._original}
+        try:
+            for name, weight in self._original.items():
+                self.modules[name].weight.data = weight
+            yield
+        finally:
+            for name, weight in quantized.items():
+                self.modules[name].weight.data = weight
 
     def _activation_quant(self) -> Any:
         """Per-token activation fake-quant on every target module's input while the layer runs (no-op if None)."""

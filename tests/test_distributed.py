@@ -115,9 +115,9 @@ def _run_cli(out, *extra, env=None, args=_ARGS):
 def _clean_env(**extra):
     env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV and not k.startswith("LT_")}
     root = str(Path(__file__).resolve().parents[1])
-    # One intra-op thread per process in every run compared: Lightning gives each of N CPU processes
-    # cores // N threads, and BLAS results depend on the thread count (on the 2-core dev box 1 vs 2 threads in one
-    # process alone left only 94.8% of the codes identical), which is not what these tests measure.
+    # One intra-op thread in every process: Lightning gives each of N CPU ranks cpu_count // N threads (1 on a 2-core
+    # box), and float32 matmuls round differently with 1 and 2 threads, which alone made layer 1 of the 1-process
+    # reference ~81-99% identical to the 2-process run. With the same thread count the runs are bit-identical.
     env.update(HF_HUB_OFFLINE="1", GLOO_SOCKET_IFNAME="lo", PYTHONPATH=root, OMP_NUM_THREADS="1", **extra)
     return env
 

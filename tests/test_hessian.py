@@ -200,3 +200,24 @@ def test_relative_error_zero_over_zero() -> None:
     assert relative_output_error(W, W, H) == 0.0
     assert relative_output_error(W, torch.ones(2, 3), H) == float("inf")
     assert isinstance(relative_output_error(torch.ones(2, 3), torch.ones(2, 3), H), float)
+
+
+def test_cross_term_matches_direct_and_is_order_invariant() -> None:
+    """``add(x~, w, left=x - x~)`` sums ``w (x - x~) x~^T``; like H, the float64 sum of per-batch float32 partials
+    rounds to the same float32 matrix in any order or grouping (what makes it rank-count invariant)."""
+    x_q, x = _data(90, 10, seed=3), _data(90, 10, seed=4)
+    w = torch.rand(90, generator=torch.Generator().manual_seed(5))
+    acc = HessianAccumulator(10)
+    acc.add(x_q, w, left=x - x_q)
+    reference = ((x.double() - x_q.double()).T * w.double()) @ x_q.double()
+    torch.testing.assert_close(acc.H, reference, rtol=1e-5, atol=1e-4)
+    parts = [slice(0, 30), slice(30, 60), slice(60, 90)]
+    forward, a, b = HessianAccumulator(10), HessianAccumulator(10), HessianAccumulator(10)
+    for s in parts:
+        forward.add(x_q[s], w[s], left=x[s] - x_q[s])
+    a.add(x_q[parts[2]], w[parts[2]], left=x[parts[2]] - x_q[parts[2]])
+    for s in parts[:2]:
+        b.add(x_q[s], w[s], left=x[s] - x_q[s])
+    assert torch.equal(forward.H.float(), a.merge_(b).H.float())
+    with pytest.raises(ValueError, match="must have x's shape"):
+        acc.add(x_q, left=x[:5])

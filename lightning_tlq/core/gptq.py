@@ -13,6 +13,23 @@ Minimises ``tr((Q - W) H (Q - W)^T)`` column by column (Frantar et al., 2023), w
 
 A grouped Hessian ``[G, in, in]`` (GuidedQuant-style output-channel groups) splits the rows of ``W``
 into ``G`` contiguous equal blocks, each solved independently with its own Hessian.
+
+Asymmetric calibration (GPTAQ, ``cross=C``): with ``X~`` the inputs the module sees on the quantized path, ``X``
+those of the full-precision model and token weights ``w``, ``H = X~ w X~^T`` and ``C = (X - X~) w X~^T``,
+
+    ||Q X~ - W X||_w^2 = tr((Q - W*) H (Q - W*)^T) + const,   W* = W + W C H^-1,
+
+since ``Q X~ - W X = E X~ - W (X - X~)`` with ``E = Q - W``, so the objective is ``tr(E H E^T) - 2 tr(E C^T W^T)
++ const``, and completing the square (``D = W C H^-1``, ``H D^T = C^T W^T``) gives ``tr((E - D) H (E - D)^T) -
+tr(D H D^T)``, where ``E - D = Q - W*``. GPTQ on the target ``W*`` with ``H`` therefore minimises the asymmetric
+objective. With the damped ``H_d = H + d I`` used throughout (``W* = W + W C H_d^-1``) it minimises
+``||Q X~ - W X||_w^2 + d ||Q - W||^2``, the damped objective pulling ``Q`` toward ``W``. ``W*`` is formed once from
+the same factor ``U`` (``U^T U = H_d^-1``) the column loop uses. The grid (static group scales and zero points)
+stays that of ``W``: it does not depend on the data, so last-bit differences in ``H`` or ``C`` (summation order,
+thread count) can only flip codes near a rounding boundary, never move every scale. Scales taken from ``W*`` did
+move by ulps between 1- and 2-process runs (every weight differed) and measured no better on the tiny models;
+they fit large shifts better (a synthetic case with W* 4.5% off W: 8-bit error 20 instead of 51, against 3517
+for keeping W), which is one thing an ablation on real models should check.
 """
 
 from __future__ import annotations
@@ -103,6 +120,19 @@ def _validate(
     return groups
 
 
+def _check_cross(cross: torch.Tensor, H: torch.Tensor, name: str) -> torch.Tensor:
+    if tuple(cross.shape) != tuple(H.shape):
+        raise ValueError(
+            f"Module {_label(name)}: the cross term must have the Hessian's shape {tuple(H.shape)}, "
+            f"got {tuple(cross.shape)}."
+        )
+    if not bool(torch.isfinite(cross).all()):
+        raise GPTQError(
+            f"Module {_label(name)}: the cross term contains NaN or Inf. Check the full-precision activations."
+        )
+    return cross.detach()
+
+
 def _inverse_upper_factor(H: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """Upper-triangular ``U`` with ``U^T U = H^-1``, from one Cholesky and one triangular inverse.
 
@@ -188,6 +218,18 @@ def _quantize_columns(
     return codes
 
 
+def asymmetric_target(W: torch.Tensor, cross: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
+    """GPTAQ's target weight ``W* = W + W C H^-1``, with ``H^-1 = U^T U`` (``U`` upper triangular).
+
+    Args:
+        W: Weight ``[out, in]``.
+        cross: Cross term ``C = sum_t w_t (x_t - x~_t) x~_t^T`` ``[in, in]`` (full-precision minus quantized-path
+            input, times quantized-path input), in the same column order as ``W`` and ``U``.
+        U: Upper-triangular factor of the (damped) inverse Hessian, as the GPTQ column loop uses it.
+    """
+    return W + ((W @ cross) @ U.T) @ U
+
+
 def _solve_block(
     W: torch.Tensor,
     H: torch.Tensor,
@@ -199,8 +241,12 @@ def _solve_block(
     max_retries: int,
     name: str,
     scale_dtype: torch.dtype,
+    cross: torch.Tensor | None = None,
 ) -> _BlockSolve:
-    """Quantize rows ``W [rows, in]`` (float32, modified in place) against one Hessian ``H [in, in]``."""
+    """Quantize rows ``W [rows, in]`` (float32, modified in place) against one Hessian ``H [in, in]``.
+
+    With ``cross`` the column loop runs on GPTAQ's target :func:`asymmetric_target`, on the static grid of ``W``.
+    """
     H = H.clone()
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1.0
@@ -210,8 +256,11 @@ def _solve_block(
     group_of_col = torch.arange(in_features, device=W.device) // spec.group_len(in_features)
     perm = torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order else None
     if perm is not None:
-        W, H, group_of_col = W[:, perm], H[perm][:, perm], group_of_col[perm]
+        W, H, group_of_col, dead = W[:, perm], H[perm][:, perm], group_of_col[perm], dead[perm]
     U, used, retries = _upper_inverse_cholesky(H, damp, max_retries, name)
+    if cross is not None:
+        W = asymmetric_target(W, cross[perm][:, perm] if perm is not None else cross, U)
+        W[:, dead] = 0.0  # the quantized path never feeds these inputs
     codes = _quantize_columns(W, U, scale[:, group_of_col], zero[:, group_of_col], spec, block_size)
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
@@ -246,6 +295,7 @@ def gptq_quantize(
     act_order: bool = True,
     max_retries: int = 3,
     name: str = "",
+    cross: torch.Tensor | None = None,
 ) -> GPTQResult:
     """Quantize ``W`` with GPTQ against the Hessian ``H``.
 
@@ -259,6 +309,10 @@ def gptq_quantize(
         act_order: Process columns by decreasing ``diag(H)`` (static groups, so no ``g_idx``).
         max_retries: Tenfold damping increases allowed when the Cholesky factorisation fails.
         name: Module name used in log messages and errors.
+        cross: GPTAQ cross term ``C = sum_t w_t (x_t - x~_t) x~_t^T``, shaped like ``H`` (same token weights and
+            scale as ``H``): minimise ``||Q X~ - W X||^2`` against the full-precision inputs ``X`` instead of
+            ``||(Q - W) X~||^2``, by quantizing the target ``W + W C H_d^-1`` (see the module docstring). None
+            (default) is plain GPTQ.
 
     Returns:
         A :class:`GPTQResult` whose ``weight`` equals ``dequantize(codes, scale, zero)`` in ``W.dtype``.
@@ -270,6 +324,7 @@ def gptq_quantize(
     groups = _validate(W, H, spec, block_size, damp, max_retries, name)
     Wf = W.detach().to(torch.float32).clone()
     Hg = H.detach().to(device=W.device, dtype=torch.float32).reshape(groups, W.shape[1], W.shape[1])
+    Cg = None if cross is None else _check_cross(cross, H, name).to(Hg).reshape(Hg.shape)
     rows = W.shape[0] // groups
     solves = [
         _solve_block(
@@ -282,6 +337,7 @@ def gptq_quantize(
             max_retries=max_retries,
             name=name if groups == 1 else f"{_label(name)}[group {g}]",
             scale_dtype=W.dtype,
+            cross=None if Cg is None else Cg[g],
         )
         for g in range(groups)
     ]

@@ -4,6 +4,9 @@ For a linear module with inputs ``x_t`` (rows of ``[N, in]``) and token weights 
 layer-wise objective is ``sum_t w_t ||dW x_t||^2 = tr(dW H dW^T)`` with ``H = sum_t w_t x_t x_t^T``.
 With output-channel groups (GuidedQuant style) each group ``g`` of contiguous output rows has its
 own weights ``w_{t,g}`` and Hessian ``H[g]``; ``H`` then has shape ``[groups, in, in]``.
+
+The same accumulator sums GPTAQ's cross term ``C = sum_t w_t (x_t - x~_t) x~_t^T`` (``add(x~, w, left=x - x~)``),
+with the same float64 running sum, so it is as independent of the number of ranks as ``H``.
 """
 
 from __future__ import annotations
@@ -95,23 +98,30 @@ class HessianAccumulator:
         self.tokens = 0
         self.weight_sum = 0.0
 
-    def add(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+    def add(self, x: torch.Tensor, weight: torch.Tensor | None = None, *, left: torch.Tensor | None = None) -> None:
         """Add input rows with optional non-negative token weights.
 
         Args:
             x: Inputs ``[..., in]`` (typically ``[N, in]``), any float dtype; leading dims are flattened.
             weight: None (every row weighs 1), ``[...]`` (one weight per row, shared by all groups)
                 or ``[..., groups]`` (one weight per row and output-channel group).
+            left: Rows shaped like ``x`` to put on the left instead of ``x``: adds ``sum_t w_t left_t x_t^T``
+                (a cross term such as GPTAQ's ``(x - x~) x~^T``; ``H`` is then not symmetric). None adds
+                ``x_t x_t^T``.
 
         Raises:
             ValueError: If shapes do not match or a weight is negative.
         """
         x2, w2 = self._flatten(x, weight)
         xf = x2.to(device=self.device, dtype=torch.float32)
+        if left is not None and tuple(left.shape) != tuple(x.shape):
+            raise ValueError(f"HessianAccumulator.add: left {tuple(left.shape)} must have x's shape {tuple(x.shape)}.")
+        lf = xf if left is None else left.reshape(xf.shape).to(device=self.device, dtype=torch.float32)
         H = self.H.unsqueeze(0) if self.groups == 1 else self.H
-        with _tf32_for_half_inputs(x.dtype, xf.device):
+        # A difference x - x~ of half-precision rows is not exact in TF32: full fp32 matmuls for cross terms.
+        with _tf32_for_half_inputs(x.dtype if left is None else torch.float32, xf.device):
             for g in range(self.groups):
-                xw = xf if w2 is None else xf * w2[:, g : g + 1]
+                xw = lf if w2 is None else lf * w2[:, g : g + 1]
                 if H.dtype == torch.float32:
                     H[g].addmm_(xw.T, xf)
                 else:  # float32 partial (deterministic for these rows), exact widening add
