@@ -20,7 +20,8 @@ EXPECTED = {
     for family in ("tiny_llava", "tiny_qwen2_vl")
     for bits, group in ((4, 128), (3, 64), (3, 128), (2, 64))
 } | {"tiny_qwen2_vl_tlq_w4a8_vision"}
-_NAME = re.compile(r"(tiny_llava|tiny_qwen2_vl)(?:_tlq)?_w(\d)a(\d+)(?:_g(\d+))?(_vision)?")
+EXPECTED |= {f"scenes_llava_{s}" for s in ("w4a16_g128", "w3a16_g128", "w2a16_g64", "w4a8_g128")}
+_NAME = re.compile(r"(tiny_llava|tiny_qwen2_vl|scenes_llava)(?:_tlq)?_w(\d)a(\d+)(?:_g(\d+))?(_vision)?")
 
 
 def _printed(capsys, *args):
@@ -104,7 +105,7 @@ def test_recipe_parses_and_its_values_are_valid(path, capsys):
     family, bits, act_bits, group, vision = _NAME.fullmatch(path.stem).groups()  # the name states the setting
     model = cfg["model"]["model_name_or_path"]
     assert model == family.replace("_", "-", 1)
-    assert model in TINY_MODELS
+    assert model in (*TINY_MODELS, "scenes-llava")
     assert cfg["quant"]["bits"] == int(bits)
     assert cfg["quant"]["act_bits"] == (None if act_bits == "16" else int(act_bits))
     assert cfg["quant"]["vision"] is bool(vision)

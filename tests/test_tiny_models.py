@@ -117,7 +117,7 @@ def test_save_reload_gives_identical_logits(family, tmp_path):
 
 def test_resolve_model_names_paths_and_dtype(tmp_path):
     model, processor = resolve_model()
-    assert DEFAULT_MODEL == "tiny-llava"
+    assert DEFAULT_MODEL == "scenes-llava"  # the embedded trained model
     assert isinstance(processor, LlavaProcessor)
     qwen, _ = resolve_model("tiny-qwen2_vl", dtype="bfloat16")
     assert next(qwen.parameters()).dtype == torch.bfloat16
