@@ -23,7 +23,8 @@ EVAL = ["--data.num_samples", "5", "--data.batch_size", "2", "--trainer.accelera
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory):
     out = tmp_path_factory.mktemp("quantized") / "out"
-    main(["calibrate", *TINY, "--data.num_samples", "8", "--quant.method", "rtn", "--quant.bits", "4", "--quant.group_size",
+    main(["calibrate", *TINY, "--data.num_samples", "8", "--quant.method", "rtn", "--quant.bits", "4",
+          "--quant.group_size",
           "64", "--trainer.accelerator", "cpu", "--output_dir", str(out), "--quiet", "true"])  # fmt: skip
     return out
 
@@ -213,7 +214,8 @@ def test_a_w4a8_checkpoint_is_evaluated_with_its_activation_quantization(tmp_pat
     from lightning_tlq.actquant import apply_saved_activation_quant
 
     out = tmp_path / "w4a8"
-    main(["calibrate", *TINY, "--data.num_samples", "8", "--quant.method", "rtn", "--quant.bits", "4", "--quant.group_size",
+    main(["calibrate", *TINY, "--data.num_samples", "8", "--quant.method", "rtn", "--quant.bits", "4",
+          "--quant.group_size",
           "64", "--quant.act_bits", "8", "--trainer.accelerator", "cpu", "--output_dir", str(out),
           "--quiet", "true"])  # fmt: skip
     metrics = _evaluate_cli(out, tmp_path / "eval", "--data.seed", "1")
