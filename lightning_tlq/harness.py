@@ -350,6 +350,7 @@ def evaluate_shard(
     batch_size: int = 8,
     max_new_tokens: int = 8,
     progress: bool = False,
+    exact_match: str = "greedy",
 ) -> ShardResult:
     """Run the evaluation over these samples (this process's shard) without reducing across processes.
 
@@ -362,6 +363,11 @@ def evaluate_shard(
         batch_size: Samples per forward and per ``generate`` call.
         max_new_tokens: Greedy generation length.
         progress: Show a progress bar over the samples (stderr).
+        exact_match: ``greedy`` (generate, compare the normalised answers) or ``teacher_forced``: correct when the
+            argmax at every answer position, eos included, is the reference token (no generation). Greedy
+            decoding reproduces a reference token sequence exactly when, and only when, every teacher-forced argmax
+            matches, so the two agree whenever each answer has one tokenization (word-level tokenizers such as
+            the scenes model's); otherwise ``teacher_forced`` is a lower bound.
     """
     from torchmetrics.functional import kl_divergence
     from tqdm.auto import tqdm
@@ -369,6 +375,8 @@ def evaluate_shard(
     _check_lengths(samples, encoded, batch_size)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1.")
+    if exact_match not in ("greedy", "teacher_forced"):
+        raise ValueError(f"exact_match={exact_match!r} is not supported; choose one of greedy, teacher_forced.")
     kinds = sorted({s.kind for s in samples}) if kinds is None else list(kinds)
     _check_inputs(module, samples, encoded, reference, kinds)
     indices = list(range(len(samples)) if indices is None else indices)
@@ -394,15 +402,29 @@ def evaluate_shard(
             token_kl = kl_divergence(ref_log_probs, log_probs, log_prob=True, reduction="none")
         result.seconds["forward"] += time.perf_counter() - tick
         tick = time.perf_counter()
-        predictions = greedy_answers(module, items, max_new_tokens)
+        if exact_match == "greedy":
+            predictions = greedy_answers(module, items, max_new_tokens)
+            correct = [normalize_answer(p) == normalize_answer(s.answer) for p, s in zip(predictions, batch_samples)]
+        else:
+            predictions, correct = _teacher_forced(module, logits, targets, rows, len(items))
         result.seconds["generate"] += time.perf_counter() - tick
-        correct = [normalize_answer(p) == normalize_answer(s.answer) for p, s in zip(predictions, batch_samples)]
         kinds_here = [s.kind for s in batch_samples]
         result.metrics.update(kinds_here, correct, log_probs, targets, rows, token_nll, token_kl)
         result.records += _records(indices[start:stop], batch_samples, predictions, correct, rows, token_nll, token_kl)
         bar.update(len(items))
     bar.close()
     return result
+
+
+def _teacher_forced(
+    module: TLQModule, logits: Tensor, targets: Tensor, rows: Tensor, n: int
+) -> tuple[list[str], list[bool]]:
+    """Per sample: the argmax tokens at its answer positions (decoded) and whether all equal the reference."""
+    argmax = logits.argmax(-1)
+    wrong = torch.zeros(n, dtype=torch.long, device=argmax.device).index_add_(0, rows, (argmax != targets).long())
+    tokenizer = module.processor.tokenizer
+    predictions = [tokenizer.decode(argmax[rows == i], skip_special_tokens=True).strip() for i in range(n)]
+    return predictions, (wrong == 0).tolist()
 
 
 def _records(
@@ -442,6 +464,7 @@ def evaluate_model(
     kinds: Sequence[str] | None = None,
     num_examples: int | None = NUM_EXAMPLES,
     progress: bool = False,
+    exact_match: str = "greedy",
 ) -> dict[str, Any]:
     """Evaluate an already-built model on samples, in this process: the metrics dict of ``metrics.json``.
 
@@ -456,6 +479,7 @@ def evaluate_model(
         kinds: Question types to report (default: those of ``samples``).
         num_examples: Per-sample records to return under ``examples`` (None: all).
         progress: Show a progress bar.
+        exact_match: ``greedy`` or ``teacher_forced`` (see :func:`evaluate_shard`).
 
     Returns:
         ``samples``, ``answer_tokens``, ``exact_match``, ``nll`` (mean over answer tokens), ``perplexity``,
@@ -470,7 +494,7 @@ def evaluate_model(
     encoded = list(encoded) if encoded is not None else _encode(module, samples)
     shard = evaluate_shard(
         module, samples, encoded, reference=reference, kinds=kinds, batch_size=batch_size,
-        max_new_tokens=max_new_tokens, progress=progress,
+        max_new_tokens=max_new_tokens, progress=progress, exact_match=exact_match,
     )  # fmt: skip
     metrics = shard.metrics.compute()
     metrics["examples"] = shard.records[:num_examples] if num_examples is not None else shard.records

@@ -161,3 +161,25 @@ def test_bad_input_fails_with_a_clear_message(family_models):
         evaluate_model(quantized.model, samples)
     with pytest.raises(ValueError, match=r"types \['color'\] are not in kinds"):
         evaluate_model(quantized, samples, kinds=["count", "exists", "position", "shape"])
+
+
+def test_teacher_forced_exact_match_equals_greedy_on_the_scenes_model():
+    """Word-level tokenizer: greedy reproduces the answer iff every teacher-forced argmax (eos included) matches."""
+    from lightning_tlq.core.quantizer import QuantSpec, rtn
+    from lightning_tlq.datamodule import scenes_samples
+    from lightning_tlq.harness import evaluate_model, load_module
+
+    module = load_module("scenes-llava")
+    samples = scenes_samples("validation", 48, seed=5)
+    broken = copy.deepcopy(module)  # 2-bit per-channel rounding: many wrong answers to compare too
+    for name in broken.adapter.target_module_names():
+        linear = broken.model.get_submodule(name)
+        linear.weight.data.copy_(rtn(linear.weight.data, QuantSpec(bits=2, group_size=-1)).weight)
+    for m in (module, broken):
+        greedy = evaluate_model(m, samples, batch_size=16, num_examples=None)
+        forced = evaluate_model(m, samples, batch_size=16, num_examples=None, exact_match="teacher_forced")
+        assert [e["correct"] for e in forced["examples"]] == [e["correct"] for e in greedy["examples"]]
+        assert forced["nll"] == greedy["nll"]
+    assert sum(not e["correct"] for e in greedy["examples"]) >= 2  # the broken copy does get answers wrong
+    with pytest.raises(ValueError, match="exact_match='beam'"):
+        evaluate_model(module, samples[:2], exact_match="beam")
