@@ -98,7 +98,26 @@ class HessianAccumulator:
         self.tokens = 0
         self.weight_sum = 0.0
 
-    def add(self, x: torch.Tensor, weight: torch.Tensor | None = None, *, left: torch.Tensor | None = None) -> None:
+    @property
+    def weight_sum(self) -> float:
+        """Sum of the row weights (see the class docstring); reading it waits for the device once."""
+        if self._pending_weight is not None:
+            self._weight_sum += float(self._pending_weight)
+            self._pending_weight = None
+        return self._weight_sum
+
+    @weight_sum.setter
+    def weight_sum(self, value: float) -> None:
+        self._weight_sum, self._pending_weight = float(value), None
+
+    def add(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor | None = None,
+        *,
+        left: torch.Tensor | None = None,
+        validate: bool = True,
+    ) -> None:
         """Add input rows with optional non-negative token weights.
 
         Args:
@@ -108,11 +127,14 @@ class HessianAccumulator:
             left: Rows shaped like ``x`` to put on the left instead of ``x``: adds ``sum_t w_t left_t x_t^T``
                 (a cross term such as GPTAQ's ``(x - x~) x~^T``; ``H`` is then not symmetric). None adds
                 ``x_t x_t^T``.
+            validate: check that the weights are non-negative. The check waits for the device; callers whose
+                weights are non-negative by construction (the calibration stages) pass False. ``add`` itself
+                never waits for the device otherwise (the weight sum is kept on the device until read).
 
         Raises:
             ValueError: If shapes do not match or a weight is negative.
         """
-        x2, w2 = self._flatten(x, weight)
+        x2, w2 = self._flatten(x, weight, validate)
         xf = x2.to(device=self.device, dtype=torch.float32)
         if left is not None and tuple(left.shape) != tuple(x.shape):
             raise ValueError(f"HessianAccumulator.add: left {tuple(left.shape)} must have x's shape {tuple(x.shape)}.")
@@ -127,9 +149,19 @@ class HessianAccumulator:
                 else:  # float32 partial (deterministic for these rows), exact widening add
                     H[g].add_(xw.T @ xf)
         self.tokens += xf.shape[0]
-        self.weight_sum += float(xf.shape[0]) if w2 is None else float(w2.sum(dtype=torch.float64)) / self.groups
+        # Summed in float64 in add order (the same value as summing python floats), on the device once a weighted
+        # add has happened, so that add never waits for the device.
+        part = float(xf.shape[0]) if w2 is None else w2.sum(dtype=torch.float64) / self.groups
+        if self._pending_weight is not None:
+            self._pending_weight = self._pending_weight + part
+        elif w2 is None:
+            self._weight_sum += part
+        else:
+            self._pending_weight, self._weight_sum = part + self._weight_sum, 0.0
 
-    def _flatten(self, x: torch.Tensor, weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _flatten(
+        self, x: torch.Tensor, weight: torch.Tensor | None, validate: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return ``x`` as ``[N, in]`` and the weights as float32 ``[N, groups]`` (or None)."""
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(
@@ -151,7 +183,7 @@ class HessianAccumulator:
                 f"{[*lead, self.groups]} (per row and group), got {list(weight.shape)}."
             )
         w2 = w2.to(device=self.device, dtype=torch.float32)
-        if w2.numel() and bool((w2 < 0).any()):
+        if validate and w2.numel() and bool((w2 < 0).any()):
             raise ValueError("HessianAccumulator.add: token weights must be non-negative (H must stay PSD).")
         return x2, w2
 
