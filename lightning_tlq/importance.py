@@ -41,6 +41,7 @@ class TokenImportance:
         self._pending: dict[str, Tensor] = {}
         self._batches: set[int] = set()
         self._handles: list[Any] = []
+        self._async = False
 
     def on_importance_start(self, fabric: Any = None, targets: Mapping[str, nn.Module] | None = None) -> None:
         """Hook the output of every target module."""
@@ -66,6 +67,9 @@ class TokenImportance:
     def on_importance_end(self, fabric: Any = None) -> None:
         """Remove the hooks; expose :attr:`scores` (per module, a list ordered by batch index)."""
         self._remove_hooks()
+        if self._async:  # the pinned copies of the scores must have landed before anyone reads them
+            torch.cuda.synchronize()
+            self._async = False
         batches = sorted(self._batches)
         missing = [name for name, got in self._collected.items() if sorted(got) != batches]
         if missing:
@@ -85,7 +89,13 @@ class TokenImportance:
         if name in self._pending:
             raise RuntimeError(f"Module {name} ran twice in one forward pass; importance expects one call per batch.")
         value = raw_scores(grad, output, self.score, self.groups)
-        self._pending[name] = value.cpu() if self.offload else value
+        if self.offload and value.is_cuda:  # no host sync per module: pinned copy, waited for at the end
+            host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+            value = host.copy_(value, non_blocking=True)
+            self._async = True
+        elif self.offload:
+            value = value.cpu()
+        self._pending[name] = value
 
     def _remove_hooks(self) -> None:
         for handle in self._handles:

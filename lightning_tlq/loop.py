@@ -26,7 +26,7 @@ from lightning_tlq.core.tokenset import mass_threshold, select_tokens, token_uni
 from lightning_tlq.data import TokenMasks, token_masks
 from lightning_tlq.distributed import Collective
 from lightning_tlq.importance import TokenImportance
-from lightning_tlq.module import TLQModule, answer_loss, check_has_answer
+from lightning_tlq.module import TLQModule, answer_loss_from_hidden, check_has_answer
 from lightning_tlq.placement import LayerPlacement
 from lightning_tlq.resume import LayerCheckpoint, ResumeState
 from lightning_tlq.smoothing import LayerSmoothing
@@ -152,6 +152,8 @@ class CalibrationLoop:
             masks = [token_masks(b, self.adapter.image_token_id) for b in batches]
             sample_ids = self._sample_ids(batches)
             captured = self._capture(batches)
+            if self.vision is None:  # embeddings and vision tower are done with: only the head runs from here
+                self._park(modified=False)
             with self._timed("importance"):
                 if resumed is None:
                     importance = self._importance(batches, masks, captured)
@@ -169,10 +171,17 @@ class CalibrationLoop:
             if self.vision is not None:
                 self._calibrate_vision(batches, sample_ids, resumed)
                 captured = self._capture(batches)  # the decoder now sees what the quantized tower produces
-            with self._timed("layers"):
-                records = self._layers(captured, importance, masks, sample_ids, resumed)
+                self._park(modified=True)
+            host_masks = [TokenMasks(m.image.cpu(), m.text.cpu(), m.answer.cpu(), m.pad.cpu()) for m in masks]
+            with self._timed("layers"):  # the token sets are chosen on the host: its masks, copied once
+                records = self._layers(captured, importance, host_masks, sample_ids, resumed)
         self.fabric.call("on_calibration_end", fabric=self.fabric, records=records)
         return records
+
+    def _park(self, modified: bool) -> None:
+        """Layer-wise on an accelerator: free the device memory of all but the decoder layers and the head."""
+        if self.placement.moves:
+            self.placement.park(self.adapter.head_modules(), modified=modified)
 
     def _calibrate_vision(
         self, batches: Sequence[dict[str, Tensor]], sample_ids: Sequence[Tensor], resumed: ResumeState | None
@@ -231,7 +240,8 @@ class CalibrationLoop:
             start = time.perf_counter()
             layer = self.placement.onload(index)
             self.placement.prefetch(index + 1)
-            weights, set_record = self._token_weights(index, importance, masks, sample_ids)
+            with self._timed("layers.token_set"):
+                weights, set_record = self._token_weights(index, importance, masks, sample_ids)
             stage = LayerStage(
                 index,
                 layer,
@@ -285,6 +295,7 @@ class CalibrationLoop:
             vision_weights=weights,
             clip_excluded=self.adapter.clip_excluded,
         )
+
     def _resumed_fp_hidden(self, resumed: ResumeState) -> list[Tensor] | None:
         if self.quant.target != "fp":
             return None
@@ -394,7 +405,7 @@ class CalibrationLoop:
         for b, batch in enumerate(inputs.pop()):
             h = batch.to(device).detach().requires_grad_(True)
             with torch.enable_grad():
-                loss = answer_loss(self.adapter.head(h), batches[b]["labels"])
+                loss = answer_loss_from_hidden(self.adapter.head, h, batches[b]["labels"])
                 self._check_loss(loss, b)
                 (grad,) = torch.autograd.grad(loss, h)
             grads.append(grad)

@@ -1,14 +1,19 @@
 """Where the model's pieces live: the decoder layers on the CPU, one at a time on the accelerator.
 
-The next layer's weights are copied on a side CUDA stream while the current one computes (prefetch). Host
-memory is not pinned: with pinning, a 7B-shaped run on one H200 spent ~16 s of its 66 s outside its timed
-phases, more than faster copies can save.
+The next layer's weights are copied on a side CUDA stream, issued from a helper thread, while the current one
+computes (prefetch). Host memory is not pinned: with pinning, a 7B-shaped run on one H200 spent ~16 s of its 66 s
+outside its timed phases, more than faster copies can save; a copy from pageable memory blocks the thread that
+issues it (9 GB/s measured on an H200 machine), hence the helper thread
+(``LIGHTNING_TLQ_PREFETCH_THREAD=0`` issues it from the calling thread).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import os
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -18,6 +23,17 @@ from torch import nn
 def _tensors(module: nn.Module) -> Iterator[torch.Tensor]:
     yield from module.parameters()
     yield from module.buffers()
+
+
+def _slots(model: nn.Module) -> Iterator[tuple[nn.Module, str, str, torch.Tensor]]:
+    """(module, "_parameters" | "_buffers", name, tensor) for every tensor of ``model``, each tensor once."""
+    seen: set[int] = set()
+    for module in model.modules():
+        for slot in ("_parameters", "_buffers"):
+            for name, t in getattr(module, slot).items():
+                if t is not None and id(t) not in seen:
+                    seen.add(id(t))
+                    yield module, slot, name, t
 
 
 class LayerPlacement:
@@ -39,6 +55,18 @@ class LayerPlacement:
         self._stream = torch.cuda.Stream(self.device) if (self._cuda and self._moves) else None
         self._pending: dict[int, Any] = {}
         self._host: dict[int, list[torch.Tensor]] = {}
+        self._rest: list[tuple[nn.Module, str, str, torch.Tensor]] = []
+        self._parked: list[tuple[nn.Module, str, str]] = []
+        self.seconds: dict[str, float] = {"prefetch": 0.0, "wait": 0.0, "offload": 0.0}
+        """Host time spent issuing copies to the device (``prefetch``), waiting for a prefetch thread's copy
+        (``wait``) and copying modified layers back (``offload``)."""
+        self._threaded = os.environ.get("LIGHTNING_TLQ_PREFETCH_THREAD", "1") != "0"
+        self._pool: ThreadPoolExecutor | None = None
+
+    @property
+    def moves(self) -> bool:
+        """Whether layers really move between host and device (layer-wise, on an accelerator)."""
+        return self._moves
 
     @contextlib.contextmanager
     def rest_on_device(self, model: nn.Module) -> Iterator[None]:
@@ -51,27 +79,78 @@ class LayerPlacement:
         for i in range(len(self.layers)):
             self.layers[i] = nn.Identity()
         try:
+            self._rest = [(m, slot, name, t.data) for m, slot, name, t in _slots(model)]  # host tensors, for park
             model.to(self.device)
         finally:
             for i, layer in enumerate(stash):
                 self.layers[i] = layer
-        yield
+        try:
+            yield
+        finally:
+            self.unpark()
+            self._rest = []
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+
+    def park(self, keep: Sequence[nn.Module], modified: bool) -> None:
+        """Give back the device memory of everything :meth:`rest_on_device` moved except ``keep`` (and weights
+        shared with it), e.g. embeddings and vision tower once the decoder inputs are captured, until
+        :meth:`unpark` (or the end of ``rest_on_device``) brings them back.
+
+        The weights go back to their original host tensors: copied into them if they were ``modified`` on the
+        device (a calibrated vision tower), else simply pointed at again. No-op unless layers move.
+        """
+        if not self._moves or self._parked:
+            return
+        kept = {id(t) for module in keep for t in _tensors(module)}
+        for module, slot, name, host in self._rest:
+            t = getattr(module, slot)[name]
+            if t is None or id(t) in kept or t.device == host.device:
+                continue
+            data = host.copy_(t.data) if modified else host
+            if slot == "_parameters":
+                t.data = data
+            else:
+                getattr(module, slot)[name] = data
+            self._parked.append((module, slot, name))
+
+    def unpark(self) -> None:
+        """Move what :meth:`park` gave back to the device again."""
+        for module, slot, name in self._parked:
+            t = getattr(module, slot)[name]
+            if slot == "_parameters":
+                t.data = t.data.to(self.device)
+            else:
+                getattr(module, slot)[name] = t.to(self.device)
+        self._parked = []
 
     def prefetch(self, index: int) -> None:
         """Start copying layer ``index`` to the device (no-op if out of range or not layer-wise)."""
         if not self._moves or not 0 <= index < len(self.layers) or index in self._pending:
             return
+        start = time.perf_counter()
         layer = self.layers[index]
-        self._host[index] = [t.data for t in _tensors(layer)]
+        host = self._host[index] = [t.data for t in _tensors(layer)]
         if self._stream is None:
             layer.to(self.device)
             self._pending[index] = None
-            return
-        self._stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self._stream):
-            for t in _tensors(layer):
-                t.data = t.data.to(self.device, non_blocking=True)
-        self._pending[index] = self._stream.record_event()
+        else:
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
+            if self._threaded:  # a copy from pageable memory holds its thread until done: not the compute thread
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(1, thread_name_prefix="tlq-prefetch")
+                self._pending[index] = self._pool.submit(self._copy, host)
+            else:
+                self._pending[index] = self._copy(host)
+        self.seconds["prefetch"] += time.perf_counter() - start
+
+    def _copy(self, host: list[torch.Tensor]) -> tuple[list[torch.Tensor], Any]:
+        """Copy tensors to the device on the side stream; returns them and the event that marks the end."""
+        assert self._stream is not None
+        with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
+            data = [h.to(self.device, non_blocking=True) for h in host]
+            return data, self._stream.record_event()
 
     def onload(self, index: int) -> nn.Module:
         """Layer ``index`` on the device, ready to use on the current stream."""
@@ -79,12 +158,16 @@ class LayerPlacement:
         if not self._moves:
             return layer
         self.prefetch(index)
-        event = self._pending.pop(index)
-        if event is not None:
+        pending = self._pending.pop(index)
+        if pending is not None:
+            start = time.perf_counter()
+            data, event = pending.result() if isinstance(pending, Future) else pending
+            self.seconds["wait"] += time.perf_counter() - start
             current = torch.cuda.current_stream(self.device)
             current.wait_event(event)
-            for t in _tensors(layer):
-                t.data.record_stream(current)
+            for t, d in zip(_tensors(layer), data):
+                d.record_stream(current)
+                t.data = d
         return layer
 
     def offload(self, index: int, modified: bool = False) -> None:
@@ -92,6 +175,13 @@ class LayerPlacement:
         ``modified`` on the device (quantized), copy them back to the host."""
         if not self._moves:
             return
+        start = time.perf_counter()
         host = self._host.pop(index, None)
         for i, t in enumerate(_tensors(self.layers[index])):
-            t.data = t.data.to("cpu") if (modified or host is None) else host[i]
+            if host is None:
+                t.data = t.data.to("cpu")
+            elif modified:  # into the existing host tensor: no fresh host allocation (page faults) per layer
+                t.data = host[i].copy_(t.data)
+            else:
+                t.data = host[i]
+        self.seconds["offload"] += time.perf_counter() - start

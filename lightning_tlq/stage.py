@@ -7,6 +7,7 @@ and the results are broadcast (:class:`lightning_tlq.distributed.Collective`, no
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -51,6 +52,23 @@ class ModuleResult:
     scale: Tensor
     zero: Tensor
     record: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Rows:
+    """Which rows of one batch's module inputs enter the statistics (device index tensors)."""
+
+    valid: Tensor | None
+    """Flat positions of the real tokens in ``[B * S]``; None: every row."""
+    keep: Tensor | None = None
+    """tlq: positions, among the real tokens, of the token set (multiplier > 0); None: all of them."""
+    multiplier: Tensor | None = None
+    """tlq: the token-set multipliers of ``keep``."""
+
+    def take(self, t: Tensor) -> Tensor:
+        """The real tokens' rows of ``t [..., F]`` as ``[N, F]``."""
+        flat = t.reshape(-1, t.shape[-1])
+        return flat if self.valid is None else flat.index_select(0, self.valid)
 
 
 class _StopLayer(Exception):
@@ -151,7 +169,11 @@ class LayerStage:
         self._original: dict[str, Tensor] = {}  # target fp: full-precision weights of the modules already solved
         self._stats: dict[str, _Stats] = {}
         self._owners: dict[str, int] = {}
+        self._row_cache: dict[int, _Rows] = {}
         self.seconds: dict[str, float] = {}
+        self.early_stop = os.environ.get("LIGHTNING_TLQ_EARLY_STOP", "1") != "0"
+        """Statistics passes stop the layer's forward once every module of the group has run (the modules after
+        them cannot change their inputs); ``LIGHTNING_TLQ_EARLY_STOP=0`` runs every pass to the end."""
         self.layer_device = next(iter(self.modules.values())).weight.device
 
     def run(
@@ -209,8 +231,9 @@ class LayerStage:
     ) -> None:
         """Run the layer over all batches, adding each module's weighted input statistics.
 
-        With ``fp_inputs`` each batch first runs on the full-precision path (up to the last module of ``names``),
-        whose module inputs are then paired with the quantized path's for the cross terms.
+        Each pass stops as soon as every module of ``names`` has run (:attr:`early_stop`). With ``fp_inputs``
+        each batch first runs on the full-precision path (up to the last module of ``names``), whose module inputs
+        are then paired with the quantized path's for the cross terms.
         """
         has_importance = weights[0].importance is not None
         for name in names:
@@ -220,11 +243,15 @@ class LayerStage:
             )
         if all(not self._stats[n].accumulators() for n in names):
             return  # rtn without metrics: nothing to measure
-        current: dict[str, Any] = {"w": None, "fp": {}}  # w is None while the full-precision path runs
+        current: dict[str, Any] = {"w": None, "fp": {}, "seen": set()}  # w is None while the fp path runs
 
         def add(name: str, x: Tensor) -> None:
-            if current["w"] is not None:
-                self._add(name, x, current["w"], current["fp"].get(name))
+            if current["w"] is None:
+                return
+            self._add(name, x, current["w"], current["fp"].get(name), current["b"])
+            current["seen"].add(name)
+            if self.early_stop and len(current["seen"]) == len(names):
+                raise _StopLayer  # the rest of the layer cannot change these statistics
 
         handles = [self.modules[n].register_forward_hook(lambda m, a, o, n=n: add(n, a[0])) for n in names]
         try:
@@ -233,8 +260,8 @@ class LayerStage:
                     if fp_inputs is not None:
                         current["w"] = None
                         current["fp"] = self._fp_module_inputs(names, forward, b, fp_inputs[b])
-                    current["w"] = weights[b]
-                    with self._activation_quant():
+                    current["w"], current["seen"], current["b"] = weights[b], set(), b
+                    with self._activation_quant(), contextlib.suppress(_StopLayer):
                         forward(b, hidden)
         finally:
             for h in handles:
@@ -265,30 +292,50 @@ class LayerStage:
             raise RuntimeError(f"Layer {self.index}: {missing} did not run on the full-precision path.")
         return seen
 
-    def _add(self, name: str, x: Tensor, tw: TokenWeights, fp: Tensor | None = None) -> None:
+    def _rows(self, b: int, tw: TokenWeights, device: torch.device) -> _Rows:
+        """Batch ``b``'s row selection on ``device``, computed once per layer (index tensors: no device waits)."""
+        sel = self._row_cache.get(b)
+        if sel is not None:
+            return sel
+        valid = tw.valid.reshape(-1).cpu() if tw.valid is not None else None
+        keep = multiplier = None
+        if self.quant.method == "tlq" and tw.multiplier is not None:
+            m = tw.multiplier.reshape(-1).cpu()
+            m = m[valid] if valid is not None else m
+            positions = (m > 0).nonzero().squeeze(1)
+            keep, multiplier = positions.to(device), m[positions].to(device, torch.float32)
+        valid_idx = valid.nonzero().squeeze(1).to(device) if valid is not None else None
+        sel = self._row_cache[b] = _Rows(valid_idx, keep, multiplier)
+        return sel
+
+    def _add(self, name: str, x: Tensor, tw: TokenWeights, fp: Tensor | None = None, b: int = 0) -> None:
+        """Add one module's inputs for batch ``b``: every real token to the report Hessians, the token set (with
+        importance x multiplier weights) to tlq's; tokens outside the set are left out, in-set tokens of zero
+        importance enter with weight 0 (adding nothing)."""
         stats = self._stats[name]
         x = x.detach()
-        lead = x.shape[:-1]
-        valid = tw.valid.to(x.device) if tw.valid is not None else torch.ones(lead, dtype=torch.bool, device=x.device)
-        rows = x[valid]  # [N, in]
-        fp_rows = fp[valid] if stats.cross is not None and fp is not None else None
+        sel = self._rows(b, tw, x.device)
+        rows = sel.take(x)  # [N, in]
+        fp_rows = sel.take(fp) if stats.cross is not None and fp is not None else None
         if stats.cross is not None and (fp_rows is None or fp_rows.shape != rows.shape):
             raise RuntimeError(f"Layer {self.index} {name}: no full-precision input matches the quantized path's.")
         if stats.plain is not None:
             stats.plain.add(rows)
             if self.quant.method == "gptq" and fp_rows is not None:
                 stats.cross.add(rows, left=fp_rows.float() - rows.float())
-        imp = tw.importance[name].to(x.device)[valid] if tw.importance is not None else None
+        imp = None
+        if tw.importance is not None:
+            imp = sel.take(tw.importance[name].to(x.device, non_blocking=True))
         if stats.weighted is not None:
-            stats.weighted.add(rows, imp)
+            stats.weighted.add(rows, imp, validate=False)
         if self.quant.method == "tlq":
             w = imp if imp is not None else torch.ones(rows.shape[0], self.groups, device=x.device)
-            if tw.multiplier is not None:
-                w = w * tw.multiplier.to(x.device)[valid].unsqueeze(-1)
-            keep = (w > 0).any(-1)
-            stats.solve.add(rows[keep], w[keep])
+            if sel.keep is not None:
+                rows, w = rows.index_select(0, sel.keep), w.index_select(0, sel.keep) * sel.multiplier.unsqueeze(-1)
+                fp_rows = fp_rows.index_select(0, sel.keep) if fp_rows is not None else None
+            stats.solve.add(rows, w, validate=False)
             if fp_rows is not None:
-                stats.cross.add(rows[keep], w[keep], left=fp_rows[keep].float() - rows[keep].float())
+                stats.cross.add(rows, w, left=fp_rows.float() - rows.float(), validate=False)
 
     def reduce(self, names: Sequence[str]) -> None:
         """Sum each module's statistics over ranks into the rank that owns (will solve) it.
@@ -318,7 +365,8 @@ class LayerStage:
             res = ModuleResult(
                 *(self.collective.broadcast(t, owner) for t in (res.weight, res.codes, res.scale, res.zero))
             )
-            record = _unpack_record(self.collective.broadcast(_pack_record(record, module.weight.device), owner))
+            where = module.weight.device if self.collective.world_size > 1 else "cpu"  # one process: no device wait
+            record = _unpack_record(self.collective.broadcast(_pack_record(record, where), owner))
             if self.smoothing is not None:  # computed identically on every rank
                 record.update(self.smoothing.records.get(name, {}))
             if self.quant.target == "fp":
@@ -333,7 +381,7 @@ class LayerStage:
             weight = self.smoothing.clipped(name, original) if self.smoothing is not None else original
             res = rtn(weight, self.quant.spec)
         else:
-            if stats.solve.tokens == 0:
+            if stats.solve.tokens == 0 or stats.solve.weight_sum == 0:
                 raise RuntimeError(f"Layer {self.index} {name}: no calibration token reached this module.")
             res = gptq_quantize(
                 original,

@@ -649,12 +649,17 @@ class VLMAdapter:
         Returns:
             ``(B, S, V)`` logits, as the model's forward computes them.
         """
+        norm, lm_head = self.head_modules()
+        return lm_head(norm(hidden))
+
+    def head_modules(self) -> list[nn.Module]:
+        """The modules :meth:`head` runs (final norm, LM head); override together with :meth:`head`."""
         lm_head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
         if not isinstance(lm_head, nn.Module):
             raise UnsupportedModelError(
                 f"{type(self.model).__name__} has no output embeddings; override head() in {type(self).__name__}."
             )
-        return lm_head(self._final_norm()(hidden))
+        return [self._final_norm(), lm_head]
 
     # --------------------------------------------------------------------------------------------- helpers
     def _layer(self, layer_index: int) -> nn.Module:
