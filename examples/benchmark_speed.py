@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 import torch
@@ -91,6 +92,93 @@ def build_batches(n: int, image_tokens: int, text_tokens: int, batch_size: int, 
     return batches
 
 
+def _timed_cuda(fn, reps: int, device) -> float:
+    """Mean seconds of ``fn()`` over ``reps`` runs after two warm-ups (device-synchronised)."""
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / reps
+
+
+def measure_ceilings(device, widths: list[int]) -> dict:
+    """This GPU's rates for the kinds of work calibration does, measured now: matmuls (bf16 for layer forwards,
+    TF32 for Hessians, fp32 for GPTQ's lazy updates), host<->device copies, and the inverse-Hessian factor
+    (one Cholesky + one triangular inverse, the solver's own routine) at each module input width."""
+    from lightning_tlq.core.gptq import _inverse_upper_factor
+
+    out: dict = {}
+    n = 8192
+    for name, dtype, tf32 in (("bf16", torch.bfloat16, False), ("tf32", torch.float32, True),
+                              ("fp32", torch.float32, False)):  # fmt: skip
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        previous = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        try:
+            sec = _timed_cuda(lambda a=a, b=b: a @ b, 5, device)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = previous
+        out[f"matmul_{name}_tflops"] = 2 * n**3 / sec / 1e12
+        del a, b
+    size = 2**30  # 1 GiB, about two 7B-shaped decoder layers
+    dev = torch.empty(size, dtype=torch.uint8, device=device)
+    for kind, host in (("pageable", torch.ones(size, dtype=torch.uint8)),
+                       ("pinned", torch.ones(size, dtype=torch.uint8).pin_memory())):  # fmt: skip
+        h2d = _timed_cuda(lambda d=dev, h=host: d.copy_(h, non_blocking=True), 3, device)
+        d2h = _timed_cuda(lambda d=dev, h=host: h.copy_(d, non_blocking=True), 3, device)
+        out[f"h2d_{kind}_gbps"], out[f"d2h_{kind}_gbps"] = size / h2d / 1e9, size / d2h / 1e9
+    del dev
+    for w in sorted(set(widths)):
+        x = torch.randn(w, 2 * w, device=device)
+        h = x @ x.T / (2 * w) + torch.eye(w, device=device)
+        out[f"factor_s_{w}"] = _timed_cuda(lambda h=h: _inverse_upper_factor(h), 3, device)
+        del x, h
+    torch.cuda.empty_cache()
+    return out
+
+
+def floor_seconds(model, records: list[dict], tokens: int, samples: int, seq: int, ceilings: dict) -> dict:
+    """The least time the same work takes at the measured ceilings, per phase (no overlap assumed between phases,
+    perfect overlap of copies with compute, so ``transfers`` is listed apart and not added to ``total``).
+
+    Work counted per decoder layer, with T = all calibration tokens: the importance pass (forward, recomputed
+    forward, input-gradient backward: 3 forwards), the statistics passes (each true-sequential group's forward
+    stops after its modules: 4 x qkv + 3 x (attention + o) + 2 x (gate + up) + down), one TF32 Hessian ``X^T W X``
+    per module over its kept tokens, one inverse factor per module (measured at that width) plus GPTQ's fp32 lazy
+    updates (``out x in^2`` multiply-adds), one propagation forward, and the weights copied 3 times to the device
+    and once back.
+    """
+    layers = model.model.language_model.layers
+    tf = 1e12
+    out = {"importance": 0.0, "accumulate": 0.0, "solve": 0.0, "propagate": 0.0, "transfers": 0.0}
+    for layer, record in zip(layers, records):
+        lin = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+        flops = {n: 2 * m.in_features * m.out_features * tokens for n, m in lin.items()}
+        qkv = sum(v for n, v in flops.items() if n.endswith(("q_proj", "k_proj", "v_proj")))
+        attn = 2 * samples * seq * seq * layer.self_attn.config.hidden_size  # causal: half of 4 S^2 d
+        o = sum(v for n, v in flops.items() if n.endswith("o_proj"))
+        gate_up = sum(v for n, v in flops.items() if n.endswith(("gate_proj", "up_proj")))
+        down = sum(v for n, v in flops.items() if n.endswith("down_proj"))
+        forward = (qkv + attn + o + gate_up + down) / (ceilings["matmul_bf16_tflops"] * tf)
+        out["importance"] += 3 * forward
+        stats = (4 * qkv + 3 * (attn + o) + 2 * gate_up + down) / (ceilings["matmul_bf16_tflops"] * tf)
+        for n, m in lin.items():
+            kept = record["modules"][n]["tokens"]
+            stats += 2 * m.in_features**2 * kept / (ceilings["matmul_tf32_tflops"] * tf)
+            out["solve"] += ceilings[f"factor_s_{m.in_features}"]
+            out["solve"] += 2 * m.out_features * m.in_features**2 / 2 / (ceilings["matmul_fp32_tflops"] * tf)
+        out["accumulate"] += stats
+        out["propagate"] += forward
+        nbytes = sum(p.numel() * p.element_size() for p in layer.parameters())
+        out["transfers"] += nbytes * (3 / ceilings["h2d_pinned_gbps"] + 1 / ceilings["d2h_pinned_gbps"]) / 1e9
+    out["total"] = sum(v for k, v in out.items() if k != "transfers")
+    return out
+
+
 def main(fabric, args) -> dict | None:
     from lightning_tlq import CalibrationLoop, ImportanceArgs, QuantArgs, TLQModule, TokenSetArgs
     from lightning_tlq.config import MemoryArgs
@@ -130,14 +218,44 @@ def main(fabric, args) -> dict | None:
         "phases_s_rank0": loop.phase_seconds, "peak_gib_per_rank": [round(p, 2) for p in peaks],
         "mean_weighted_rel_error": sum(r["modules"][m]["weighted_rel_error"] or 0 for r in records
                                        for m in r["modules"]) / sum(len(r["modules"]) for r in records),
-        "torch": torch.__version__,
+        "env": " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("LIGHTNING_TLQ_")),
+        "torch": torch.__version__, "placement_s_rank0": loop.placement.seconds,
+        "solve_s_by_module": _by_module(records, "seconds"), "codes_digest": codes_digest(loop.results),
     }  # fmt: skip
+    if args.floor and cuda and fabric.is_global_zero:
+        widths = [m.in_features for m in model.model.language_model.layers[0].modules()
+                  if isinstance(m, torch.nn.Linear)]  # fmt: skip
+        del loop, batches
+        result["ceilings"] = measure_ceilings(fabric.device, widths)
+        result["floor_s"] = floor_seconds(model, records, args.samples * result["tokens_per_sample"], args.samples,
+                                          result["tokens_per_sample"], result["ceilings"])  # fmt: skip
     if fabric.is_global_zero:
         print(json.dumps(result, indent=1))
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps(result) + "\n")
     return result
+
+
+def codes_digest(results: dict) -> str:
+    """A position-sensitive checksum of every module's integer codes and scales: equal runs print equal digests
+    (how the speed switches are checked against each other on the GPU)."""
+    total, scales = 0, 0.0
+    for name in sorted(results):
+        codes = results[name].codes.flatten().to(torch.int64)
+        weights = (torch.arange(codes.numel(), dtype=torch.int64) * 2654435761) % 1000003
+        total = (total + int((codes * weights).sum())) % (2**61 - 1)
+        scales += float(results[name].scale.double().sum())
+    return f"{total:x}/{scales:.12e}"
+
+
+def _by_module(records: list[dict], key: str) -> dict:
+    """Sum of one record field per module kind (``self_attn.q_proj``, ...) over layers."""
+    out: dict = {}
+    for r in records:
+        for name, rec in r["modules"].items():
+            out[name] = out.get(name, 0.0) + float(rec.get(key) or 0.0)
+    return out
 
 
 def parse(argv=None):
@@ -153,12 +271,33 @@ def parse(argv=None):
     p.add_argument("--metrics", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--offload-activations", action="store_true")
     p.add_argument("--max-gpu-memory-gib", type=float, default=None)
+    p.add_argument("--floor", action="store_true", help="also measure the GPU's ceilings and the floor for the work")
     p.add_argument("--json", default=None, help="append the result as one JSON line to this file")
     return p.parse_args(argv)
 
 
+def report(path: str) -> None:
+    """One markdown row per JSON line written with ``--json`` (TLQ runs and benchmark_llmcompressor.py's)."""
+    head = "tool | method | shape | GPUs | wall (s) | peak GiB | importance | accumulate | solve | propagate | digest"
+    print(f"| {head} |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    with open(path) as f:
+        for line in f:
+            r = json.loads(line)
+            ph = r.get("phases_s_rank0", {})
+            cols = [ph.get(k) for k in ("importance", "layers.accumulate", "layers.solve", "layers.propagate")]
+            peak = r.get("peak_gib_per_rank", [r.get("peak_gib", 0.0)])
+            print(f"| {r.get('tool', 'lightning-tlq')} | {r.get('method', 'gptq')} | {r['shape']} | "
+                  f"{r.get('devices', 1)} | {r['wall_s']:.1f} | {max(peak):.2f} | "
+                  + " | ".join("-" if c is None else f"{c:.1f}" for c in cols)
+                  + f" | {r.get('codes_digest', '-')} {r.get('env', '')} |")  # fmt: skip
+
+
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if len(sys.argv) == 3 and sys.argv[1] == "--report":
+        report(sys.argv[2])
+        sys.exit(0)
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     from lightning.fabric import Fabric
 
