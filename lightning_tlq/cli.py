@@ -114,6 +114,7 @@ class TLQTrainer(pl.Trainer):
         overwrite: bool = False,
         max_new_tokens: int = 8,
         reference_model: str | None = None,
+        exact_match: str = "greedy",
         quiet: bool = False,
     ) -> dict[str, Any]:
         """Evaluate a (quantized) VLM: exact match per question type, answer-token NLL and perplexity, KL divergence
@@ -128,6 +129,8 @@ class TLQTrainer(pl.Trainer):
             max_new_tokens: Greedy generation length per answer.
             reference_model: The full-precision model (local directory or tiny model; same tokenizer and
                 vocabulary): report KL(P_ref || P_model) at every answer token, both models on the same batches.
+            exact_match: ``greedy`` (generate and compare) or ``teacher_forced`` (the argmax at every answer position
+                is the reference token; no generation, the same verdicts for answers with one tokenization).
             quiet: No progress bar and no summary line.
 
         Returns:
@@ -143,6 +146,7 @@ class TLQTrainer(pl.Trainer):
             max_new_tokens=max_new_tokens,
             dtype=model.hparams.dtype,
             reference_model=reference_model,
+            exact_match=exact_match,
             seed=_global_seed(),
             quiet=quiet,
             loggers=self.loggers,

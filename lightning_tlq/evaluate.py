@@ -77,6 +77,7 @@ def evaluate(
     loggers: Sequence[Any] | None = None,
     seed: int = 0,
     quiet: bool = False,
+    exact_match: str = "greedy",
 ) -> dict[str, Any]:
     """Evaluate a (quantized) VLM: exact match per question type, answer-token NLL/perplexity, KL to a reference.
 
@@ -95,6 +96,9 @@ def evaluate(
         loggers: Lightning loggers that receive the metrics (``eval/...``).
         seed: global seed.
         quiet: no progress bar and no summary.
+        exact_match: ``greedy`` (generate, compare normalised answers) or ``teacher_forced`` (correct when the
+            argmax at every answer position is the reference token; no generation; equal verdicts whenever each
+            answer has one tokenization, a lower bound otherwise).
 
     Returns:
         The metrics (also written to ``output_dir/metrics.json``).
@@ -103,11 +107,13 @@ def evaluate(
 
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1.")
+    if exact_match not in ("greedy", "teacher_forced"):
+        raise ValueError(f"exact_match={exact_match!r} is not supported; choose one of greedy, teacher_forced.")
     check_output_dir(output_dir, overwrite)
     if reference_model is not None:
         _reference_structure(reference_model)  # a missing or unsupported reference fails before any process starts
     fabric = build_fabric(accelerator, devices, num_nodes, strategy, loggers)
-    args = (model, reference_model, data, output_dir, overwrite, max_new_tokens, dtype, seed, quiet)
+    args = (model, reference_model, data, output_dir, overwrite, max_new_tokens, dtype, seed, quiet, exact_match)
     if os.environ.get("LT_CLI_USED"):
         return _main(fabric, *args)
     return fabric.launch(_main, *args)
@@ -146,6 +152,7 @@ def _main(
     dtype: str,
     seed: int,
     quiet: bool,
+    exact_match: str = "greedy",
 ) -> dict[str, Any]:
     start = time.perf_counter()
     fabric.seed_everything(seed, verbose=False)
@@ -163,6 +170,7 @@ def _main(
         module, samples[rank::world], encoded[rank::world], reference=reference,
         kinds=sorted({s.kind for s in samples}), indices=range(rank, len(samples), world),
         batch_size=data.batch_size, max_new_tokens=max_new_tokens, progress=not quiet and fabric.is_global_zero,
+        exact_match=exact_match,
     )  # fmt: skip
     result = shard.metrics.compute()  # reduced over processes
     metrics = {
@@ -170,7 +178,8 @@ def _main(
         "reference_model": reference_model,
         **result,
         "activation_bits": activation_bits(module.model),
-        "settings": {"data": asdict(data), "max_new_tokens": max_new_tokens, "dtype": dtype, "world_size": world},
+        "settings": {"data": asdict(data), "max_new_tokens": max_new_tokens, "dtype": dtype, "world_size": world,
+                     "exact_match": exact_match},  # fmt: skip
         "examples": _first_records(fabric, shard.records, NUM_EXAMPLES),
     }
     fabric.log_dict(_logged(result))

@@ -173,6 +173,8 @@ def test_evaluate_fails_fast(tmp_path, quantized):
         _evaluate_cli(quantized, quantized)
     with pytest.raises(ValueError, match="max_new_tokens=0"):
         _evaluate_cli(quantized, out, "--max_new_tokens", "0")
+    with pytest.raises(ValueError, match="exact_match='beam' is not supported; choose one of greedy, teacher_forced"):
+        _evaluate_cli(quantized, out, "--exact_match", "beam")
     with pytest.raises(FileNotFoundError, match="reference_model='/no/such/model'"):
         _evaluate_cli(quantized, out, "--reference_model", "/no/such/model")
     with pytest.raises(ValueError, match="reference_model 'tiny-qwen2_vl' has 49 logits per position"):
@@ -238,3 +240,19 @@ def test_a_w4a8_checkpoint_is_evaluated_with_its_activation_quantization(tmp_pat
     assert metrics["nll"] == pytest.approx(loss_per_token(), rel=1e-4)
     assert metrics["nll"] != pytest.approx(weight_only, rel=1e-6), "the int8 activations must matter"
     handle.remove()
+
+
+def test_teacher_forced_exact_match_from_the_command_line(tmp_path):
+    """On the scenes model (one tokenization per answer) both modes give the same verdicts; the mode is recorded."""
+    args = ["--data.num_samples", "16", "--data.batch_size", "8", "--trainer.accelerator", "cpu", "--quiet", "true"]
+    runs = {}
+    for mode in ("greedy", "teacher_forced"):
+        main(["evaluate", *args, "--exact_match", mode, "--output_dir", str(tmp_path / mode)])
+        runs[mode] = json.loads((tmp_path / mode / METRICS_NAME).read_text())
+        assert runs[mode]["settings"]["exact_match"] == mode
+        assert runs[mode]["model"] == "scenes-llava"
+        assert runs[mode]["samples"] == 16
+    greedy, forced = runs["greedy"], runs["teacher_forced"]
+    assert forced["exact_match"] == greedy["exact_match"]
+    assert forced["per_type"] == greedy["per_type"]
+    assert [e["correct"] for e in forced["examples"]] == [e["correct"] for e in greedy["examples"]]
