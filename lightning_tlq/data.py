@@ -368,7 +368,8 @@ def collate(
 
     ``input_ids`` are padded with ``pad_token_id``, ``attention_mask`` / ``mm_token_type_ids`` with 0 and
     ``labels`` with -100. Other tensors (LLaVA ``pixel_values [1, 3, H, W]``, Qwen2-VL packed
-    ``pixel_values [patches, C]`` and ``image_grid_thw [1, 3]``) are concatenated.
+    ``pixel_values [patches, C]`` and ``image_grid_thw [1, 3]``) are concatenated; per-sample crop stacks of
+    different sizes (``[1, n_i, 3, H, W]``: LLaVA-OneVision, Idefics3, SmolVLM) are zero-padded to the largest.
 
     Args:
         encoded: Outputs of :func:`encode_sample` (or :func:`prompt_inputs`), all with the same keys.
@@ -394,8 +395,28 @@ def collate(
             value = _PAD_VALUES[key]
             batch[key] = _pad(tensors, pad_token_id if value is None else value, padding_side)
         else:
-            batch[key] = torch.cat(tensors, dim=0)
+            batch[key] = _concat(key, tensors)
     return batch
+
+
+def _concat(key: str, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Concatenate per-sample tensors along dim 0; per-sample crop stacks ``[1, n_i, ...]`` of different ``n_i``
+    (LLaVA-OneVision anyres patches, Idefics3 / SmolVLM image splits) are zero-padded to the largest ``n_i``, as
+    their processors do for a batch: the models drop the padding (OneVision by ``image_sizes``, Idefics3 by
+    all-zero pixels; a padded ``pixel_attention_mask`` is False)."""
+    if len({tuple(t.shape[1:]) for t in tensors}) == 1:
+        return torch.cat(tensors, dim=0)
+    crops = all(t.dim() >= 3 and t.shape[0] == 1 for t in tensors) and len({t.shape[2:] for t in tensors}) == 1
+    if not crops:
+        shapes = [tuple(t.shape) for t in tensors]
+        raise ValueError(
+            f"Cannot batch {key!r}: the samples' shapes {shapes} differ beyond the first dimension (and are not "
+            "per-sample crop stacks [1, n, ...]). Resize the images to one size or use data.batch_size 1."
+        )
+    out = tensors[0].new_zeros((len(tensors), max(t.shape[1] for t in tensors), *tensors[0].shape[2:]))
+    for i, t in enumerate(tensors):
+        out[i, : t.shape[1]] = t[0]
+    return out
 
 
 def make_batches(

@@ -341,3 +341,53 @@ def test_quantized_model_reloads_and_generates(calibrated: dict[str, Any], tmp_p
     prompt = batch["input_ids"]
     assert generated.shape == (prompt.shape[0], prompt.shape[1] + 3)
     assert torch.equal(generated[:, : prompt.shape[1]], prompt)
+
+
+# ------------------------------------------------------------------------ batching different crop counts
+def test_collate_pads_crop_stacks_and_refuses_other_shape_mismatches() -> None:
+    from lightning_tlq.data import collate
+
+    def item(crops: int, side: int = 4) -> dict[str, Tensor]:
+        return {
+            "input_ids": torch.tensor([[5, 6, 7]]),
+            "attention_mask": torch.ones(1, 3, dtype=torch.long),
+            "pixel_values": torch.randn(1, crops, 3, side, side),
+            "pixel_attention_mask": torch.ones(1, crops, side, side, dtype=torch.bool),
+        }
+
+    a, b = item(1), item(3)
+    batch = collate([a, b], pad_token_id=0)
+    assert batch["pixel_values"].shape == (2, 3, 3, 4, 4)
+    assert torch.equal(batch["pixel_values"][0, :1], a["pixel_values"][0])
+    assert torch.equal(batch["pixel_values"][1], b["pixel_values"][0])
+    assert not batch["pixel_values"][0, 1:].any()
+    assert batch["pixel_attention_mask"].dtype == torch.bool
+    assert batch["pixel_attention_mask"][0, 0].all()
+    assert not batch["pixel_attention_mask"][0, 1:].any()
+    with pytest.raises(ValueError, match=r"Cannot batch 'pixel_values'.*data.batch_size 1"):
+        collate([a, item(1, side=5)], pad_token_id=0)
+
+
+def test_idefics3_batch_with_different_crop_counts_equals_each_sample_alone() -> None:
+    """What the collated batch means is what each sample means alone: padded crops are dropped by the model."""
+    from lightning_tlq.data import collate
+
+    model = build_model("idefics3")
+    g = torch.Generator().manual_seed(0)
+
+    def sample(crops: int) -> dict[str, Tensor]:
+        words = torch.randint(3, IMAGE_ID, (7,), generator=g).tolist()
+        ids = torch.tensor([[*words[:3], *[IMAGE_ID] * (4 * crops), *words[3:]]])
+        return {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "pixel_values": torch.randn(1, crops, 3, 32, 32, generator=g),
+            "pixel_attention_mask": torch.ones(1, crops, 32, 32, dtype=torch.bool),
+        }
+
+    samples = [sample(1), sample(2)]
+    with torch.no_grad():
+        batched = model(**collate(samples, pad_token_id=0)).logits
+        for i, s in enumerate(samples):
+            alone = model(**s).logits[0]
+            torch.testing.assert_close(batched[i, : alone.shape[0]], alone, rtol=1e-4, atol=1e-5)
