@@ -78,9 +78,10 @@ class _StopLayer(Exception):
 _RECORD_KEYS = ("damp", "retries", "seconds", "tokens", "rel_error", "weighted_rel_error")
 
 
-def _pack_record(record: dict[str, Any], device: Any) -> Tensor:
+def _pack_record(record: dict[str, Any]) -> Tensor:
+    """The record as a host tensor (the collective moves it where its backend needs it)."""
     values = [record.get(k) for k in _RECORD_KEYS]
-    return torch.tensor([float("nan") if v is None else float(v) for v in values], dtype=torch.float64, device=device)
+    return torch.tensor([float("nan") if v is None else float(v) for v in values], dtype=torch.float64)
 
 
 def _unpack_record(packed: Tensor) -> dict[str, Any]:
@@ -365,8 +366,7 @@ class LayerStage:
             res = ModuleResult(
                 *(self.collective.broadcast(t, owner) for t in (res.weight, res.codes, res.scale, res.zero))
             )
-            where = module.weight.device if self.collective.world_size > 1 else "cpu"  # one process: no device wait
-            record = _unpack_record(self.collective.broadcast(_pack_record(record, where), owner))
+            record = _unpack_record(self.collective.broadcast(_pack_record(record), owner))
             if self.smoothing is not None:  # computed identically on every rank
                 record.update(self.smoothing.records.get(name, {}))
             if self.quant.target == "fp":
