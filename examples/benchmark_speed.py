@@ -202,7 +202,18 @@ def main(fabric, args) -> dict | None:
         torch.cuda.reset_peak_memory_stats(fabric.device)
     fabric.barrier()
     t1 = time.perf_counter()
-    records = loop.run(batches)
+    if args.trace and fabric.is_global_zero:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities) as prof:
+            records = loop.run(batches)
+        trace_start = time.perf_counter()
+        prof.export_chrome_trace(args.trace)
+        print(f"trace written to {args.trace} in {time.perf_counter() - trace_start:.1f} s", flush=True)
+        t1 += time.perf_counter() - trace_start
+    else:
+        records = loop.run(batches)
     if cuda:
         torch.cuda.synchronize(fabric.device)
     wall = time.perf_counter() - t1
@@ -273,6 +284,7 @@ def parse(argv=None):
     p.add_argument("--max-gpu-memory-gib", type=float, default=None)
     p.add_argument("--floor", action="store_true", help="also measure the GPU's ceilings and the floor for the work")
     p.add_argument("--json", default=None, help="append the result as one JSON line to this file")
+    p.add_argument("--trace", default=None, help="profile rank 0's calibration into this Chrome trace (.json.gz ok)")
     return p.parse_args(argv)
 
 

@@ -548,7 +548,8 @@ class CalibrationLoop:
     def _timed(self, phase: str) -> Iterator[None]:
         start = time.perf_counter()
         try:
-            yield
+            with torch.profiler.record_function(f"tlq.{phase}"):  # a named range in profiler traces
+                yield
         finally:
             self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + time.perf_counter() - start
 

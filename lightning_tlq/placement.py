@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+_range = torch.profiler.record_function  # named ranges in profiler traces
+
 
 def _tensors(module: nn.Module) -> Iterator[torch.Tensor]:
     yield from module.parameters()
@@ -148,7 +150,7 @@ class LayerPlacement:
     def _copy(self, host: list[torch.Tensor]) -> tuple[list[torch.Tensor], Any]:
         """Copy tensors to the device on the side stream; returns them and the event that marks the end."""
         assert self._stream is not None
-        with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
+        with torch.cuda.device(self.device), torch.cuda.stream(self._stream), _range("tlq.prefetch_copy"):
             data = [h.to(self.device, non_blocking=True) for h in host]
             return data, self._stream.record_event()
 
@@ -177,6 +179,11 @@ class LayerPlacement:
             return
         start = time.perf_counter()
         host = self._host.pop(index, None)
+        with _range("tlq.offload"):
+            self._offload(index, host, modified)
+        self.seconds["offload"] += time.perf_counter() - start
+
+    def _offload(self, index: int, host: list[torch.Tensor] | None, modified: bool) -> None:
         for i, t in enumerate(_tensors(self.layers[index])):
             if host is None:
                 t.data = t.data.to("cpu")
@@ -184,4 +191,3 @@ class LayerPlacement:
                 t.data = host[i].copy_(t.data)
             else:
                 t.data = host[i]
-        self.seconds["offload"] += time.perf_counter() - start

@@ -215,7 +215,8 @@ class LayerStage:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        out = fn(*args)
+        with torch.profiler.record_function(f"tlq.layers.{step}"):  # a named range in profiler traces
+            out = fn(*args)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         self.seconds[step] = self.seconds.get(step, 0.0) + time.perf_counter() - start

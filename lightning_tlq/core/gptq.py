@@ -285,11 +285,13 @@ def _solve_block(
     perm = torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order else None
     if perm is not None:
         W, H, group_of_col, dead = W[:, perm], H[perm][:, perm], group_of_col[perm], dead[perm]
-    U, used, retries = _upper_inverse_cholesky(H, damp, max_retries, name)
+    with torch.profiler.record_function("gptq.factor"):
+        U, used, retries = _upper_inverse_cholesky(H, damp, max_retries, name)
     if cross is not None:
         W = asymmetric_target(W, cross[perm][:, perm] if perm is not None else cross, U)
         W[:, dead] = 0.0  # the quantized path never feeds these inputs
-    codes = _quantize_columns(W, U, scale[:, group_of_col], zero[:, group_of_col], spec, block_size)
+    with torch.profiler.record_function("gptq.columns"):
+        codes = _quantize_columns(W, U, scale[:, group_of_col], zero[:, group_of_col], spec, block_size)
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
     return _BlockSolve(codes.to(spec.code_dtype), scale, zero, used, retries, perm)
