@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_tlq.core.importance import Score, raw_scores
+from lightning_tlq.hostmem import PinnedArena
 
 
 class TokenImportance:
@@ -42,11 +43,13 @@ class TokenImportance:
         self._batches: set[int] = set()
         self._handles: list[Any] = []
         self._async = False
+        self._arena: PinnedArena | None = None
 
     def on_importance_start(self, fabric: Any = None, targets: Mapping[str, nn.Module] | None = None) -> None:
         """Hook the output of every target module."""
         self._remove_hooks()
         self.scores, self._pending, self._batches = {}, {}, set()
+        self._arena = None  # slabs of the last run stay alive as long as its scores
         self._collected = {name: {} for name in targets or {}}
         for name, module in (targets or {}).items():
             self._handles.append(module.register_forward_hook(partial(self._on_forward, name)))
@@ -90,8 +93,9 @@ class TokenImportance:
             raise RuntimeError(f"Module {name} ran twice in one forward pass; importance expects one call per batch.")
         value = raw_scores(grad, output, self.score, self.groups)
         if self.offload and value.is_cuda:  # no host sync per module: pinned copy, waited for at the end
-            host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
-            value = host.copy_(value, non_blocking=True)
+            if self._arena is None:  # one page-locked slab for many scores, not one cudaHostAlloc each
+                self._arena = PinnedArena(pin=True)
+            value = self._arena.empty(value.shape, value.dtype).copy_(value, non_blocking=True)
             self._async = True
         elif self.offload:
             value = value.cpu()

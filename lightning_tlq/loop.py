@@ -25,6 +25,7 @@ from lightning_tlq.core.smoothing import floor_at_median
 from lightning_tlq.core.tokenset import mass_threshold, select_tokens, token_uniforms
 from lightning_tlq.data import TokenMasks, token_masks
 from lightning_tlq.distributed import Collective
+from lightning_tlq.hostmem import HostStaging
 from lightning_tlq.importance import TokenImportance
 from lightning_tlq.module import TLQModule, answer_loss_from_hidden, check_has_answer
 from lightning_tlq.placement import LayerPlacement
@@ -111,6 +112,7 @@ class CalibrationLoop:
         self.start_layer = 0
         """First layer this run calibrated (> 0 when it resumed an interrupted run)."""
         self.placement = LayerPlacement(self.adapter.decoder_layers(), fabric.device, self.memory.layerwise)
+        self._staging = HostStaging()  # results to the host through one reusable page-locked buffer
         self.vision: VisionCalibration | None = None
         if quant.vision:
             self.vision = VisionCalibration(
@@ -251,6 +253,7 @@ class CalibrationLoop:
                 metrics=self.metrics,
                 groups=self.importance_args.groups,
                 smoothing=self._smoothing(index, layer),
+                staging=self._staging,
             )
             hidden = stage.run(self._layer_forward(index, captured), hidden, weights, fp_inputs=fp_hidden)
             for step, sec in stage.seconds.items():

@@ -22,6 +22,7 @@ from lightning_tlq.core.gptq import gptq_quantize
 from lightning_tlq.core.hessian import HessianAccumulator, relative_output_error
 from lightning_tlq.core.quantizer import rtn
 from lightning_tlq.distributed import Collective, assign_owners
+from lightning_tlq.hostmem import HostStaging
 from lightning_tlq.smoothing import LayerSmoothing
 
 
@@ -137,6 +138,8 @@ class LayerStage:
         groups: importance groups per module (Hessians per output-channel group).
         smoothing: awq / smoothquant / mbq: searches and folds the layer's input scales first (on the full-precision
             layer); its clipping (``quant.awq_clip``) and records are applied when the modules are rounded.
+        staging: moves the codes, scales and zero points to the host (share one across stages: it keeps a
+            page-locked buffer).
     """
 
     def __init__(
@@ -150,10 +153,12 @@ class LayerStage:
         metrics: bool = True,
         groups: int = 1,
         smoothing: LayerSmoothing | None = None,
+        staging: HostStaging | None = None,
     ) -> None:
         if quant.is_smoothing and smoothing is None:
             raise ValueError(f"quant.method={quant.method} needs a LayerSmoothing for layer {index}.")
         self.smoothing = smoothing
+        self.staging = staging or HostStaging()
         self.index = index
         self.layer = layer
         self.module_groups = [list(g) for g in module_groups]
@@ -373,7 +378,8 @@ class LayerStage:
             if self.quant.target == "fp":
                 self._original[name] = module.weight.detach().clone()
             module.weight.data.copy_(res.weight)
-            self.results[name] = ModuleResult(None, res.codes.cpu(), res.scale.cpu(), res.zero.cpu(), record)
+            host = self.staging.to_host
+            self.results[name] = ModuleResult(None, host(res.codes), host(res.scale), host(res.zero), record)
 
     def _solve_one(self, name: str, original: Tensor, stats: _Stats) -> tuple[ModuleResult, dict[str, Any]]:
         start = time.perf_counter()
