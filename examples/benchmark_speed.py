@@ -231,6 +231,7 @@ def main(fabric, args) -> dict | None:
                                        for m in r["modules"]) / sum(len(r["modules"]) for r in records),
         "env": " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("LIGHTNING_TLQ_")),
         "torch": torch.__version__, "placement_s_rank0": loop.placement.seconds,
+        "registered_gib_rank0": loop.placement.registered_bytes / 2**30,
         "solve_s_by_module": _by_module(records, "seconds"), "codes_digest": codes_digest(loop.results),
     }  # fmt: skip
     if args.floor and cuda and fabric.is_global_zero:

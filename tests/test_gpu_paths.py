@@ -1,6 +1,6 @@
 """The layer-placement speed paths that only exist on an accelerator (skipped without CUDA; run them on the GPU
-machine with ``pytest tests/test_gpu_paths.py``): threaded prefetch, parking, in-place offload, and GPTQ results
-that must not depend on any speed switch."""
+machine with ``pytest tests/test_gpu_paths.py``): threaded prefetch, parking, in-place offload, page-locked layers
+and staging buffers, and results that must not depend on any speed switch."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from lightning.fabric import Fabric
 
 from lightning_tlq.config import ImportanceArgs, MemoryArgs, QuantArgs, TokenSetArgs
 from lightning_tlq.data import encode_sample, make_batches, synthetic_samples
+from lightning_tlq.hostmem import HostStaging, PinnedArena
 from lightning_tlq.importance import TokenImportance
 from lightning_tlq.loop import CalibrationLoop
 from lightning_tlq.models.tiny import build_tiny_vlm
@@ -61,7 +62,44 @@ def test_parking_frees_all_but_the_head_and_brings_it_back() -> None:
     assert model.get_input_embeddings().weight.is_cuda
 
 
-def _gptq_codes(monkeypatch, **env: str) -> dict[str, torch.Tensor]:
+def test_layers_are_page_locked_in_place_only_while_on_the_device_side() -> None:
+    model, _ = build_tiny_vlm("qwen2_vl", seed=0)
+    layers = model.model.language_model.layers
+    big = [p for layer in layers for p in layer.parameters() if p.untyped_storage().nbytes() >= 1 << 20]
+    placement = LayerPlacement(layers, torch.device("cuda"), layerwise=True)
+    assert not any(p.is_pinned() for p in big)
+    with placement.rest_on_device(model):
+        assert placement.registered_bytes == sum(p.untyped_storage().nbytes() for p in big) > 0
+        assert all(p.is_pinned() for p in big)
+        layer = placement.onload(0)
+        assert all(p.is_cuda for p in layer.parameters())
+        placement.offload(0, modified=True)
+    assert not any(p.is_pinned() for p in big)
+    torch.cuda.synchronize()
+    torch.zeros(1, device="cuda").add_(1).item()  # no CUDA error was left behind
+
+
+def test_staging_and_arena_copies_equal_plain_copies() -> None:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    staging = HostStaging(min_bytes=1 << 10)
+    previous = []
+    for shape in ((3000, 1000), (17, 5), (4000, 1200), (2000, 10)):  # grows, then reuses the buffer
+        t = torch.randint(-8, 8, shape, generator=g, device="cuda", dtype=torch.int8)
+        host = staging.to_host(t)
+        assert host.device.type == "cpu"
+        assert not host.is_pinned()
+        assert torch.equal(host, t.cpu())
+        previous.append((host, t.cpu()))
+    assert all(torch.equal(h, w) for h, w in previous)  # later copies did not overwrite earlier results
+    arena = PinnedArena(slab_bytes=1 << 16, pin=True)
+    sources = [torch.randn(40, 30, generator=g, device="cuda") for _ in range(50)]
+    copies = [arena.empty(s.shape, s.dtype).copy_(s, non_blocking=True) for s in sources]
+    torch.cuda.synchronize()
+    assert all(c.is_pinned() and torch.equal(c, s.cpu()) for c, s in zip(copies, sources))
+    assert arena.slabs == 4  # 50 x 4800 bytes (aligned: 4800) in 64 KiB slabs: 13 per slab
+
+
+def _gptq_codes(monkeypatch, method: str = "gptq", **env: str) -> dict[str, torch.Tensor]:
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     model, processor = build_tiny_vlm("qwen2_vl", seed=0)
@@ -69,16 +107,21 @@ def _gptq_codes(monkeypatch, **env: str) -> dict[str, torch.Tensor]:
     encoded = [encode_sample(processor, s) for s in synthetic_samples(8, seed=2)]
     batches = make_batches(encoded, 4, module.adapter.pad_token_id)
     fabric = Fabric(accelerator="cuda", devices=1, callbacks=[TokenImportance("fisher")])
-    loop = CalibrationLoop(fabric, module, QuantArgs(method="gptq", bits=3, group_size=32), ImportanceArgs(),
+    loop = CalibrationLoop(fabric, module, QuantArgs(method=method, bits=3, group_size=32), ImportanceArgs(),
                            TokenSetArgs(), memory=MemoryArgs(layerwise=True), metrics=False)  # fmt: skip
     loop.run(batches)
     return {k: r.codes for k, r in loop.results.items()}
 
 
-def test_gptq_codes_do_not_depend_on_the_speed_switches(monkeypatch) -> None:
-    reference = _gptq_codes(monkeypatch)
-    for env in ({"LIGHTNING_TLQ_PREFETCH_THREAD": "0"}, {"LIGHTNING_TLQ_EARLY_STOP": "0"}):
-        other = _gptq_codes(monkeypatch, **env)
+@pytest.mark.parametrize("method", ["gptq", "tlq"])
+def test_codes_do_not_depend_on_the_speed_switches(monkeypatch, method: str) -> None:
+    reference = _gptq_codes(monkeypatch, method)
+    for env in (
+        {"LIGHTNING_TLQ_PREFETCH_THREAD": "0"},
+        {"LIGHTNING_TLQ_EARLY_STOP": "0"},
+        {"LIGHTNING_TLQ_PIN_LAYERS": "0"},
+    ):
+        other = _gptq_codes(monkeypatch, method, **env)
         assert all(torch.equal(reference[k], other[k]) for k in reference), env
         for key in env:
             monkeypatch.delenv(key)
