@@ -60,3 +60,28 @@ def test_gptq_on_cuda_uses_fused_path_and_matches_eager(monkeypatch):
     eager = gptq_quantize(W, H, spec)
     assert (fused.codes == eager.codes).float().mean() >= 0.999
     torch.testing.assert_close(fused.scale, eager.scale)
+
+
+def test_block_step_reads_views_and_writes_results_in_place():
+    spec = QuantSpec(bits=4, group_size=32)
+    W, U, S, Z = _problem(40, 256, spec, seed=7)
+    before = W.clone()
+    cols = slice(128, 256)
+    codes = torch.full_like(W, -1.0)
+    errors = torch.zeros(40, 200, device=W.device)  # wider than the block: a row-strided view receives them
+    out_codes, out_errors = gptq_triton.block_step(
+        W[:, cols], U[cols, cols], S[:, cols], Z[:, cols], spec.qmin, spec.qmax,
+        codes=codes[:, cols], errors=errors[:, :128],
+    )  # fmt: skip
+    ref_codes, ref_errors = gptq_triton.block_step(
+        *(t.contiguous() for t in (W[:, cols], U[cols, cols], S[:, cols], Z[:, cols])), spec.qmin, spec.qmax
+    )
+    assert out_codes.data_ptr() == codes[:, cols].data_ptr()
+    assert torch.equal(codes[:, cols], ref_codes)
+    assert torch.equal(errors[:, :128], ref_errors)
+    assert torch.equal(codes[:, :128], torch.full_like(ref_codes, -1.0))  # nothing outside the block written
+    assert torch.equal(errors[:, 128:], torch.zeros(40, 72, device=W.device))
+    assert torch.equal(W, before)  # the block's weights are only read
+    with pytest.raises(ValueError, match="codes must be float32"):
+        gptq_triton.block_step(W[:, cols], U[cols, cols], S[:, cols], Z[:, cols], spec.qmin, spec.qmax,
+                               codes=codes[:, cols].T.contiguous().T)  # fmt: skip

@@ -224,16 +224,21 @@ def _quantize_columns(
     codes = torch.empty_like(W)
     fused = W.is_cuda and block_size <= 128 and os.environ.get("LIGHTNING_TLQ_TRITON", "1") != "0"
     fused = fused and gptq_triton.available()
+    if fused:  # views in, results written in place: two launches per block (host-bound otherwise)
+        scale_cols, zero_cols = scale_cols.float(), zero_cols.float()
+        errors = torch.empty(W.shape[0], block_size, dtype=W.dtype, device=W.device)
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
+        if fused:
+            Err1 = errors[:, : i2 - i1]
+            gptq_triton.block_step(
+                W[:, i1:i2], U[i1:i2, i1:i2], scale_cols[:, i1:i2], zero_cols[:, i1:i2], spec.qmin, spec.qmax,
+                codes=codes[:, i1:i2], errors=Err1,
+            )  # fmt: skip
+            W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)
+            continue
         W1 = W[:, i1:i2].clone()
         U1 = U[i1:i2, i1:i2]
-        if fused:
-            codes[:, i1:i2], Err1 = gptq_triton.block_step(
-                W1, U1, scale_cols[:, i1:i2], zero_cols[:, i1:i2], spec.qmin, spec.qmax
-            )
-            W[:, i2:].sub_(Err1 @ U[i1:i2, i2:])
-            continue
         Err1 = torch.empty_like(W1)
         for i in range(i2 - i1):
             s, z = scale_cols[:, i1 + i], zero_cols[:, i1 + i]

@@ -24,7 +24,7 @@ if triton is not None:
     @triton.jit
     def _gptq_block(
         W, U, S, Z, Q, E,
-        n_rows, n_cols, stride_w, stride_u, stride_s, stride_q, qmin, qmax,
+        n_rows, n_cols, stride_w, stride_u, stride_s, stride_z, stride_q, stride_e, qmin, qmax,
         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     ):  # fmt: skip
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -34,7 +34,7 @@ if triton is not None:
         m2 = rmask[:, None] & cmask[None, :]
         w = tl.load(W + rows[:, None] * stride_w + cols[None, :], mask=m2, other=0.0)
         s = tl.load(S + rows[:, None] * stride_s + cols[None, :], mask=m2, other=1.0)
-        z = tl.load(Z + rows[:, None] * stride_s + cols[None, :], mask=m2, other=0.0)
+        z = tl.load(Z + rows[:, None] * stride_z + cols[None, :], mask=m2, other=0.0)
         q_all = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
         e_all = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
         for i in range(BLOCK_C):  # columns past n_cols are masked out: they change nothing
@@ -55,7 +55,7 @@ if triton is not None:
             q_all = tl.where(sel, qi[:, None], q_all)
             e_all = tl.where(sel, err[:, None], e_all)
         tl.store(Q + rows[:, None] * stride_q + cols[None, :], q_all, mask=m2)
-        tl.store(E + rows[:, None] * stride_q + cols[None, :], e_all, mask=m2)
+        tl.store(E + rows[:, None] * stride_e + cols[None, :], e_all, mask=m2)
 
 
 @functools.lru_cache(maxsize=1)
@@ -65,25 +65,46 @@ def available() -> bool:
 
 
 def block_step(
-    W1: torch.Tensor, U1: torch.Tensor, S1: torch.Tensor, Z1: torch.Tensor, qmin: int, qmax: int
+    W1: torch.Tensor,
+    U1: torch.Tensor,
+    S1: torch.Tensor,
+    Z1: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    codes: torch.Tensor | None = None,
+    errors: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize the columns of block ``W1 [rows, c]`` (c <= 128) in order; return ``(codes, errors)``.
 
     ``U1 [c, c]`` is the block of the upper Cholesky factor of ``H^-1``; ``S1``/``Z1`` are per-column scales and
-    zero points ``[rows, c]``. Equivalent to the eager loop in :mod:`lightning_tlq.core.gptq`.
+    zero points ``[rows, c]``. Equivalent to the eager loop in :mod:`lightning_tlq.core.gptq`. ``W1`` is only read.
+
+    Inputs may be row-strided views of larger float32 matrices (columns contiguous), and ``codes`` / ``errors``
+    (float32 ``[rows, c]``, columns contiguous) receive the results in place: the column loop then copies
+    nothing per block. Other inputs are made contiguous float32 first.
     """
     rows, cols = W1.shape
     if cols > 128:
         raise ValueError(f"block_step handles at most 128 columns, got {cols}.")
-    W1, U1, S1, Z1 = (t.contiguous().float() for t in (W1, U1, S1, Z1))
-    Q1, E1 = torch.empty_like(W1), torch.empty_like(W1)
+    W1, U1, S1, Z1 = (_strided(t) for t in (W1, U1, S1, Z1))
+    codes = torch.empty_like(W1) if codes is None else codes
+    errors = torch.empty_like(W1) if errors is None else errors
+    for out, label in ((codes, "codes"), (errors, "errors")):
+        if out.shape != W1.shape or out.dtype != torch.float32 or (cols > 1 and out.stride(1) != 1):
+            raise ValueError(f"block_step: {label} must be float32 {tuple(W1.shape)} with contiguous columns.")
     block_r = 16
     grid = (triton_cdiv(rows, block_r),)
     _gptq_block[grid](
-        W1, U1, S1, Z1, Q1, E1, rows, cols, W1.stride(0), U1.stride(0), S1.stride(0), Q1.stride(0),
-        float(qmin), float(qmax), BLOCK_R=block_r, BLOCK_C=128, num_warps=4,
+        W1, U1, S1, Z1, codes, errors, rows, cols, W1.stride(0), U1.stride(0), S1.stride(0), Z1.stride(0),
+        codes.stride(0), errors.stride(0), float(qmin), float(qmax), BLOCK_R=block_r, BLOCK_C=128, num_warps=4,
     )  # fmt: skip
-    return Q1, E1
+    return codes, errors
+
+
+def _strided(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as float32 with contiguous columns (a view when it already is one)."""
+    t = t.float()
+    return t if t.shape[1] <= 1 or t.stride(1) == 1 else t.contiguous()
 
 
 def triton_cdiv(a: int, b: int) -> int:
