@@ -8,9 +8,10 @@ Three tools, each measured on one H200 machine (docs/performance.md):
 - :class:`HostStaging` copies device tensors to fresh (pageable) host tensors through one reusable page-locked
   buffer: the device-to-host copy runs as DMA, the host-side copy on all of torch's threads. A plain ``.cpu()``
   of a pageable destination runs at ~1.7 GB/s for int8 codes (68 MB in 40 ms).
-- :func:`registered` page-locks existing host tensors in place (``cudaHostRegister``) for a block: the decoder
-  layers, copied to the device and back once or twice per layer and run. Registering 2.9 GB took 0.12 s;
-  copies from it then run at 55 GB/s instead of 9 GB/s, and no longer hold the host thread that issues them.
+- :class:`Registration` (and :func:`registered`) page-locks existing host tensors in place (``cudaHostRegister``),
+  on a helper thread: the decoder layers, copied to the device and back once or twice per layer and run.
+  Registering 2.9 GB took 0.12 s; copies from it then run at 55 GB/s instead of 9 GB/s, and no longer hold the
+  host thread that issues them.
 
 All are no-ops (plain host tensors) without CUDA.
 """
@@ -20,8 +21,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from torch import Tensor
@@ -29,6 +30,10 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 _ALIGN = 64  # bytes: any dtype's alignment, and a cache line
+
+
+MIN_STAGING_BYTES = 1 << 20
+"""Device tensors smaller than this go to the host by a plain ``.cpu()`` (:class:`HostStaging`)."""
 
 
 class PinnedArena:
@@ -72,11 +77,11 @@ class HostStaging:
     """Device-to-host copies into fresh pageable tensors through one reusable page-locked buffer.
 
     The buffer grows to the largest tensor copied and is kept until the object is dropped. Tensors smaller than
-    ``min_bytes`` (and host tensors) take the plain ``.cpu()`` path.
+    ``min_bytes`` (default :data:`MIN_STAGING_BYTES`; and host tensors) take the plain ``.cpu()`` path.
     """
 
-    def __init__(self, min_bytes: int = 1 << 20) -> None:
-        self.min_bytes = min_bytes
+    def __init__(self, min_bytes: int | None = None) -> None:
+        self.min_bytes = MIN_STAGING_BYTES if min_bytes is None else min_bytes
         self._buffer: Tensor | None = None
 
     def to_host(self, t: Tensor) -> Tensor:
@@ -96,9 +101,88 @@ def _enabled() -> bool:
     return os.environ.get("LIGHTNING_TLQ_PIN_LAYERS", "1") != "0"
 
 
-def _storages(tensors: Iterable[Tensor], min_bytes: int) -> list[tuple[int, int, object]]:
-    """(data pointer, bytes, storage) of each distinct host storage of at least ``min_bytes``."""
-    out, seen = [], set()
+MIN_REGISTER_BYTES = 1 << 20
+"""Host storages smaller than this are left pageable (registration has a fixed cost per call)."""
+
+
+class Registration:
+    """Page-locks groups of host tensors in place (``cudaHostRegister``), group after group, on a helper thread,
+    until :meth:`close`. Work that needs group ``i`` calls :meth:`wait` first; the rest overlaps.
+
+    The storages are referenced here, so they stay alive until :meth:`close`; they must not be resized meanwhile.
+    Calls run on the helper thread: a refused registration (e.g. a locked-memory limit) leaves its error in that
+    thread's CUDA runtime state, where no later kernel-launch check of the calling thread can pick it up; the
+    storage is then simply used as it is (pageable, slower copies), with one warning.
+    ``LIGHTNING_TLQ_PIN_LAYERS=0`` (or no CUDA) disables registration.
+
+    Args:
+        groups: host tensors per group (each storage is registered once, with the first group that has it).
+        min_bytes: storages smaller than this stay pageable (default :data:`MIN_REGISTER_BYTES`).
+    """
+
+    def __init__(self, groups: Sequence[Iterable[Tensor]], min_bytes: int | None = None) -> None:
+        self.enabled = torch.cuda.is_available() and _enabled()
+        self.bytes = 0
+        """Bytes registered (final once :meth:`close` ran)."""
+        self._futures: list[Future] = []
+        self._done: list[tuple[int, int, object]] = []
+        self._pool: ThreadPoolExecutor | None = None
+        if not self.enabled:
+            return
+        limit = MIN_REGISTER_BYTES if min_bytes is None else min_bytes
+        self._cudart = torch.cuda.cudart()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="tlq-host-register")
+        seen: set[int] = set()
+        for group in groups:
+            self._futures.append(self._pool.submit(self._register, _storages(group, limit, seen)))
+
+    def _register(self, storages: list[tuple[int, int, object]]) -> tuple[list[tuple[int, int, object]], int, int]:
+        codes = [int(self._cudart.cudaHostRegister(ptr, nbytes, 0)) for ptr, nbytes, _ in storages]
+        done = [s for s, code in zip(storages, codes) if code == 0]
+        return done, len(storages) - len(done), next((c for c in codes if c != 0), 0)
+
+    def wait(self, index: int) -> None:
+        """Return once group ``index`` is registered (or refused)."""
+        if self.enabled and 0 <= index < len(self._futures):
+            self._collect(self._futures[index])
+
+    def wait_all(self) -> int:
+        """Wait for every group; return the bytes registered."""
+        for future in self._futures:
+            self._collect(future)
+        return self.bytes
+
+    def _collect(self, future: Future) -> None:
+        if getattr(future, "collected", False):
+            return
+        done, refused, code = future.result()
+        future.collected = True  # type: ignore[attr-defined]
+        self._done.extend(done)
+        self.bytes += sum(nbytes for _, nbytes, _ in done)
+        if refused:
+            log.warning(
+                "cudaHostRegister refused %d of %d host storages (error %d); their copies to and from the device run "
+                "from pageable memory (slower). Raise the locked-memory limit or set LIGHTNING_TLQ_PIN_LAYERS=0.",
+                refused,
+                refused + len(done),
+                code,
+            )
+
+    def close(self) -> None:
+        """Wait for the device (no copy may still use the pages), then unregister everything registered."""
+        if self._pool is None:
+            return
+        self.wait_all()
+        torch.cuda.synchronize()
+        done, self._done = self._done, []
+        self._pool.submit(lambda: [self._cudart.cudaHostUnregister(ptr) for ptr, _, _ in done]).result()
+        self._pool.shutdown(wait=True)
+        self._pool = None
+
+
+def _storages(tensors: Iterable[Tensor], min_bytes: int, seen: set[int]) -> list[tuple[int, int, object]]:
+    """(data pointer, bytes, storage) of each host storage of at least ``min_bytes`` not in ``seen`` (updated)."""
+    out = []
     for t in tensors:
         if t.device.type != "cpu" or t.is_pinned():
             continue
@@ -111,34 +195,11 @@ def _storages(tensors: Iterable[Tensor], min_bytes: int) -> list[tuple[int, int,
 
 
 @contextlib.contextmanager
-def registered(tensors: Iterable[Tensor], min_bytes: int = 1 << 20) -> Iterator[int]:
-    """Page-lock the host storages of ``tensors`` in place for the block; yields the bytes registered.
-
-    The storages must stay alive and unresized until the block ends (they are referenced here until then).
-    Calls run on a helper thread: a refused registration (e.g. a locked-memory limit) leaves its error in that
-    thread's CUDA runtime state, where no later kernel-launch check of the calling thread can pick it up; the
-    storage is then simply used as it is (pageable, slower copies), with one warning.
-    ``LIGHTNING_TLQ_PIN_LAYERS=0`` disables registration.
-    """
-    if not (torch.cuda.is_available() and _enabled()):
-        yield 0
-        return
-    storages = _storages(tensors, min_bytes)
-    cudart = torch.cuda.cudart()
-    with ThreadPoolExecutor(1, thread_name_prefix="tlq-host-register") as pool:
-        codes = pool.submit(lambda: [int(cudart.cudaHostRegister(p, n, 0)) for p, n, _ in storages]).result()
-        done = [s for s, code in zip(storages, codes) if code == 0]
-        if len(done) < len(storages):
-            failed = next(code for code in codes if code != 0)
-            log.warning(
-                "cudaHostRegister refused %d of %d host storages (error %d); their copies to and from the device run "
-                "from pageable memory (slower). Raise the locked-memory limit or set LIGHTNING_TLQ_PIN_LAYERS=0.",
-                len(storages) - len(done),
-                len(storages),
-                failed,
-            )
-        try:
-            yield sum(n for _, n, _ in done)
-        finally:
-            torch.cuda.synchronize()  # no copy may still read or write the pages
-            pool.submit(lambda: [cudart.cudaHostUnregister(p) for p, _, _ in done]).result()
+def registered(tensors: Iterable[Tensor], min_bytes: int | None = None) -> Iterator[int]:
+    """Page-lock the host storages of ``tensors`` in place for the block (see :class:`Registration`); yields the
+    bytes registered."""
+    registration = Registration([tensors], min_bytes)
+    try:
+        yield registration.wait_all()
+    finally:
+        registration.close()

@@ -8,6 +8,7 @@ import pytest
 import torch
 from lightning.fabric import Fabric
 
+from lightning_tlq import hostmem
 from lightning_tlq.config import ImportanceArgs, MemoryArgs, QuantArgs, TokenSetArgs
 from lightning_tlq.data import encode_sample, make_batches, synthetic_samples
 from lightning_tlq.hostmem import HostStaging, PinnedArena
@@ -62,19 +63,22 @@ def test_parking_frees_all_but_the_head_and_brings_it_back() -> None:
     assert model.get_input_embeddings().weight.is_cuda
 
 
-def test_layers_are_page_locked_in_place_only_while_on_the_device_side() -> None:
+def test_layers_are_page_locked_in_place_only_while_on_the_device_side(monkeypatch) -> None:
+    monkeypatch.setattr(hostmem, "MIN_REGISTER_BYTES", 0)  # the tiny model's tensors are all small
     model, _ = build_tiny_vlm("qwen2_vl", seed=0)
     layers = model.model.language_model.layers
-    big = [p for layer in layers for p in layer.parameters() if p.untyped_storage().nbytes() >= 1 << 20]
+    host = [p for layer in layers for p in layer.parameters()]
     placement = LayerPlacement(layers, torch.device("cuda"), layerwise=True)
-    assert not any(p.is_pinned() for p in big)
+    assert not any(p.is_pinned() for p in host)
     with placement.rest_on_device(model):
-        assert placement.registered_bytes == sum(p.untyped_storage().nbytes() for p in big) > 0
-        assert all(p.is_pinned() for p in big)
-        layer = placement.onload(0)
-        assert all(p.is_cuda for p in layer.parameters())
-        placement.offload(0, modified=True)
-    assert not any(p.is_pinned() for p in big)
+        for i in range(len(layers)):
+            placement.prefetch(i)  # waits for the layer's registration
+            assert all(p.is_pinned() for p in layers[i].parameters())
+            layer = placement.onload(i)
+            assert all(p.is_cuda for p in layer.parameters())
+            placement.offload(i, modified=True)
+    assert placement.registered_bytes == sum({p.data_ptr(): p.untyped_storage().nbytes() for p in host}.values())
+    assert not any(p.is_pinned() for p in host)
     torch.cuda.synchronize()
     torch.zeros(1, device="cuda").add_(1).item()  # no CUDA error was left behind
 
@@ -115,6 +119,8 @@ def _gptq_codes(monkeypatch, method: str = "gptq", **env: str) -> dict[str, torc
 
 @pytest.mark.parametrize("method", ["gptq", "tlq"])
 def test_codes_do_not_depend_on_the_speed_switches(monkeypatch, method: str) -> None:
+    monkeypatch.setattr(hostmem, "MIN_REGISTER_BYTES", 0)  # every layer tensor page-locked, every result staged
+    monkeypatch.setattr(hostmem, "MIN_STAGING_BYTES", 0)
     reference = _gptq_codes(monkeypatch, method)
     for env in (
         {"LIGHTNING_TLQ_PREFETCH_THREAD": "0"},
