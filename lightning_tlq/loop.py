@@ -20,7 +20,13 @@ from torch import Tensor
 from lightning_tlq.actquant import apply_activation_quant
 from lightning_tlq.adapters.base import CapturedInputs, move_to
 from lightning_tlq.config import ImportanceArgs, MemoryArgs, QuantArgs, TokenSetArgs
-from lightning_tlq.core.importance import modality_sums, postprocess_flat, scatter_back, vision_weight
+from lightning_tlq.core.importance import (
+    modality_sums,
+    postprocess_flat,
+    scatter_back,
+    scatter_modules,
+    vision_weight,
+)
 from lightning_tlq.core.smoothing import floor_at_median
 from lightning_tlq.core.tokenset import mass_threshold, select_tokens, token_uniforms
 from lightning_tlq.data import TokenMasks, token_masks
@@ -432,25 +438,31 @@ class CalibrationLoop:
                 self.fabric.call("on_importance_batch_end", fabric=self.fabric, batch_idx=b)
 
     def _postprocess(self, scores: dict[str, list[Tensor]], masks: Sequence[TokenMasks]) -> dict[str, list[Tensor]]:
-        """Normalise / floor / clip each module's scores over *all* ranks' tokens (gathered), keep this rank's."""
+        """Normalise / floor / clip each module's scores over *all* ranks' tokens (gathered), keep this rank's.
+
+        All modules at once: post-processing treats every column on its own, so the ``[N, modules x groups]``
+        matrix of every real token's scores takes one gather and one call instead of one per module.
+        """
+        if not scores:
+            return {}
         args = self.importance_args
+        names = list(scores)
         valid = [(~m.pad).cpu() for m in masks]
         is_vision = torch.cat([m.image.cpu()[v] for m, v in zip(masks, valid)])
         n_local = int(is_vision.numel())
         offset = self.collective.exclusive_offset(n_local)
         global_vision = self.collective.gather_cat(is_vision)
-        out = {}
-        for name, per_batch in scores.items():
-            local = torch.cat([s.cpu()[v] for s, v in zip(per_batch, valid)])
-            flat = postprocess_flat(
-                self.collective.gather_cat(local),
-                global_vision,
-                floor=args.floor,
-                clip_quantile=args.clip_quantile,
-                mode=args.mode,
-            )
-            out[name] = scatter_back(flat[offset : offset + n_local], per_batch, valid)
-        return out
+        local = torch.cat([torch.stack([scores[n][b].cpu() for n in names], -2)[v] for b, v in enumerate(valid)])
+        flat = postprocess_flat(
+            self.collective.gather_cat(local.flatten(1)),  # [N, modules x groups]
+            global_vision,
+            floor=args.floor,
+            clip_quantile=args.clip_quantile,
+            mode=args.mode,
+        )
+        mine = flat[offset : offset + n_local].view(local.shape)
+        per_batch = scatter_modules(mine, valid)  # per batch [modules, B, S, G]
+        return {name: [full[m] for full in per_batch] for m, name in enumerate(names)}
 
     # --- token set ---------------------------------------------------------------------------------------------
     def _token_weights(

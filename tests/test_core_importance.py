@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from lightning_tlq.core.importance import postprocess, raw_scores
+from lightning_tlq.core.importance import (
+    _clip_quantile,
+    postprocess,
+    postprocess_flat,
+    raw_scores,
+    scatter_back,
+    scatter_modules,
+)
 
 
 def test_raw_scores_definitions_and_groups():
@@ -67,3 +74,29 @@ def test_postprocess_clip_and_modes():
             [torch.ones(1, 2, dtype=torch.bool)],
             [torch.zeros(1, 2, dtype=torch.bool)],
         )
+
+
+@pytest.mark.parametrize("quantile", [0.2, 0.5, 0.999, 0.9999])
+def test_clip_quantile_selects_exactly_the_kth_smallest_value(quantile):
+    g = torch.Generator().manual_seed(3)
+    values = torch.randint(0, 50, (997, 4), generator=g).float()  # many ties
+    k = int(round(quantile * 996)) + 1
+    expected = torch.minimum(values, values.kthvalue(k, dim=0).values)
+    assert torch.equal(_clip_quantile(values, quantile), expected)
+
+
+def test_many_modules_at_once_equal_one_module_at_a_time():
+    g = torch.Generator().manual_seed(4)
+    valid = [torch.rand(3, 7, generator=g) > 0.3 for _ in range(2)]
+    vision = torch.cat([(torch.rand(3, 7, generator=g) > 0.5)[v] for v in valid])
+    modules = [[torch.rand(3, 7, 2, generator=g) for _ in valid] for _ in range(5)]  # 5 modules, 2 groups
+    flat = torch.cat([torch.stack([m[b] for m in modules], -2)[v] for b, v in enumerate(valid)])  # [N, 5, 2]
+    together = scatter_modules(postprocess_flat(flat.flatten(1), vision).view(flat.shape), valid)
+    for m, per_batch in enumerate(modules):
+        one = torch.cat([s[v] for s, v in zip(per_batch, valid)])
+        alone = scatter_back(postprocess_flat(one, vision), per_batch, valid)
+        for b, expected in enumerate(alone):
+            got = together[b][m]
+            assert got.is_contiguous()
+            assert torch.equal(got[~valid[b]], torch.zeros_like(got[~valid[b]]))
+            torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)

