@@ -183,7 +183,6 @@ def main(fabric, args) -> dict | None:
     from lightning_tlq import CalibrationLoop, ImportanceArgs, QuantArgs, TLQModule, TokenSetArgs
     from lightning_tlq.config import MemoryArgs
     from lightning_tlq.distributed import shard_range
-    from lightning_tlq.hostmem import _runtime
 
     cuda = fabric.device.type == "cuda"
     if args.max_gpu_memory_gib and cuda:
@@ -233,7 +232,6 @@ def main(fabric, args) -> dict | None:
         "env": " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("LIGHTNING_TLQ_")),
         "torch": torch.__version__, "placement_s_rank0": loop.placement.seconds,
         "registered_gib_rank0": loop.placement.registered_bytes / 2**30,
-        "register_without_gil": bool(cuda and _runtime().lib is not None),
         "solve_s_by_module": _by_module(records, "seconds"), "codes_digest": codes_digest(loop.results),
     }  # fmt: skip
     if args.floor and cuda and fabric.is_global_zero:

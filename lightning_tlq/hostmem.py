@@ -19,14 +19,10 @@ All are no-ops (plain host tensors) without CUDA.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
 import logging
 import os
-import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -80,66 +76,25 @@ class PinnedArena:
 class HostStaging:
     """Device-to-host copies into fresh pageable tensors through one reusable page-locked buffer.
 
-    The buffer grows to the largest tensor copied and is kept until :meth:`close`. Tensors smaller than
+    The buffer grows to the largest tensor copied and is kept until the object is dropped. Tensors smaller than
     ``min_bytes`` (default :data:`MIN_STAGING_BYTES`; and host tensors) take the plain ``.cpu()`` path.
-    :meth:`to_host_later` runs the copies on a helper thread and a side stream, so that the caller keeps queuing
-    GPU work meanwhile (``LIGHTNING_TLQ_ASYNC_RESULTS=0``: copies made at once, in the calling thread).
     """
 
     def __init__(self, min_bytes: int | None = None) -> None:
         self.min_bytes = MIN_STAGING_BYTES if min_bytes is None else min_bytes
-        self.background = os.environ.get("LIGHTNING_TLQ_ASYNC_RESULTS", "1") != "0"
         self._buffer: Tensor | None = None
-        self._lock = threading.Lock()  # one buffer, whichever thread copies
-        self._pool: ThreadPoolExecutor | None = None
-        self._streams: dict[torch.device, torch.cuda.Stream] = {}
 
     def to_host(self, t: Tensor) -> Tensor:
-        """A host copy of ``t`` (``t`` itself if it is on the host already); waits for ``t`` on the current
-        stream."""
+        """A host copy of ``t`` (``t`` itself if it is on the host already); synchronises with ``t``'s stream."""
         nbytes = t.numel() * t.element_size()
         if not t.is_cuda or nbytes < self.min_bytes:
             return t.cpu()
-        with self._lock:
-            if self._buffer is None or self._buffer.numel() < nbytes:
-                self._buffer = None  # free the old buffer before taking the larger one
-                self._buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-            stage = self._buffer[:nbytes].view(t.dtype).view(t.shape)
-            stage.copy_(t)  # blocking: the buffer is reusable once it returns
-            return torch.empty(t.shape, dtype=t.dtype).copy_(stage)
-
-    def to_host_later(self, tensors: Sequence[Tensor]) -> Callable[[], list[Tensor]]:
-        """Start host copies of ``tensors``; returns a function that waits for them and returns them.
-
-        CUDA tensors are copied after the work queued so far on the current stream, on a side stream, from a
-        helper thread (one at a time, in submission order); they are kept alive until copied and must not be
-        written meanwhile.
-        """
-        cuda = [t.device for t in tensors if t.is_cuda]
-        if not cuda or not self.background:
-            done = [self.to_host(t) for t in tensors]
-            return lambda: done
-        device = cuda[0]
-        ready = torch.cuda.Event()
-        ready.record(torch.cuda.current_stream(device))
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="tlq-results")
-        if device not in self._streams:
-            self._streams[device] = torch.cuda.Stream(device)
-        return self._pool.submit(self._copy_after, list(tensors), ready, device).result
-
-    def _copy_after(self, tensors: list[Tensor], ready: torch.cuda.Event, device: torch.device) -> list[Tensor]:
-        stream = self._streams[device]
-        with torch.cuda.device(device), torch.cuda.stream(stream):
-            stream.wait_event(ready)
-            return [self.to_host(t) for t in tensors]
-
-    def close(self) -> None:
-        """Finish pending copies, stop the helper thread and free the buffer."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-        self._buffer = None
+        if self._buffer is None or self._buffer.numel() < nbytes:
+            self._buffer = None  # free the old buffer before taking the larger one
+            self._buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        stage = self._buffer[:nbytes].view(t.dtype).view(t.shape)
+        stage.copy_(t)  # blocking: the buffer is reusable once it returns
+        return torch.empty(t.shape, dtype=t.dtype).copy_(stage)
 
 
 def _enabled() -> bool:
@@ -148,50 +103,6 @@ def _enabled() -> bool:
 
 MIN_REGISTER_BYTES = 1 << 20
 """Host storages smaller than this are left pageable (registration has a fixed cost per call)."""
-
-
-class _Runtime:
-    """``cudaHostRegister`` / ``cudaHostUnregister`` of the CUDA runtime torch loaded, called through ctypes, which
-    releases the interpreter lock during the call (torch's own binding holds it: registering a 7B model's layers
-    then stalls the calling thread for ~0.8 s). Falls back to ``torch.cuda.cudart()``."""
-
-    def __init__(self) -> None:
-        self.lib: Any = None
-        for path in _loaded("libcudart"):
-            try:
-                lib = ctypes.CDLL(path)
-                lib.cudaHostRegister.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
-                lib.cudaHostUnregister.argtypes = [ctypes.c_void_p]
-                lib.cudaHostRegister.restype = lib.cudaHostUnregister.restype = ctypes.c_int
-            except (OSError, AttributeError):
-                continue
-            self.lib = lib
-            break
-        self.binding = None if self.lib is not None else torch.cuda.cudart()
-
-    def register(self, ptr: int, nbytes: int) -> int:
-        if self.lib is not None:
-            return int(self.lib.cudaHostRegister(ptr, nbytes, 0))
-        return int(self.binding.cudaHostRegister(ptr, nbytes, 0))
-
-    def unregister(self, ptr: int) -> int:
-        if self.lib is not None:
-            return int(self.lib.cudaHostUnregister(ptr))
-        return int(self.binding.cudaHostUnregister(ptr))
-
-
-def _loaded(name: str) -> list[str]:
-    """Paths of the shared libraries named ``name*`` mapped into this process (Linux), e.g. torch's CUDA runtime."""
-    try:
-        with open("/proc/self/maps") as f:
-            return sorted({line.split()[-1] for line in f if f"/{name}" in line and ".so" in line})
-    except OSError:
-        return []
-
-
-@functools.lru_cache(maxsize=1)
-def _runtime() -> _Runtime:
-    return _Runtime()
 
 
 class Registration:
@@ -219,14 +130,14 @@ class Registration:
         if not self.enabled:
             return
         limit = MIN_REGISTER_BYTES if min_bytes is None else min_bytes
-        self._runtime = _runtime()
+        self._cudart = torch.cuda.cudart()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="tlq-host-register")
         seen: set[int] = set()
         for group in groups:
             self._futures.append(self._pool.submit(self._register, _storages(group, limit, seen)))
 
     def _register(self, storages: list[tuple[int, int, object]]) -> tuple[list[tuple[int, int, object]], int, int]:
-        codes = [self._runtime.register(ptr, nbytes) for ptr, nbytes, _ in storages]
+        codes = [int(self._cudart.cudaHostRegister(ptr, nbytes, 0)) for ptr, nbytes, _ in storages]
         done = [s for s, code in zip(storages, codes) if code == 0]
         return done, len(storages) - len(done), next((c for c in codes if c != 0), 0)
 
@@ -264,7 +175,7 @@ class Registration:
         self.wait_all()
         torch.cuda.synchronize()
         done, self._done = self._done, []
-        self._pool.submit(lambda: [self._runtime.unregister(ptr) for ptr, _, _ in done]).result()
+        self._pool.submit(lambda: [self._cudart.cudaHostUnregister(ptr) for ptr, _, _ in done]).result()
         self._pool.shutdown(wait=True)
         self._pool = None
 

@@ -155,7 +155,7 @@ class CalibrationLoop:
             importance_passes=len(layers) if self.placement.layerwise else 1,
             start_layer=self.start_layer,
         )
-        with self.placement.rest_on_device(self.module.model), contextlib.closing(self._staging):
+        with self.placement.rest_on_device(self.module.model):
             batches = [move_to(b, self.fabric.device) for b in batches]
             masks = [token_masks(b, self.adapter.image_token_id) for b in batches]
             sample_ids = self._sample_ids(batches)

@@ -138,9 +138,8 @@ class LayerStage:
         groups: importance groups per module (Hessians per output-channel group).
         smoothing: awq / smoothquant / mbq: searches and folds the layer's input scales first (on the full-precision
             layer); its clipping (``quant.awq_clip``) and records are applied when the modules are rounded.
-        staging: moves the codes, scales and zero points to the host, in the background while the stage goes on
-            (share one across stages: it keeps a page-locked buffer and a helper thread; one made here is closed at
-            the end of :meth:`run`).
+        staging: moves the codes, scales and zero points to the host (share one across stages: it keeps a
+            page-locked buffer).
     """
 
     def __init__(
@@ -160,7 +159,6 @@ class LayerStage:
             raise ValueError(f"quant.method={quant.method} needs a LayerSmoothing for layer {index}.")
         self.smoothing = smoothing
         self.staging = staging or HostStaging()
-        self._own_staging = staging is None
         self.index = index
         self.layer = layer
         self.module_groups = [list(g) for g in module_groups]
@@ -178,7 +176,6 @@ class LayerStage:
         self._stats: dict[str, _Stats] = {}
         self._owners: dict[str, int] = {}
         self._row_cache: dict[int, _Rows] = {}
-        self._on_host: list[tuple[str, Callable[[], list[Tensor]], dict[str, Any]]] = []  # results being copied
         self.seconds: dict[str, float] = {}
         self.early_stop = os.environ.get("LIGHTNING_TLQ_EARLY_STOP", "1") != "0"
         """Statistics passes stop the layer's forward once every module of the group has run (the modules after
@@ -215,14 +212,7 @@ class LayerStage:
             self._timed("accumulate", self.accumulate, names, forward, inputs, weights, fp_inputs)
             self._timed("reduce", self.reduce, names)
             self._timed("solve", self.solve, names)
-        outputs = self._timed("propagate", self.propagate, forward, inputs)
-        for name, finish, record in self._on_host:
-            codes, scale, zero = finish()
-            self.results[name] = ModuleResult(None, codes, scale, zero, record)
-        self._on_host = []
-        if self._own_staging:
-            self.staging.close()
-        return outputs
+        return self._timed("propagate", self.propagate, forward, inputs)
 
     def _timed(self, step: str, fn: Callable[..., Any], *args: Any) -> Any:
         """Run one step and add its wall time (device-synchronised) to :attr:`seconds`."""
@@ -388,8 +378,8 @@ class LayerStage:
             if self.quant.target == "fp":
                 self._original[name] = module.weight.detach().clone()
             module.weight.data.copy_(res.weight)
-            # to the host in the background: the next module's solve (and the propagation) keep the GPU busy
-            self._on_host.append((name, self.staging.to_host_later([res.codes, res.scale, res.zero]), record))
+            host = self.staging.to_host
+            self.results[name] = ModuleResult(None, host(res.codes), host(res.scale), host(res.zero), record)
 
     def _solve_one(self, name: str, original: Tensor, stats: _Stats) -> tuple[ModuleResult, dict[str, Any]]:
         start = time.perf_counter()
