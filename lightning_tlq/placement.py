@@ -3,8 +3,9 @@
 The next layer's weights are copied on a side CUDA stream, issued from a helper thread, while the current one
 computes (prefetch). While :meth:`LayerPlacement.rest_on_device` runs, the layers' host tensors are page-locked in
 place (``cudaHostRegister`` on a helper thread, layer after layer, :class:`lightning_tlq.hostmem.Registration`):
-copies both ways then run as DMA (55 GB/s measured on an H200 machine, against 9 GB/s from pageable memory) for
-~0.06 s per GB of registration, overlapped with the capture of the decoder inputs.
+copies both ways then run as DMA (55 GB/s measured on an H200 machine, against 9 GB/s from pageable memory). The
+calling thread still spends ~0.8 s for a 7B model's 12 GiB before the capture starts (building the storage list,
+not the registration), plus ~0.3 s to release it.
 Allocating fresh pinned copies instead (``Module.pin_memory()``) cost a 7B-shaped run ~16 s.
 ``LIGHTNING_TLQ_PIN_LAYERS=0`` keeps them pageable; a copy from pageable memory blocks the thread that issues it,
 hence the helper thread (``LIGHTNING_TLQ_PREFETCH_THREAD=0`` issues it from the calling thread).
