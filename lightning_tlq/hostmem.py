@@ -125,6 +125,7 @@ class Registration:
         self.bytes = 0
         """Bytes registered (final once :meth:`close` ran)."""
         self._futures: list[Future] = []
+        self._collected: set[int] = set()  # groups whose outcome was taken into bytes / warnings
         self._done: list[tuple[int, int, object]] = []
         self._pool: ThreadPoolExecutor | None = None
         if not self.enabled:
@@ -144,19 +145,19 @@ class Registration:
     def wait(self, index: int) -> None:
         """Return once group ``index`` is registered (or refused)."""
         if self.enabled and 0 <= index < len(self._futures):
-            self._collect(self._futures[index])
+            self._collect(index)
 
     def wait_all(self) -> int:
         """Wait for every group; return the bytes registered."""
-        for future in self._futures:
-            self._collect(future)
+        for index in range(len(self._futures)):
+            self._collect(index)
         return self.bytes
 
-    def _collect(self, future: Future) -> None:
-        if getattr(future, "collected", False):
+    def _collect(self, index: int) -> None:
+        if index in self._collected:
             return
-        done, refused, code = future.result()
-        future.collected = True  # type: ignore[attr-defined]
+        done, refused, code = self._futures[index].result()
+        self._collected.add(index)
         self._done.extend(done)
         self.bytes += sum(nbytes for _, nbytes, _ in done)
         if refused:
