@@ -33,8 +33,18 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     ),
     "llava-tlq-w3g64-groups2-taylor": (
         "tiny-llava",
-        ["--quant.method", "tlq", "--quant.bits", "3", "--quant.group_size", "64", "--importance.groups", "2",
-         "--importance.score", "taylor"],
+        [
+            "--quant.method",
+            "tlq",
+            "--quant.bits",
+            "3",
+            "--quant.group_size",
+            "64",
+            "--importance.groups",
+            "2",
+            "--importance.score",
+            "taylor",
+        ],
     ),  # fmt: skip
     "llava-awq-w3g64-clip": (
         "tiny-llava",
@@ -111,7 +121,8 @@ def run(name: str, out: Path) -> dict[str, str]:
         return digest_dir(out)
     env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV and not k.startswith("LT_")}
     env.update(HF_HUB_OFFLINE="1", GLOO_SOCKET_IFNAME="lo", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "lightning_tlq", "calibrate", *args, "--trainer.devices", "2", "--output_dir", str(out)]
+    cmd = [sys.executable, "-m", "lightning_tlq", "calibrate", *args, "--trainer.devices", "2"]
+    cmd += ["--output_dir", str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
         raise RuntimeError(f"golden run {name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

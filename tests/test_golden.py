@@ -7,7 +7,6 @@ A refactoring must leave every digest unchanged; a change meant to alter results
 import json
 
 import pytest
-
 from golden import GOLDEN, RUNS, run
 
 
