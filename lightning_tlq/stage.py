@@ -18,29 +18,12 @@ from torch import Tensor, nn
 
 from lightning_tlq.actquant import apply_activation_quant
 from lightning_tlq.config import QuantArgs
-from lightning_tlq.core.gptq import gptq_quantize
 from lightning_tlq.core.hessian import HessianAccumulator, relative_output_error
-from lightning_tlq.core.quantizer import rtn
 from lightning_tlq.distributed import Collective, assign_owners
 from lightning_tlq.hostmem import HostStaging
+from lightning_tlq.methods import ModuleStats
 from lightning_tlq.smoothing import LayerSmoothing
-
-
-@dataclass
-class TokenWeights:
-    """Which tokens of one batch enter which statistic, for one layer."""
-
-    valid: Tensor | None
-    """``[B, S]`` bool: real (non-pad) tokens; None means every input row of every module is a real token (e.g. a
-    vision tower, whose rows are patches, with other shapes than the batch's text)."""
-    importance: dict[str, Tensor] | None = None
-    """Module name (relative to the layer) -> ``[B, S, G]`` importance weights, mean 1 over real tokens."""
-    multiplier: Tensor | None = None
-    """``[B, S]`` token-set multipliers (0 = not in the calibration set); None keeps every real token."""
-    vision: Tensor | None = None
-    """``[B, S]`` bool: image tokens (mbq's modality-weighted loss); None where unknown."""
-    answer: Tensor | None = None
-    """``[B, S]`` bool: supervised answer tokens, ``labels != -100`` (mbq); None where unknown."""
+from lightning_tlq.tokenweights import TokenWeights
 
 
 @dataclass
@@ -62,9 +45,10 @@ class _Rows:
     valid: Tensor | None
     """Flat positions of the real tokens in ``[B * S]``; None: every row."""
     keep: Tensor | None = None
-    """tlq: positions, among the real tokens, of the token set (multiplier > 0); None: all of them."""
+    """Methods that select tokens: positions, among the real tokens, of the token set (multiplier > 0); None: all
+    of them."""
     multiplier: Tensor | None = None
-    """tlq: the token-set multipliers of ``keep``."""
+    """The token-set multipliers of ``keep``."""
 
     def take(self, t: Tensor) -> Tensor:
         """The real tokens' rows of ``t [..., F]`` as ``[N, F]``."""
@@ -94,16 +78,21 @@ def _unpack_record(packed: Tensor) -> dict[str, Any]:
 
 
 class _Stats:
-    """The Hessians one module needs: ``solve`` for the method, ``plain``/``weighted`` for the report, and with
-    ``target = fp`` the cross term ``cross`` (same token weights as ``solve``)."""
+    """The Hessians one module needs: ``solve`` for the method (its handler's ``solve_statistic``),
+    ``plain``/``weighted`` for the report, and with ``target = fp`` the cross term ``cross`` (same token weights as
+    ``solve``)."""
 
     def __init__(
         self, in_features: int, groups: int, quant: QuantArgs, metrics: bool, weighted: bool, device: Any
     ) -> None:
-        method = quant.method
-        self.plain = HessianAccumulator(in_features, device=device) if (metrics or method == "gptq") else None
+        statistic = quant.handler.solve_statistic
+        self.plain = HessianAccumulator(in_features, device=device) if (metrics or statistic == "plain") else None
         self.weighted = HessianAccumulator(in_features, groups, device=device) if (metrics and weighted) else None
-        self.solve = HessianAccumulator(in_features, groups, device=device) if method == "tlq" else self.plain
+        self.solve = {
+            "none": None,
+            "plain": self.plain,
+            "weighted": HessianAccumulator(in_features, groups, device=device) if statistic == "weighted" else None,
+        }[statistic]
         self.cross = None
         if quant.target == "fp" and self.solve is not None:
             self.cross = HessianAccumulator(in_features, self.solve.groups, device=device)
@@ -111,6 +100,13 @@ class _Stats:
     def accumulators(self) -> list[HessianAccumulator]:
         unique = {id(a): a for a in (self.plain, self.weighted, self.solve, self.cross) if a is not None}
         return list(unique.values())
+
+    def for_solve(self) -> ModuleStats:
+        """What the method's solve reads."""
+        solve = self.solve
+        if solve is None:
+            return ModuleStats(None)
+        return ModuleStats(solve.H, solve.tokens, solve.weight_sum, self.cross.H if self.cross is not None else None)
 
 
 class LayerStage:
@@ -131,7 +127,8 @@ class LayerStage:
         index: decoder layer index (or a label such as ``"vision 0"`` for other stages).
         layer: the decoder layer (already on the compute device).
         module_groups: names (relative to ``layer``) of the linear modules, grouped in inference order.
-        quant: quantization settings (``quant.method`` picks rtn / gptq / tlq, or a scale-search baseline).
+        quant: quantization settings; ``quant.method``'s handler (:mod:`lightning_tlq.methods`) says which
+            statistics to gather and solves each module.
         collective: reductions to module owners and broadcasts (no-ops on one process).
         metrics: also accumulate the unweighted and importance-weighted Hessians over all real tokens, to report
             each module's relative output error.
@@ -155,7 +152,8 @@ class LayerStage:
         smoothing: LayerSmoothing | None = None,
         staging: HostStaging | None = None,
     ) -> None:
-        if quant.is_smoothing and smoothing is None:
+        self.method = quant.handler
+        if self.method.smoothing is not None and smoothing is None:
             raise ValueError(f"quant.method={quant.method} needs a LayerSmoothing for layer {index}.")
         self.smoothing = smoothing
         self.staging = staging or HostStaging()
@@ -306,7 +304,7 @@ class LayerStage:
             return sel
         valid = tw.valid.reshape(-1).cpu() if tw.valid is not None else None
         keep = multiplier = None
-        if self.quant.method == "tlq" and tw.multiplier is not None:
+        if self.method.selects_tokens and tw.multiplier is not None:
             m = tw.multiplier.reshape(-1).cpu()
             m = m[valid] if valid is not None else m
             positions = (m > 0).nonzero().squeeze(1)
@@ -316,9 +314,10 @@ class LayerStage:
         return sel
 
     def _add(self, name: str, x: Tensor, tw: TokenWeights, fp: Tensor | None = None, b: int = 0) -> None:
-        """Add one module's inputs for batch ``b``: every real token to the report Hessians, the token set (with
-        importance x multiplier weights) to tlq's; tokens outside the set are left out, in-set tokens of zero
-        importance enter with weight 0 (adding nothing)."""
+        """Add one module's inputs for batch ``b``: every real token to the report Hessians (and the ``plain``
+        solve statistic), the token set with importance x multiplier weights to a ``weighted`` solve statistic;
+        tokens outside the set are left out, in-set tokens of zero importance enter with weight 0 (adding
+        nothing)."""
         stats = self._stats[name]
         x = x.detach()
         sel = self._rows(b, tw, x.device)
@@ -328,14 +327,14 @@ class LayerStage:
             raise RuntimeError(f"Layer {self.index} {name}: no full-precision input matches the quantized path's.")
         if stats.plain is not None:
             stats.plain.add(rows)
-            if self.quant.method == "gptq" and fp_rows is not None:
+            if self.method.solve_statistic == "plain" and fp_rows is not None:
                 stats.cross.add(rows, left=fp_rows.float() - rows.float())
         imp = None
         if tw.importance is not None:
             imp = sel.take(tw.importance[name].to(x.device, non_blocking=True))
         if stats.weighted is not None:
             stats.weighted.add(rows, imp, validate=False)
-        if self.quant.method == "tlq":
+        if self.method.solve_statistic == "weighted":
             w = imp if imp is not None else torch.ones(rows.shape[0], self.groups, device=x.device)
             if sel.keep is not None:
                 rows, w = rows.index_select(0, sel.keep), w.index_select(0, sel.keep) * sel.multiplier.unsqueeze(-1)
@@ -383,24 +382,15 @@ class LayerStage:
 
     def _solve_one(self, name: str, original: Tensor, stats: _Stats) -> tuple[ModuleResult, dict[str, Any]]:
         start = time.perf_counter()
-        record: dict[str, Any] = {"damp": None, "retries": 0}
-        if not self.quant.uses_gptq:
-            weight = self.smoothing.clipped(name, original) if self.smoothing is not None else original
-            res = rtn(weight, self.quant.spec)
-        else:
-            if stats.solve.tokens == 0 or stats.solve.weight_sum == 0:
-                raise RuntimeError(f"Layer {self.index} {name}: no calibration token reached this module.")
-            res = gptq_quantize(
-                original,
-                stats.solve.H,
-                self.quant.spec,
-                block_size=self.quant.block_size,
-                damp=self.quant.damp,
-                act_order=self.quant.act_order,
-                name=f"layer {self.index} {name}",
-                cross=stats.cross.H if stats.cross is not None else None,
-            )
-            record.update(damp=res.damp, retries=res.retries)
+        res = self.method.quantize(
+            original,
+            stats.for_solve(),
+            self.quant,
+            module=name,
+            where=f"layer {self.index} {name}",
+            smoothing=self.smoothing,
+        )
+        record: dict[str, Any] = {"damp": getattr(res, "damp", None), "retries": getattr(res, "retries", 0)}
         record["seconds"] = time.perf_counter() - start
         record["tokens"] = stats.solve.tokens if stats.solve is not None else 0
         record.update(self._errors(original, res.weight, stats))
