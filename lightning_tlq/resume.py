@@ -40,7 +40,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_tlq.stage import ModuleResult
+from lightning_tlq.module_stats import ModuleResult
+from lightning_tlq.observers import CalibrationObserver
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ def _flatten(prefix: str, value: Any) -> dict[str, Any]:
     return {prefix: value}
 
 
-class LayerCheckpoint:
+class LayerCheckpoint(CalibrationObserver):
     """Saves the calibration loop's state after every finished layer and restores it on resume.
 
     Args:

@@ -10,7 +10,6 @@ import contextlib
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,95 +17,16 @@ from torch import Tensor, nn
 
 from lightning_tlq.actquant import apply_activation_quant
 from lightning_tlq.config import QuantArgs
-from lightning_tlq.core.hessian import HessianAccumulator, relative_output_error
+from lightning_tlq.core.hessian import relative_output_error
 from lightning_tlq.distributed import Collective, assign_owners
 from lightning_tlq.hostmem import HostStaging
-from lightning_tlq.methods import ModuleStats
+from lightning_tlq.module_stats import ModuleResult, ModuleStatistics, RowSelection, pack_record, unpack_record
 from lightning_tlq.smoothing import LayerSmoothing
 from lightning_tlq.tokenweights import TokenWeights
 
 
-@dataclass
-class ModuleResult:
-    """What the solve produced for one module (integer codes kept for export)."""
-
-    weight: Tensor | None
-    """The fake-quantized weight (dropped once copied into the module)."""
-    codes: Tensor
-    scale: Tensor
-    zero: Tensor
-    record: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class _Rows:
-    """Which rows of one batch's module inputs enter the statistics (device index tensors)."""
-
-    valid: Tensor | None
-    """Flat positions of the real tokens in ``[B * S]``; None: every row."""
-    keep: Tensor | None = None
-    """Methods that select tokens: positions, among the real tokens, of the token set (multiplier > 0); None: all
-    of them."""
-    multiplier: Tensor | None = None
-    """The token-set multipliers of ``keep``."""
-
-    def take(self, t: Tensor) -> Tensor:
-        """The real tokens' rows of ``t [..., F]`` as ``[N, F]``."""
-        flat = t.reshape(-1, t.shape[-1])
-        return flat if self.valid is None else flat.index_select(0, self.valid)
-
-
 class _StopLayer(Exception):
     """Raised from a module hook to end a full-precision forward once the modules of interest have run."""
-
-
-_RECORD_KEYS = ("damp", "retries", "seconds", "tokens", "rel_error", "weighted_rel_error")
-
-
-def _pack_record(record: dict[str, Any]) -> Tensor:
-    """The record as a host tensor (the collective moves it where its backend needs it)."""
-    values = [record.get(k) for k in _RECORD_KEYS]
-    return torch.tensor([float("nan") if v is None else float(v) for v in values], dtype=torch.float64)
-
-
-def _unpack_record(packed: Tensor) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in zip(_RECORD_KEYS, packed.tolist()):
-        out[key] = None if value != value else value  # NaN marks "not measured"
-    out["retries"], out["tokens"] = int(out["retries"]), int(out["tokens"])
-    return out
-
-
-class _Stats:
-    """The Hessians one module needs: ``solve`` for the method (its handler's ``solve_statistic``),
-    ``plain``/``weighted`` for the report, and with ``target = fp`` the cross term ``cross`` (same token weights as
-    ``solve``)."""
-
-    def __init__(
-        self, in_features: int, groups: int, quant: QuantArgs, metrics: bool, weighted: bool, device: Any
-    ) -> None:
-        statistic = quant.handler.solve_statistic
-        self.plain = HessianAccumulator(in_features, device=device) if (metrics or statistic == "plain") else None
-        self.weighted = HessianAccumulator(in_features, groups, device=device) if (metrics and weighted) else None
-        self.solve = {
-            "none": None,
-            "plain": self.plain,
-            "weighted": HessianAccumulator(in_features, groups, device=device) if statistic == "weighted" else None,
-        }[statistic]
-        self.cross = None
-        if quant.target == "fp" and self.solve is not None:
-            self.cross = HessianAccumulator(in_features, self.solve.groups, device=device)
-
-    def accumulators(self) -> list[HessianAccumulator]:
-        unique = {id(a): a for a in (self.plain, self.weighted, self.solve, self.cross) if a is not None}
-        return list(unique.values())
-
-    def for_solve(self) -> ModuleStats:
-        """What the method's solve reads."""
-        solve = self.solve
-        if solve is None:
-            return ModuleStats(None)
-        return ModuleStats(solve.H, solve.tokens, solve.weight_sum, self.cross.H if self.cross is not None else None)
 
 
 class LayerStage:
@@ -171,9 +91,9 @@ class LayerStage:
         self.fp_outputs: list[Tensor] | None = None
         """With ``quant.target = "fp"``: the full-precision layer's outputs for :meth:`run`'s ``fp_inputs``."""
         self._original: dict[str, Tensor] = {}  # target fp: full-precision weights of the modules already solved
-        self._stats: dict[str, _Stats] = {}
+        self._stats: dict[str, ModuleStatistics] = {}
         self._owners: dict[str, int] = {}
-        self._row_cache: dict[int, _Rows] = {}
+        self._row_cache: dict[int, RowSelection] = {}
         self.seconds: dict[str, float] = {}
         self.early_stop = os.environ.get("LIGHTNING_TLQ_EARLY_STOP", "1") != "0"
         """Statistics passes stop the layer's forward once every module of the group has run (the modules after
@@ -243,7 +163,7 @@ class LayerStage:
         has_importance = weights[0].importance is not None
         for name in names:
             module = self.modules[name]
-            self._stats[name] = _Stats(
+            self._stats[name] = ModuleStatistics(
                 module.in_features, self.groups, self.quant, self.metrics, has_importance, module.weight.device
             )
         if all(not self._stats[n].accumulators() for n in names):
@@ -297,7 +217,7 @@ class LayerStage:
             raise RuntimeError(f"Layer {self.index}: {missing} did not run on the full-precision path.")
         return seen
 
-    def _rows(self, b: int, tw: TokenWeights, device: torch.device) -> _Rows:
+    def _rows(self, b: int, tw: TokenWeights, device: torch.device) -> RowSelection:
         """Batch ``b``'s row selection on ``device``, computed once per layer (index tensors: no device waits)."""
         sel = self._row_cache.get(b)
         if sel is not None:
@@ -310,7 +230,7 @@ class LayerStage:
             positions = (m > 0).nonzero().squeeze(1)
             keep, multiplier = positions.to(device), m[positions].to(device, torch.float32)
         valid_idx = valid.nonzero().squeeze(1).to(device) if valid is not None else None
-        sel = self._row_cache[b] = _Rows(valid_idx, keep, multiplier)
+        sel = self._row_cache[b] = RowSelection(valid_idx, keep, multiplier)
         return sel
 
     def _add(self, name: str, x: Tensor, tw: TokenWeights, fp: Tensor | None = None, b: int = 0) -> None:
@@ -371,7 +291,7 @@ class LayerStage:
             res = ModuleResult(
                 *(self.collective.broadcast(t, owner) for t in (res.weight, res.codes, res.scale, res.zero))
             )
-            record = _unpack_record(self.collective.broadcast(_pack_record(record), owner))
+            record = unpack_record(self.collective.broadcast(pack_record(record), owner))
             if self.smoothing is not None:  # computed identically on every rank
                 record.update(self.smoothing.records.get(name, {}))
             if self.quant.target == "fp":
@@ -380,7 +300,7 @@ class LayerStage:
             host = self.staging.to_host
             self.results[name] = ModuleResult(None, host(res.codes), host(res.scale), host(res.zero), record)
 
-    def _solve_one(self, name: str, original: Tensor, stats: _Stats) -> tuple[ModuleResult, dict[str, Any]]:
+    def _solve_one(self, name: str, original: Tensor, stats: ModuleStatistics) -> tuple[ModuleResult, dict[str, Any]]:
         start = time.perf_counter()
         res = self.method.quantize(
             original,
@@ -407,7 +327,7 @@ class LayerStage:
             torch.empty(out_f, groups, dtype=torch.float32, device=weight.device),
         )
 
-    def _errors(self, original: Tensor, quantized: Tensor, stats: _Stats) -> dict[str, float | None]:
+    def _errors(self, original: Tensor, quantized: Tensor, stats: ModuleStatistics) -> dict[str, float | None]:
         out: dict[str, float | None] = {"rel_error": None, "weighted_rel_error": None}
         if stats.plain is not None and self.metrics:
             out["rel_error"] = relative_output_error(original, quantized, stats.plain.H)

@@ -30,7 +30,8 @@ from lightning_tlq.core.importance import postprocess_flat
 from lightning_tlq.core.tokenset import token_uniforms
 from lightning_tlq.distributed import Collective
 from lightning_tlq.importance import enable_activation_grads
-from lightning_tlq.stage import LayerStage, ModuleResult
+from lightning_tlq.module_stats import ModuleResult
+from lightning_tlq.stage import LayerStage
 from lightning_tlq.tokenweights import TokenWeights, select_token_set, stage_scores
 
 __all__ = ["VisionCalibration", "is_vision_key"]

@@ -16,11 +16,11 @@ from lightning_tlq.calibrate import calibrate
 from lightning_tlq.config import ImportanceArgs, MemoryArgs, QuantArgs, TokenSetArgs
 from lightning_tlq.data import encode_sample, make_batches, synthetic_samples
 from lightning_tlq.distributed import assign_owners, shard_batches, shard_range
-from lightning_tlq.importance import TokenImportance
 from lightning_tlq.loop import CalibrationLoop
 from lightning_tlq.models.tiny import build_tiny_vlm
 from lightning_tlq.module import TLQModule
 from lightning_tlq.report import REPORT_NAME
+from lightning_tlq.settings import CalibrationSettings
 
 _DIST_ENV = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK", "RANK")
 
@@ -67,11 +67,11 @@ def _loop_scores(family, layerwise):
     module = TLQModule().attach(model, processor)
     encoded = [encode_sample(processor, s) for s in synthetic_samples(6, seed=3)]
     batches = make_batches(encoded, 3, module.adapter.pad_token_id)
-    fabric = Fabric(accelerator="cpu", devices=1, callbacks=[TokenImportance("fisher")])
-    loop = CalibrationLoop(
-        fabric, module, QuantArgs(method="tlq", group_size=64), ImportanceArgs(), TokenSetArgs(),
-        memory=MemoryArgs(layerwise=layerwise),
-    )  # fmt: skip
+    fabric = Fabric(accelerator="cpu", devices=1)
+    settings = CalibrationSettings(
+        QuantArgs(method="tlq", group_size=64), ImportanceArgs(), TokenSetArgs(), MemoryArgs(layerwise=layerwise)
+    )
+    loop = CalibrationLoop(fabric, module, settings)
     records = loop.run(batches)
     return loop.collector.scores, records, {k: r.codes for k, r in loop.results.items()}
 
