@@ -251,3 +251,15 @@ def test_shard_tags_global_sample_ids_and_needs_a_batch_per_rank():
     assert [[b["sample_id"].tolist() for b in s] for s in shards] == [[[0, 1, 2, 3], [4, 5, 6, 7]], [[8, 9]]]
     with pytest.raises(ValueError, match="yields 3 batch\\(es\\) for 4 processes; .* smaller batch size"):
         _shard(batches, 4, 0)
+
+
+def test_tlq_module_calibrates_with_the_validate_trigger_and_prints_the_summary(tmp_path, capsys):
+    """A TLQModule has a validation_step, so trigger='validate' runs on it; the callback prints the CLI's summary."""
+    module = TLQModule("tiny-llava")
+    tlq = TLQCallback(quant=QuantArgs(bits=BITS, group_size=GROUP), trigger="validate", output_dir=str(tmp_path / "q"))
+    _trainer(tmp_path, tlq, inference_mode=False).validate(module, datamodule=_data())
+    assert len(tlq.records) == module.adapter.num_layers
+    assert _on_grid(module.model.get_decoder().layers[0].self_attn.q_proj.weight)
+    assert json.loads((tmp_path / "q" / "tlq_report.json").read_text())["settings"]["trigger"] == "validate"
+    out = capsys.readouterr().out
+    assert "lightning-tlq: tlq W3A16 g64" in out, out[-2000:]

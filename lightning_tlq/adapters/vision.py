@@ -20,16 +20,15 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from lightning_tlq.adapters.base import (
-    _DROPPED_LAYER_KWARGS,
+from lightning_tlq.adapters.base import VLMAdapter, require_linear
+from lightning_tlq.adapters.capture import (
+    DROPPED_LAYER_KWARGS,
     CapturedInputs,
-    UnsupportedModelError,
-    VLMAdapter,
     _first_tensor,
     _split_layer_call,
     _StopForward,
-    require_linear,
 )
+from lightning_tlq.adapters.registry import UnsupportedModelError
 
 __all__ = ["VisionAdapter", "vision_adapter"]
 
@@ -190,7 +189,7 @@ class VisionAdapter(VLMAdapter):
             hidden, layer_kwargs = _split_layer_call(module, args, kwargs)
             if index == 0:
                 first.append(hidden)
-            records[index] = {k: v for k, v in layer_kwargs.items() if k not in _DROPPED_LAYER_KWARGS}
+            records[index] = {k: v for k, v in layer_kwargs.items() if k not in DROPPED_LAYER_KWARGS}
             if index == count - 1:
                 raise _StopForward
 
