@@ -314,8 +314,8 @@ def test_layerwise_importance_equals_whole_model_backward(calibrated: dict[str, 
     module = TLQModule().attach(build_model(calibrated["family"]), processor=None)
     fabric = Fabric(accelerator="cpu", devices=1)
     quant = QuantArgs(method="rtn", bits=BITS, group_size=GROUP_SIZE)  # importance comes before any solve
-    memory = MemoryArgs(layerwise=False)
-    loop = CalibrationLoop(fabric, module, CalibrationSettings(quant, memory=memory))
+    memory = MemoryArgs(layerwise=False)  # rtn needs no importance: weighted metrics ask for the backward
+    loop = CalibrationLoop(fabric, module, CalibrationSettings(quant, memory=memory, weighted_metrics=True))
     loop.run(calibrated["batches"])
     whole, layered = loop.collector.scores, calibrated["scores"]
     assert sorted(whole) == sorted(layered)

@@ -173,7 +173,9 @@ def test_importance_backward_continues_into_the_tower(family: str) -> None:
         collector.on_importance_end(None)
 
 
-def _vision_loop(family: str, layerwise: bool = True, **quant: object) -> tuple[CalibrationLoop, list, list]:
+def _vision_loop(
+    family: str, layerwise: bool = True, weighted_metrics: bool = False, **quant: object
+) -> tuple[CalibrationLoop, list, list]:
     module = _module(family)
     batches = _batches(module, n=6)
     seen: list = []
@@ -181,7 +183,8 @@ def _vision_loop(family: str, layerwise: bool = True, **quant: object) -> tuple[
     module.adapter.capture = lambda inputs, **kw: seen.append(capture(inputs, **kw)) or seen[-1]
     fabric = Fabric(accelerator="cpu", devices=1)
     args = QuantArgs(**{"method": "tlq", "bits": 4, "group_size": 32, "vision": True, **quant})
-    loop = CalibrationLoop(fabric, module, CalibrationSettings(args, memory=MemoryArgs(layerwise=layerwise)))
+    memory = MemoryArgs(layerwise=layerwise)
+    loop = CalibrationLoop(fabric, module, CalibrationSettings(args, memory=memory, weighted_metrics=weighted_metrics))
     loop.run(batches)
     return loop, batches, seen
 
@@ -189,8 +192,9 @@ def _vision_loop(family: str, layerwise: bool = True, **quant: object) -> tuple[
 @pytest.mark.parametrize("family", FAMILIES)
 def test_layerwise_vision_importance_equals_whole_model_backward(family: str) -> None:
     # layer by layer, the backward reaches the tower through dL/dh_0 at the image positions
-    whole, _, _ = _vision_loop(family, layerwise=False, method="gptq")
-    layered, _, _ = _vision_loop(family, layerwise=True, method="gptq")
+    # gptq needs no importance: weighted metrics ask for the backward
+    whole, _, _ = _vision_loop(family, layerwise=False, weighted_metrics=True, method="gptq")
+    layered, _, _ = _vision_loop(family, layerwise=True, weighted_metrics=True, method="gptq")
     names = set(vision_adapter(whole.adapter).vision_targets())
     assert names <= set(whole.collector.scores) == set(layered.collector.scores)
     for name in names:
