@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from lightning_tlq.actquant import CONFIG_KEY, quantization_config
+from lightning_tlq.actquant import CONFIG_KEY, quantization_record
 from lightning_tlq.adapters.vision import vision_adapter
 from lightning_tlq.config import DataArgs, ImportanceArgs, MemoryArgs, QuantArgs, TokenSetArgs, importance_for
 from lightning_tlq.data import collate
@@ -178,7 +178,7 @@ def _main(
     targets = module.adapter.target_module_names()
     if quant.vision:
         targets = vision_adapter(module.adapter).vision_target_module_names() + targets
-    record = quantization_config(quant, targets)
+    record = quantization_record(quant, targets)
     setattr(module.model.config, CONFIG_KEY, record)  # saved in config.json; see actquant.apply_saved_...
     report = {
         "model": model,

@@ -54,7 +54,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 
-from lightning_tlq.actquant import CONFIG_KEY, quantization_config
+from lightning_tlq.actquant import CONFIG_KEY, quantization_record
 from lightning_tlq.adapters import get_adapter
 from lightning_tlq.adapters.vision import vision_adapter
 from lightning_tlq.config import ImportanceArgs, MemoryArgs, QuantArgs, TokenSetArgs, importance_for
@@ -274,7 +274,7 @@ class TLQCallback(Callback):
         targets = module.adapter.target_module_names()
         if self.quant.vision:
             targets = vision_adapter(module.adapter).vision_target_module_names() + targets
-        setattr(model.config, CONFIG_KEY, quantization_config(self.quant, targets))  # saved with the model
+        setattr(model.config, CONFIG_KEY, quantization_record(self.quant, targets))  # saved with the model
         local = [
             sum(int(b["input_ids"].shape[0]) for b in batches),
             sum(int(b["attention_mask"].sum()) for b in batches),

@@ -37,6 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from lightning_tlq.core.actquant import token_activation_args
 from lightning_tlq.core.pack import pack_int32, to_signed, to_unsigned, unpack_int32
 from lightning_tlq.core.quantizer import QuantSpec, dequantize
 from lightning_tlq.report import REPORT_NAME, atomic_output_dir
@@ -242,6 +243,12 @@ def quantization_config(
 ) -> dict[str, Any]:
     """The ``quantization_config`` entry of ``config.json`` for a compressed-tensors checkpoint.
 
+    Its fields are those llm-compressor 0.14 (compressed-tensors 0.19) writes for the same scheme, checked against
+    the reference in ``tests/fixtures/export_reference`` (``tests/test_export_reference.py``): the format both at the
+    top and in the config group, weight and activation arguments from :meth:`QuantSpec.compressed_tensors_args` and
+    :func:`~lightning_tlq.core.actquant.token_activation_args`; observer settings and the writer's version are left
+    out (they say how scales were found, not how to read them).
+
     Args:
         spec: the weight grid (bits, group size, symmetry).
         act_bits: None/16 for weight-only, 8 for dynamic symmetric per-token int8 activations.
@@ -249,34 +256,22 @@ def quantization_config(
         ignore: Linear module names kept in full precision.
     """
     fmt = export_format(spec, act_bits)
-    channel = spec.group_size == -1
-    weights = {
-        "num_bits": spec.bits,
-        "type": "int",
-        "symmetric": spec.symmetric,
-        "strategy": "channel" if channel else "group",
-        "group_size": None if channel else spec.group_size,
-        "dynamic": False,
-        "actorder": "static" if act_order else None,
-    }
-    activations = None
-    if act_bits == 8:
-        activations = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
     return {
-        "quant_method": "compressed-tensors",
-        "format": fmt,
-        "quantization_status": "compressed",
-        "global_compression_ratio": None,
-        "kv_cache_scheme": None,
-        "ignore": list(ignore),
         "config_groups": {
             "group_0": {
-                "targets": ["Linear"],
-                "weights": weights,
-                "input_activations": activations,
+                "format": fmt,
+                "input_activations": token_activation_args(act_bits) if act_bits == 8 else None,
                 "output_activations": None,
+                "targets": ["Linear"],
+                "weights": spec.compressed_tensors_args(act_order=act_order),
             }
         },
+        "format": fmt,
+        "global_compression_ratio": None,
+        "ignore": list(ignore),
+        "kv_cache_scheme": None,
+        "quant_method": "compressed-tensors",
+        "quantization_status": "compressed",
     }
 
 
