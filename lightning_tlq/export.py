@@ -27,7 +27,7 @@ import json
 import logging
 import re
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lightning_tlq.core.actquant import token_activation_args
-from lightning_tlq.core.pack import pack_int32, to_signed, to_unsigned, unpack_int32
+from lightning_tlq.core.pack import pack_int32, packed_length, to_signed, to_unsigned, unpack_int32
 from lightning_tlq.core.quantizer import QuantSpec, dequantize
 from lightning_tlq.report import REPORT_NAME, atomic_output_dir
 
@@ -49,9 +49,13 @@ __all__ = [
     "PORTABLE_PACK_BITS",
     "QPARAMS_NAME",
     "ExportError",
+    "ExportPlan",
     "QParams",
     "export",
     "export_format",
+    "export_plan",
+    "ignore_list",
+    "packed_layout",
     "quantization_config",
     "read_qparams",
     "save_qparams",
@@ -92,30 +96,17 @@ def save_qparams(directory: str | Path, model: nn.Module, adapter: Any, results:
         The path of ``tlq_qparams.safetensors``.
     """
     spec: QuantSpec = quant.spec
-    linear = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    qualified = {id(m): name for name, m in model.named_modules()}
-    vision = adapter.vision_targets() if any(not k.split(".", 1)[0].isdigit() for k in results) else {}
+    plan = export_plan(model, adapter, results)
     tensors: dict[str, Tensor] = {}
     modules: dict[str, dict[str, Any]] = {}
     for key, res in results.items():
-        index, rel = key.split(".", 1)
-        if key in vision:  # "vision.<i>.<module>" / "projector.<module>"
-            name = qualified[id(vision[key])]
-        else:
-            name = f"{adapter.layer_name(int(index))}.{rel}"
-        if name not in linear:
-            raise ExportError(f"Quantized module {name} is not an nn.Linear of the model; cannot record its codes.")
+        name = plan.names[key]
         codes = to_unsigned(res.codes, spec.bits) if spec.symmetric else res.codes.to(torch.int32)
         tensors[f"{name}.codes"] = pack_int32(codes.cpu(), spec.bits)
         tensors[f"{name}.scale"] = res.scale.detach().float().cpu().contiguous()
         if not spec.symmetric:
             tensors[f"{name}.zero"] = res.zero.detach().float().cpu().contiguous()
-        modules[name] = {"shape": list(res.codes.shape)}
-    if not modules:
-        raise ExportError("The calibration produced no quantized module; nothing to record.")
-    checkpoint = _checkpoint_prefixes(model, sorted(linear))
-    for name, info in modules.items():
-        info["checkpoint"] = checkpoint[name]
+        modules[name] = {"shape": list(res.codes.shape), "checkpoint": plan.quantized[name]}
     act_bits = quant.act_bits
     metadata = {
         "format": _QPARAMS_FORMAT,
@@ -126,12 +117,81 @@ def save_qparams(directory: str | Path, model: nn.Module, adapter: Any, results:
         "act_order": json.dumps(bool(quant.act_order) and quant.uses_gptq),
         "act_bits": json.dumps(act_bits),
         "modules": json.dumps(modules),
-        "unquantized": json.dumps({n: checkpoint[n] for n in sorted(linear - modules.keys())}),
+        "unquantized": json.dumps(plan.unquantized),
         "ignore_prefixes": json.dumps(list(adapter.ignore_prefixes)),
     }
     path = Path(directory) / QPARAMS_NAME
     save_file(tensors, str(path), metadata=metadata)
     return path
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    """Which Linear modules a calibration quantizes and under which names the export writes them."""
+
+    names: dict[str, str]
+    """Calibration result key (``"<layer>.<module>"``, ``"vision.<i>.<module>"``, ``"projector.<module>"``) ->
+    qualified module name."""
+    quantized: dict[str, str]
+    """Quantized module name -> its prefix in the weight files (``<prefix>.weight_packed``, ...)."""
+    unquantized: dict[str, str]
+    """Every other Linear (kept in full precision, listed in ``ignore``): module name -> checkpoint prefix."""
+
+    @property
+    def ignore(self) -> list[str]:
+        """The ``ignore`` list of ``quantization_config`` (:func:`ignore_list`)."""
+        return ignore_list(self.unquantized)
+
+
+def export_plan(model: nn.Module, adapter: Any, keys: Iterable[str]) -> ExportPlan:
+    """Resolve the calibration's result keys to module and checkpoint names; works on the ``meta`` device, so a
+    recipe's export can be checked without weights.
+
+    Raises:
+        ExportError: if a key names no ``nn.Linear`` of the model, or there is no key.
+    """
+    keys = list(keys)
+    if not keys:
+        raise ExportError("The calibration produced no quantized module; nothing to record.")
+    linear = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    qualified = {id(m): name for name, m in model.named_modules()}
+    vision = adapter.vision_targets() if any(not k.split(".", 1)[0].isdigit() for k in keys) else {}
+    layers = {id(layer): i for i, layer in enumerate(adapter.decoder_layers())}
+    layer_names = {layers[id(m)]: name for name, m in model.named_modules() if id(m) in layers}
+    names = {}
+    for key in keys:
+        index, rel = key.split(".", 1)
+        if key in vision:  # "vision.<i>.<module>" / "projector.<module>"
+            name = qualified[id(vision[key])]
+        else:
+            name = f"{layer_names[int(index)]}.{rel}"
+        if name not in linear:
+            raise ExportError(f"Quantized module {name} is not an nn.Linear of the model; cannot record its codes.")
+        names[key] = name
+    checkpoint = _checkpoint_prefixes(model, sorted(linear))
+    quantized = {n: checkpoint[n] for n in names.values()}
+    return ExportPlan(names, quantized, {n: checkpoint[n] for n in sorted(linear - quantized.keys())})
+
+
+def packed_layout(
+    shape: Sequence[int], spec: QuantSpec, fmt: str, dtype: torch.dtype
+) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """The tensors the export writes for one quantized Linear of weight ``shape`` ``[out, in]`` in ``dtype``:
+    suffix (``weight_packed``, ``weight_scale``, ...) -> (dtype, shape). :func:`write_packed` checks every module it
+    writes against it."""
+    out_features, in_features = shape
+    groups = spec.n_groups(in_features)
+    layout = {"weight_scale": (dtype, (out_features, groups))}
+    if fmt == PACK_QUANTIZED:
+        layout["weight_packed"] = (torch.int32, (out_features, packed_length(in_features, spec.bits)))
+        layout["weight_shape"] = (torch.int64, (2,))
+        if not spec.symmetric:
+            layout["weight_zero_point"] = (torch.int32, (packed_length(out_features, spec.bits), groups))
+    else:
+        layout["weight"] = (torch.int8, (out_features, in_features))
+        if not spec.symmetric:
+            layout["weight_zero_point"] = (torch.int8, (out_features, groups))
+    return layout
 
 
 def _checkpoint_prefixes(model: nn.Module, names: Sequence[str]) -> dict[str, str]:
@@ -141,12 +201,18 @@ def _checkpoint_prefixes(model: nn.Module, names: Sequence[str]) -> dict[str, st
         from transformers.core_model_loading import revert_weight_conversion
     except ImportError:  # no renaming machinery: names are saved as they are
         return {n: n for n in names}
+    weights = {f"{name}.weight": model.get_submodule(name).weight for name in names}
+    owner = {id(w): key[: -len(".weight")] for key, w in weights.items()}
     out = {}
-    for name in names:
-        weight = model.get_submodule(name).weight
-        reverted = list(revert_weight_conversion(model, {f"{name}.weight": weight}))
-        ok = len(reverted) == 1 and reverted[0].endswith(".weight")
-        out[name] = reverted[0][: -len(".weight")] if ok else name
+    for key, tensor in revert_weight_conversion(model, weights).items():  # one pass: plain renamings keep tensors
+        name = owner.get(id(tensor))
+        if name is not None and key.endswith(".weight") and name not in out:
+            out[name] = key[: -len(".weight")]
+    for name in names:  # a weight a converter replaced (or a tied one): alone, as save_pretrained would see it
+        if name not in out:
+            reverted = list(revert_weight_conversion(model, {f"{name}.weight": weights[f"{name}.weight"]}))
+            ok = len(reverted) == 1 and reverted[0].endswith(".weight")
+            out[name] = reverted[0][: -len(".weight")] if ok else name
     return out
 
 
@@ -275,9 +341,11 @@ def quantization_config(
     }
 
 
-def _ignore_list(qp: QParams) -> list[str]:
-    names = set(qp.unquantized) | set(qp.unquantized.values())
-    return sorted(names)
+def ignore_list(unquantized: Mapping[str, str]) -> list[str]:
+    """The ``ignore`` list of ``quantization_config`` for the full-precision Linear modules ``unquantized`` (module
+    name -> checkpoint prefix): both names of each, sorted. llm-compressor writes checkpoint names only; transformers
+    matches ``ignore`` against module names, so without them it would quantize the vision tower on load."""
+    return sorted(set(unquantized) | set(unquantized.values()))
 
 
 # ----------------------------------------------------------------------------------------------------- export
@@ -363,6 +431,10 @@ def write_packed(
                     found.add(name)
                     prefix = key[: -len(".weight")]
                     packed, changed = _pack_module(qp, qf, name, tensor, fmt)
+                    layout = packed_layout(tensor.shape, qp.spec, fmt, tensor.dtype)
+                    got = {k: (t.dtype, tuple(t.shape)) for k, t in packed.items()}
+                    if got != layout:  # the documented layout is what is written
+                        raise ExportError(f"{name}: internal error, wrote {got}, the layout is {layout}.")
                     for suffix, t in packed.items():
                         writer.add(f"{prefix}.{suffix}", t)
                     moved += changed
@@ -384,7 +456,7 @@ def write_packed(
             dtype,
         )
     config["quantization_config"] = quantization_config(
-        qp.spec, act_bits=act_bits, act_order=qp.act_order, ignore=_ignore_list(qp)
+        qp.spec, act_bits=act_bits, act_order=qp.act_order, ignore=ignore_list(qp.unquantized)
     )
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     _copy_side_files(src, dst)
