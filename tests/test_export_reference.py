@@ -14,6 +14,10 @@ saves ``language_model.lm_head.weight``); both load into the same module. Delibe
   shows it on the fixture's names). The sets are equal once mapped to module names.
 * the order of ``ignore`` (ours sorted, llm-compressor's in module order) is not compared.
 * llm-compressor's ``observer`` settings and ``version`` are not written (how scales were found, not the format).
+
+The reference uses round to nearest (``QuantizationModifier``), so ``actorder`` is null on both sides; after GPTQ or
+TLQ with act-order ours declares ``actorder: static``, which is also llm-compressor's ``GPTQModifier`` default
+(static groups, no ``g_idx`` tensor; ``tests/test_export.py`` checks ours).
 """
 
 import json
