@@ -13,6 +13,7 @@ Without ``DataArgs.dataset``, ``data.split`` still means the built-in task's spl
 """
 
 import dataclasses
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -192,6 +193,11 @@ def test_recipe_fits_the_real_checkpoint_and_its_export_plan(stem, metas):
     assert config["format"] == fmt
     assert config["config_groups"]["group_0"]["weights"]["actorder"] == "static"
     json.dumps(config)  # what config.json receives
+    if importlib.util.find_spec("compressed_tensors") is not None:  # the test extra: the reader validates it
+        from compressed_tensors.quantization import QuantizationConfig
+
+        parsed = QuantizationConfig.model_validate(config)
+        assert parsed.config_groups["group_0"].weights.group_size == quant.group_size
 
 
 # the published dimensions (tests/fixtures/configs/README.md): text model, then vision tower
