@@ -11,7 +11,7 @@ model::
     handle.remove()
 
 Checkpoints keep fake-quantized weights (on the integer grid, in the model dtype); what the inference path must
-add is described by :func:`quantization_config`, stored under :data:`CONFIG_KEY` in ``config.json``.
+add is described by :func:`quantization_record`, stored under :data:`CONFIG_KEY` in ``config.json``.
 """
 
 from __future__ import annotations
@@ -23,14 +23,14 @@ from typing import Any
 from torch import nn
 
 from lightning_tlq.config import QuantArgs
-from lightning_tlq.core.actquant import check_act_bits, fake_quantize_per_token
+from lightning_tlq.core.actquant import check_act_bits, fake_quantize_per_token, token_activation_args
 
 __all__ = [
     "CONFIG_KEY",
     "ActivationQuantHandle",
     "apply_activation_quant",
     "apply_saved_activation_quant",
-    "quantization_config",
+    "quantization_record",
 ]
 
 CONFIG_KEY = "tlq_quantization"
@@ -129,30 +129,21 @@ def apply_activation_quant(
     return handle
 
 
-def quantization_config(quant: QuantArgs, targets: Sequence[str]) -> dict[str, Any]:
+def quantization_record(quant: QuantArgs, targets: Sequence[str]) -> dict[str, Any]:
     """The record saved under :data:`CONFIG_KEY`: what the checkpoint's weights are and what inference must add.
 
-    Field names follow compressed-tensors' ``QuantizationArgs`` so that exporters can translate it directly.
+    ``weights`` and ``input_activations`` are compressed-tensors ``QuantizationArgs`` fields, encoded in one place
+    for this record and the export (:meth:`QuantSpec.compressed_tensors_args`,
+    :func:`~lightning_tlq.core.actquant.token_activation_args`); ``input_activations`` adds the ``scale`` rule.
 
     Args:
         quant: The settings the model was calibrated with.
         targets: Qualified names of every quantized Linear.
     """
-    weights = {
-        "num_bits": quant.bits,
-        "type": "int",
-        "symmetric": quant.symmetric,
-        "strategy": "channel" if quant.group_size == -1 else "group",
-        "group_size": None if quant.group_size == -1 else quant.group_size,
-    }
     activations = None
     if quant.act_bits is not None:
         activations = {
-            "num_bits": quant.act_bits,
-            "type": "int",
-            "symmetric": True,
-            "strategy": "token",
-            "dynamic": True,
+            **token_activation_args(quant.act_bits),
             "scale": f"absmax / {(2**quant.act_bits - 1) / 2}",
         }
     return {
@@ -160,7 +151,7 @@ def quantization_config(quant: QuantArgs, targets: Sequence[str]) -> dict[str, A
         "producer": "lightning_tlq",
         "format": "fake_quant",  # weights stored dequantized, on the integer grid, in the model dtype
         "method": quant.method,
-        "weights": weights,
+        "weights": quant.spec.compressed_tensors_args(),
         "input_activations": activations,
         "vision": quant.vision,
         "targets": list(targets),

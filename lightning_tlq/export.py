@@ -15,10 +15,11 @@ Formats (the layouts compressed-tensors infers for these schemes, so transformer
   ``weight_scale`` and (asymmetric) an int8 ``weight_zero_point`` ``[out, in/g]``; activations are declared as
   dynamic symmetric per-token int8.
 
-``config.json`` gets a ``quantization_config`` (``quant_method: compressed-tensors``, ``quantization_status:
-compressed``) with one group targeting ``Linear`` and an ``ignore`` list naming every Linear left in full
-precision (vision tower, projector, LM head), both under the model's module names and, where transformers saves
-legacy names, under the checkpoint names.
+What is written (format, ``quantization_config``, names and tensor layout) is decided in
+:mod:`lightning_tlq.ctformat`, without weights. ``config.json`` gets a ``quantization_config``
+(``quant_method: compressed-tensors``, ``quantization_status: compressed``) with one group targeting ``Linear``
+and an ``ignore`` list naming every Linear left in full precision (vision tower, projector, LM head), both under
+the model's module names and, where transformers saves legacy names, under the checkpoint names.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import json
 import logging
 import re
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,17 @@ from torch import Tensor, nn
 
 from lightning_tlq.core.pack import pack_int32, to_signed, to_unsigned, unpack_int32
 from lightning_tlq.core.quantizer import QuantSpec, dequantize
+from lightning_tlq.ctformat import (
+    PACK_QUANTIZED,
+    PORTABLE_PACK_BITS,
+    ExportError,
+    ExportPlan,
+    export_format,
+    export_plan,
+    ignore_list,
+    packed_layout,
+    quantization_config,
+)
 from lightning_tlq.report import REPORT_NAME, atomic_output_dir
 
 log = logging.getLogger(__name__)
@@ -48,9 +60,13 @@ __all__ = [
     "PORTABLE_PACK_BITS",
     "QPARAMS_NAME",
     "ExportError",
+    "ExportPlan",
     "QParams",
     "export",
     "export_format",
+    "export_plan",
+    "ignore_list",
+    "packed_layout",
     "quantization_config",
     "read_qparams",
     "save_qparams",
@@ -59,20 +75,10 @@ __all__ = [
 
 QPARAMS_NAME = "tlq_qparams.safetensors"
 PACKED_DIRNAME = "packed"
-PACK_QUANTIZED = "pack-quantized"
-INT_QUANTIZED = "int-quantized"
-PORTABLE_PACK_BITS = (2, 4, 8)
-"""Bit widths whose ``pack-quantized`` layout is the same in every compressed-tensors release: before 0.20 each
-int32 word held ``32 // b`` codes (wasting bits for 3, 5, 6, 7), since 0.20 codes are packed densely across words.
-Only widths dividing 32 agree; vLLM's kernels read 4 and 8."""
 _QPARAMS_FORMAT = "lightning-tlq-qparams"
 _QPARAMS_VERSION = "1"
 _SAFE_INDEX = "model.safetensors.index.json"
 _SKIP_FILES = {QPARAMS_NAME, _SAFE_INDEX}
-
-
-class ExportError(ValueError):
-    """The input cannot be exported as asked; the message says why and what to do."""
 
 
 # ---------------------------------------------------------------------------------------------------- qparams
@@ -91,30 +97,17 @@ def save_qparams(directory: str | Path, model: nn.Module, adapter: Any, results:
         The path of ``tlq_qparams.safetensors``.
     """
     spec: QuantSpec = quant.spec
-    linear = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    qualified = {id(m): name for name, m in model.named_modules()}
-    vision = adapter.vision_targets() if any(not k.split(".", 1)[0].isdigit() for k in results) else {}
+    plan = export_plan(model, adapter, results)
     tensors: dict[str, Tensor] = {}
     modules: dict[str, dict[str, Any]] = {}
     for key, res in results.items():
-        index, rel = key.split(".", 1)
-        if key in vision:  # "vision.<i>.<module>" / "projector.<module>"
-            name = qualified[id(vision[key])]
-        else:
-            name = f"{adapter.layer_name(int(index))}.{rel}"
-        if name not in linear:
-            raise ExportError(f"Quantized module {name} is not an nn.Linear of the model; cannot record its codes.")
+        name = plan.names[key]
         codes = to_unsigned(res.codes, spec.bits) if spec.symmetric else res.codes.to(torch.int32)
         tensors[f"{name}.codes"] = pack_int32(codes.cpu(), spec.bits)
         tensors[f"{name}.scale"] = res.scale.detach().float().cpu().contiguous()
         if not spec.symmetric:
             tensors[f"{name}.zero"] = res.zero.detach().float().cpu().contiguous()
-        modules[name] = {"shape": list(res.codes.shape)}
-    if not modules:
-        raise ExportError("The calibration produced no quantized module; nothing to record.")
-    checkpoint = _checkpoint_prefixes(model, sorted(linear))
-    for name, info in modules.items():
-        info["checkpoint"] = checkpoint[name]
+        modules[name] = {"shape": list(res.codes.shape), "checkpoint": plan.quantized[name]}
     act_bits = quant.act_bits
     metadata = {
         "format": _QPARAMS_FORMAT,
@@ -125,28 +118,12 @@ def save_qparams(directory: str | Path, model: nn.Module, adapter: Any, results:
         "act_order": json.dumps(bool(quant.act_order) and quant.handler.uses_act_order),
         "act_bits": json.dumps(act_bits),
         "modules": json.dumps(modules),
-        "unquantized": json.dumps({n: checkpoint[n] for n in sorted(linear - modules.keys())}),
+        "unquantized": json.dumps(plan.unquantized),
         "ignore_prefixes": json.dumps(list(adapter.ignore_prefixes)),
     }
     path = Path(directory) / QPARAMS_NAME
     save_file(tensors, str(path), metadata=metadata)
     return path
-
-
-def _checkpoint_prefixes(model: nn.Module, names: Sequence[str]) -> dict[str, str]:
-    """Module name -> the prefix its weight has in ``save_pretrained``'s files (transformers 5 may save legacy
-    names, e.g. ``language_model.model.layers.0...`` for the module ``model.language_model.layers.0...``)."""
-    try:
-        from transformers.core_model_loading import revert_weight_conversion
-    except ImportError:  # no renaming machinery: names are saved as they are
-        return {n: n for n in names}
-    out = {}
-    for name in names:
-        weight = model.get_submodule(name).weight
-        reverted = list(revert_weight_conversion(model, {f"{name}.weight": weight}))
-        ok = len(reverted) == 1 and reverted[0].endswith(".weight")
-        out[name] = reverted[0][: -len(".weight")] if ok else name
-    return out
 
 
 @dataclass(frozen=True)
@@ -211,78 +188,6 @@ def read_qparams(directory: str | Path) -> QParams:
         )
     except (KeyError, ValueError, TypeError) as err:
         raise ExportError(f"{path} has broken metadata ({err}); re-run `lightning-tlq calibrate`.") from err
-
-
-# ----------------------------------------------------------------------------------------------------- config
-def export_format(spec: QuantSpec, act_bits: int | None) -> str:
-    """The compressed-tensors format for these settings, after checking that it can hold them.
-
-    Raises:
-        ExportError: for activation bits other than None/16/8, or weight bits ``pack-quantized`` cannot store.
-    """
-    if act_bits not in (None, 8, 16):
-        raise ExportError(
-            f"act_bits={act_bits!r} is not supported: use 8 (dynamic per-token int8 activations) or None/16 "
-            "(weight-only)."
-        )
-    if act_bits == 8:
-        return INT_QUANTIZED  # one int8 per code; any 2..8-bit width fits
-    if spec.bits not in PORTABLE_PACK_BITS:
-        raise ExportError(
-            f"{spec.bits}-bit codes cannot be exported as {PACK_QUANTIZED}: compressed-tensors before 0.20 packed "
-            f"32 // {spec.bits} = {32 // spec.bits} codes per int32 word, 0.20 packs them densely across words, so a "
-            f"{spec.bits}-bit file means different things to different readers, and vLLM's kernels read only 4 and "
-            f"8 bits. Re-calibrate with --quant.bits 4 (or 8, 2), or serve the fake-quantized directory as it is."
-        )
-    return PACK_QUANTIZED
-
-
-def quantization_config(
-    spec: QuantSpec, *, act_bits: int | None = None, act_order: bool = False, ignore: Sequence[str] = ()
-) -> dict[str, Any]:
-    """The ``quantization_config`` entry of ``config.json`` for a compressed-tensors checkpoint.
-
-    Args:
-        spec: the weight grid (bits, group size, symmetry).
-        act_bits: None/16 for weight-only, 8 for dynamic symmetric per-token int8 activations.
-        act_order: GPTQ ran with act-order; declared as ``actorder: static`` (static groups, no ``g_idx``).
-        ignore: Linear module names kept in full precision.
-    """
-    fmt = export_format(spec, act_bits)
-    channel = spec.group_size == -1
-    weights = {
-        "num_bits": spec.bits,
-        "type": "int",
-        "symmetric": spec.symmetric,
-        "strategy": "channel" if channel else "group",
-        "group_size": None if channel else spec.group_size,
-        "dynamic": False,
-        "actorder": "static" if act_order else None,
-    }
-    activations = None
-    if act_bits == 8:
-        activations = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
-    return {
-        "quant_method": "compressed-tensors",
-        "format": fmt,
-        "quantization_status": "compressed",
-        "global_compression_ratio": None,
-        "kv_cache_scheme": None,
-        "ignore": list(ignore),
-        "config_groups": {
-            "group_0": {
-                "targets": ["Linear"],
-                "weights": weights,
-                "input_activations": activations,
-                "output_activations": None,
-            }
-        },
-    }
-
-
-def _ignore_list(qp: QParams) -> list[str]:
-    names = set(qp.unquantized) | set(qp.unquantized.values())
-    return sorted(names)
 
 
 # ----------------------------------------------------------------------------------------------------- export
@@ -368,6 +273,10 @@ def write_packed(
                     found.add(name)
                     prefix = key[: -len(".weight")]
                     packed, changed = _pack_module(qp, qf, name, tensor, fmt)
+                    layout = packed_layout(tensor.shape, qp.spec, fmt, tensor.dtype)
+                    got = {k: (t.dtype, tuple(t.shape)) for k, t in packed.items()}
+                    if got != layout:  # the documented layout is what is written
+                        raise ExportError(f"{name}: internal error, wrote {got}, the layout is {layout}.")
                     for suffix, t in packed.items():
                         writer.add(f"{prefix}.{suffix}", t)
                     moved += changed
@@ -389,7 +298,7 @@ def write_packed(
             dtype,
         )
     config["quantization_config"] = quantization_config(
-        qp.spec, act_bits=act_bits, act_order=qp.act_order, ignore=_ignore_list(qp)
+        qp.spec, act_bits=act_bits, act_order=qp.act_order, ignore=ignore_list(qp.unquantized)
     )
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     _copy_side_files(src, dst)

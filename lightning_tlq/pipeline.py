@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_tlq.actquant import CONFIG_KEY, quantization_config
+from lightning_tlq.actquant import CONFIG_KEY, quantization_record
 from lightning_tlq.adapters.vision import vision_adapter
 from lightning_tlq.distributed import Collective
 from lightning_tlq.export import PACKED_DIRNAME, save_qparams, write_packed
@@ -87,7 +87,7 @@ class Calibration:
         targets = module.adapter.target_module_names()
         if quant.vision:
             targets = vision_adapter(module.adapter).vision_target_module_names() + targets
-        record = quantization_config(quant, targets)
+        record = quantization_record(quant, targets)
         setattr(model.config, CONFIG_KEY, record)  # saved in config.json; see actquant.apply_saved_activation_quant
         self.report = self._report(fabric, loop, batches, model_name, record, extra_settings or {})
         if self.output_dir is not None and fabric.is_global_zero:

@@ -10,7 +10,7 @@ from lightning_tlq.actquant import (
     CONFIG_KEY,
     apply_activation_quant,
     apply_saved_activation_quant,
-    quantization_config,
+    quantization_record,
     saved_quantization_config,
 )
 from lightning_tlq.config import QuantArgs
@@ -216,9 +216,10 @@ def test_w4a8_hessian_uses_quantized_inputs() -> None:
 def test_quantization_config_round_trip_through_model_config() -> None:
     block = _Block()
     block.config = type("Cfg", (), {})()
-    record = quantization_config(QuantArgs(bits=4, group_size=16, act_bits=8), ["q_proj", "down_proj"])
+    record = quantization_record(QuantArgs(bits=4, group_size=16, act_bits=8), ["q_proj", "down_proj"])
     assert record["input_activations"] == {
-        "num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True,
+        "num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "strategy": "token",
+        "block_structure": None, "dynamic": True, "actorder": None, "scale_dtype": None, "zp_dtype": None,
         "scale": "absmax / 127.5",
     }  # fmt: skip
     assert record["weights"]["group_size"] == 16
@@ -228,7 +229,7 @@ def test_quantization_config_round_trip_through_model_config() -> None:
     handle = apply_saved_activation_quant(block)
     assert {id(m) for m in handle.modules} == {id(block.q_proj), id(block.down_proj)}
     handle.remove()
-    setattr(block.config, CONFIG_KEY, quantization_config(QuantArgs(), ["q_proj"]))
+    setattr(block.config, CONFIG_KEY, quantization_record(QuantArgs(), ["q_proj"]))
     assert apply_saved_activation_quant(block).modules == []  # weight-only
     setattr(block.config, CONFIG_KEY, {**record, "targets": ["missing"]})
     with pytest.raises(ValueError, match="no module 'missing'"):

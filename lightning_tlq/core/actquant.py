@@ -35,6 +35,23 @@ def check_act_bits(bits: int) -> int:
     return bits
 
 
+def token_activation_args(bits: int) -> dict[str, object]:
+    """Dynamic symmetric per-token activations as compressed-tensors ``QuantizationArgs`` fields (the
+    ``input_activations`` entry of a config group); the one place that encodes them for ``config.json``."""
+    return {
+        "num_bits": check_act_bits(bits),
+        "type": "int",
+        "symmetric": True,
+        "group_size": None,
+        "strategy": "token",
+        "block_structure": None,
+        "dynamic": True,
+        "actorder": None,
+        "scale_dtype": None,
+        "zp_dtype": None,
+    }
+
+
 def act_range(bits: int) -> tuple[int, int]:
     """Signed code range ``(qmin, qmax)`` of ``bits``-bit activations."""
     check_act_bits(bits)

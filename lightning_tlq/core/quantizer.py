@@ -77,6 +77,31 @@ class QuantSpec:
         """Integer dtype used for codes: ``int8`` if symmetric, ``int32`` otherwise."""
         return torch.int8 if self.symmetric else torch.int32
 
+    def compressed_tensors_args(self, *, act_order: bool = False) -> dict[str, object]:
+        """This grid as compressed-tensors ``QuantizationArgs`` fields: the ``weights`` entry of a config group.
+
+        The one place that encodes a weight grid for ``config.json`` (the compressed-tensors export and the
+        ``tlq_quantization`` record of calibrated directories both use it). Fields and their order are those
+        llm-compressor 0.14 / compressed-tensors 0.19 write, without the observer settings (how scales were found,
+        not how to read them).
+
+        Args:
+            act_order: GPTQ ran with act-order; declared as ``actorder: static`` (static groups, so no ``g_idx``).
+        """
+        channel = self.group_size == -1
+        return {
+            "num_bits": self.bits,
+            "type": "int",
+            "symmetric": self.symmetric,
+            "group_size": None if channel else self.group_size,
+            "strategy": "channel" if channel else "group",
+            "block_structure": None,
+            "dynamic": False,
+            "actorder": "static" if act_order else None,
+            "scale_dtype": None,  # the model dtype
+            "zp_dtype": None if self.symmetric else "torch.int8",  # signed, as compressed-tensors keeps them
+        }
+
     def group_len(self, in_features: int) -> int:
         """Return the number of columns per group for a layer with ``in_features`` inputs."""
         return in_features if self.group_size == -1 else self.group_size
