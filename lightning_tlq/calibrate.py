@@ -62,6 +62,8 @@ def calibrate(
     seed: int = 0,
     quiet: bool = False,
     export: bool = False,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Calibrate a VLM's language model (with ``quant.vision`` also its vision tower) with TLQ and save it.
 
@@ -71,8 +73,8 @@ def calibrate(
     :func:`lightning_tlq.actquant.apply_saved_activation_quant` applied.
 
     Args:
-        model: a local Hugging Face model directory, the embedded trained ``scenes-llava`` (default), or a built-in
-            random tiny model: ``tiny-llava``, ``tiny-qwen2_vl``.
+        model: the embedded trained ``scenes-llava`` (default), a built-in random tiny model (``tiny-llava``,
+            ``tiny-qwen2_vl``), a local Hugging Face model directory or a hub id (through the Hugging Face cache).
         data: calibration data (default: the calibration split of the task the model was trained on; the scenes
             task for ``scenes-llava``, the synthetic shapes set for the tiny models).
         quant: quantization settings, incl. ``method``.
@@ -95,6 +97,8 @@ def calibrate(
         quiet: no progress bars and no summary.
         export: also write the compressed-tensors checkpoint (what ``lightning-tlq export`` writes) to
             ``output_dir/packed``, in the same atomic step.
+        revision: branch, tag or commit of a hub id (default ``main``).
+        trust_remote_code: run the model repository's own code (``from_pretrained``'s flag).
 
     Returns:
         The report (also written to ``output_dir/tlq_report.json``).
@@ -107,12 +111,14 @@ def calibrate(
     if checkpoint:
         prepare_partial_dir(output_dir, resume=resume, overwrite=overwrite)
         settings = _settings(model, data, quant, importance, token_set, dtype, metrics, seed)
+        settings.update(revision=revision, trust_remote_code=trust_remote_code)
         callbacks.append(LayerCheckpoint(partial_dir(output_dir), settings, resume=resume))
     fabric = build_fabric(accelerator, devices, num_nodes, strategy, loggers, callbacks)
     args = (model, data, quant, importance, token_set, memory, output_dir, overwrite, dtype, metrics, seed, quiet)
+    kwargs = {"export": export, "revision": revision, "trust_remote_code": trust_remote_code}
     if os.environ.get("LT_CLI_USED"):  # under `fabric run` the processes already exist
-        return _main(fabric, *args, export=export)
-    return fabric.launch(_main, *args, export=export)
+        return _main(fabric, *args, **kwargs)
+    return fabric.launch(_main, *args, **kwargs)
 
 
 def build_fabric(
@@ -144,19 +150,22 @@ def _main(
     seed: int,
     quiet: bool,
     export: bool = False,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     start = time.perf_counter()
     fabric.seed_everything(seed, verbose=False)
     _cap_gpu_memory(fabric.device, memory.max_gpu_memory_gib)
     # Fail fast: structure (meta device, no weights), then data, before the weights are loaded.
-    structure = model_on_meta(model)
+    source = (model, revision, trust_remote_code)  # a hub id: config and processor files now, weights at load
+    structure = model_on_meta(*source)
     check_quantizable(structure, quant)
     limit = resolve_max_length(data.max_length, model_max_length(structure))
     samples = load_samples(data, model_task(structure.config))
     shard = shard_batches(len(samples), data.batch_size, fabric.world_size, fabric.global_rank)
     # Every rank validates every sample: a bad one then fails all ranks alike instead of leaving the others waiting.
-    encoded = encode_samples(load_processor_for(model), samples, limit)
-    module = TLQModule(model, dtype=dtype)
+    encoded = encode_samples(load_processor_for(*source), samples, limit)
+    module = TLQModule(model, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code)
     module.configure_model()
     check_finite_weights(module.model)
     batches = []  # global batches, whole batches per rank: identical batches for any number of ranks
@@ -190,6 +199,8 @@ def _main(
             "data": asdict(data),
             "memory": asdict(memory),
             "dtype": dtype,
+            "revision": revision,
+            "trust_remote_code": trust_remote_code,
             "world_size": fabric.world_size,
             "device": str(fabric.device),
         },
