@@ -161,6 +161,7 @@ def _not_cached(repo: str, revision: str | None, cache: Path, offline: bool, err
     where = f"the Hugging Face cache {cache}" + (f" (cached revisions of it: {cached})" if cached else "")
     fix = f"run once with network access, or `hf download {repo}" + (f" --revision {revision}`" if revision else "`")
     fix += " (`huggingface-cli download` in older huggingface_hub), or pass a local model directory"
+    fix += f" (none is at {repo!r})"
     if "incomplete" in str(err):
         return f"{what}: the cached snapshot in {cache} is incomplete ({_first_line(err)}); {fix}."
     if offline:

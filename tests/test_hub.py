@@ -203,7 +203,8 @@ def test_callback_on_a_tlq_module_by_hub_id(cache, saved, tmp_path):
     [
         (("--model.model_name_or_path", "org/absent"),
          r"Hub model 'org/absent' is not in the Hugging Face cache {cache} and HF_HUB_OFFLINE=1 forbids downloading "
-         r"it: run once with network access, or `hf download org/absent` .*or pass a local model directory\.$"),
+         r"it: run once with network access, or `hf download org/absent` .*or pass a local model directory "
+         r"\(none is at 'org/absent'\)\.$"),
         (("--model.model_name_or_path", "org/tiny", "--model.revision", "v9"),
          r"Hub model 'org/tiny' at revision 'v9' is not in the Hugging Face cache {cache} \(cached revisions of it: "
          r"main -> 222222222222, v1 -> 111111111111\) and HF_HUB_OFFLINE=1"),
