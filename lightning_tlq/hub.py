@@ -162,7 +162,7 @@ def _not_cached(repo: str, revision: str | None, cache: Path, offline: bool, err
     fix = f"run once with network access, or `hf download {repo}" + (f" --revision {revision}`" if revision else "`")
     fix += " (`huggingface-cli download` in older huggingface_hub), or pass a local model directory"
     fix += f" (none is at {repo!r})"
-    if "incomplete" in str(err):
+    if type(err).__name__ == "IncompleteSnapshotError":  # huggingface_hub >= 2.x checks against its tree cache
         return f"{what}: the cached snapshot in {cache} is incomplete ({_first_line(err)}); {fix}."
     if offline:
         return f"{what} is not in {where} and HF_HUB_OFFLINE=1 forbids downloading it: {fix}."
@@ -204,7 +204,7 @@ def _fetch_weights(repo: str, snapshot: Path) -> None:
 
 def _download(repo: str, snapshot: Path, filename: str) -> Path:
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 
     if (snapshot / filename).is_file():
         return snapshot / filename
@@ -212,7 +212,8 @@ def _download(repo: str, snapshot: Path, filename: str) -> Path:
     try:
         return Path(hf_hub_download(repo, filename, revision=snapshot.name, cache_dir=cache, local_files_only=offline))
     except LocalEntryNotFoundError as err:
-        mode = "HF_HUB_OFFLINE=1 forbids downloading it" if offline else f"the hub could not be reached ({err})"
+        reason = _first_line(err.__cause__ or err)
+        mode = "HF_HUB_OFFLINE=1 forbids downloading it" if offline else f"the hub could not be reached ({reason})"
         raise ModelNotFoundError(
             f"Hub model {repo!r} (commit {snapshot.name[:12]}) is in the Hugging Face cache {cache} without its "
             f"weight file {filename} and {mode}: run once with network access, or `hf download {repo}`, or pass a "
@@ -220,3 +221,5 @@ def _download(repo: str, snapshot: Path, filename: str) -> Path:
         ) from err
     except EntryNotFoundError as err:  # online: the repository has no such file
         raise ModelNotFoundError(f"Hub model {repo!r} has no file {filename}.") from err
+    except HfHubHTTPError as err:
+        raise ModelNotFoundError(f"Could not download {filename} of hub model {repo!r}: {_first_line(err)}") from err

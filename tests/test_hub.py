@@ -115,6 +115,18 @@ def test_resolution_order_revisions_and_cache_layouts(cache, saved, tmp_path, mo
             model_dir(name, revision)
 
 
+def test_sharded_weights_by_hub_id_equal_the_embedded_model(cache, tmp_path):
+    embedded = model_dir("scenes-llava")
+    snapshot = publish(cache, "org/scenes", embedded, R1)
+    (snapshot / "model-00002-of-00002.safetensors").unlink()  # the index names both shards: both are needed
+    with pytest.raises(ModelNotFoundError, match="without its weight file model-00002-of-00002.safetensors"):
+        model_dir("org/scenes")
+    publish(cache, "org/scenes", embedded, R2)
+    hub, local = resolve_model("org/scenes")[0].state_dict(), resolve_model("scenes-llava")[0].state_dict()
+    assert hub.keys() == local.keys()
+    assert all(torch.equal(hub[k], local[k]) for k in hub)
+
+
 def test_preflight_fetches_no_weights(cache, saved, tmp_path, calibrate_cli):
     publish(cache, "org/config-only", saved[0], R1, skip=WEIGHTS)
     assert model_on_meta("org/config-only").config.model_type == "llava"  # meta device: config.json suffices
