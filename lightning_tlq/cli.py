@@ -62,6 +62,7 @@ class TLQTrainer(pl.Trainer):
         resume: bool = False,
         checkpoint: bool = True,
         metrics: bool = True,
+        weighted_metrics: bool = False,
         quiet: bool = False,
         export: bool = False,
     ) -> dict[str, Any]:
@@ -79,7 +80,9 @@ class TLQTrainer(pl.Trainer):
             overwrite: Replace ``output_dir`` (and discard an interrupted run's checkpoint) if it exists.
             resume: Continue an interrupted run from ``<output_dir>.partial/`` (same settings required).
             checkpoint: Save the loop state after every layer to ``<output_dir>.partial/`` (enables ``resume``).
-            metrics: Report every module's weighted and plain relative output error.
+            metrics: Report every module's relative output error.
+            weighted_metrics: Also report importance-weighted errors for methods that need no importance (rtn,
+                gptq, awq, smoothquant; runs the importance backward for them). tlq and mbq always report them.
             quiet: No progress bars, log lines or summary.
             export: Also write the compressed-tensors checkpoint to ``output_dir/packed`` (see ``export``).
 
@@ -101,6 +104,7 @@ class TLQTrainer(pl.Trainer):
             checkpoint=checkpoint,
             dtype=model.hparams.dtype,
             metrics=metrics,
+            weighted_metrics=weighted_metrics,
             seed=_global_seed(),
             quiet=quiet,
             export=export,

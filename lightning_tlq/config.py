@@ -12,8 +12,9 @@ from typing import Literal
 
 from lightning_tlq.core.actquant import check_act_bits
 from lightning_tlq.core.quantizer import QuantSpec
+from lightning_tlq.methods import Method, get_method, method_names
 
-Method = Literal["rtn", "gptq", "tlq", "awq", "smoothquant", "mbq"]
+MethodName = Literal[method_names()]  # type: ignore[valid-type]  # the registered methods
 Score = Literal["fisher", "grad_abs", "taylor"]
 ImportanceMode = Literal["token", "modality", "none"]
 DataSplit = Literal["calibration", "validation", "test"]
@@ -21,9 +22,6 @@ Target = Literal["quantized", "fp"]
 
 log = logging.getLogger(__name__)
 
-_METHODS = ("rtn", "gptq", "tlq", "awq", "smoothquant", "mbq")
-_SMOOTHING_METHODS = ("awq", "smoothquant", "mbq")
-"""Methods that search per-input-channel scales, fold them into the producing ops, then round to nearest."""
 _SCORES = ("fisher", "grad_abs", "taylor")
 _MODES = ("token", "modality", "none")
 _TARGETS = ("quantized", "fp")
@@ -45,7 +43,7 @@ def _check_range(field: str, value: float, lo: float, hi: float, *, lo_open: boo
 class QuantArgs:
     """Weight quantization settings."""
 
-    method: Method = "tlq"
+    method: MethodName = "tlq"
     """Calibration method: ``rtn`` (round to nearest), ``gptq`` (uniform token weights), ``tlq``, or the scale-search
     baselines ``awq`` (activation-aware scales, MSE grid search), ``smoothquant`` (W-A settings: fixed-alpha
     smoothing) and ``mbq`` (modality-balanced: AWQ/SmoothQuant scales searched on a vision/answer-weighted MAE, with
@@ -86,12 +84,8 @@ class QuantArgs:
     group. gptq and tlq only; not with ``vision``."""
 
     def __post_init__(self) -> None:
-        _check_choice("quant.method", self.method, _METHODS)
+        handler = get_method(self.method)
         _check_choice("quant.target", self.target, _TARGETS)
-        if self.target == "fp" and self.method not in ("gptq", "tlq"):
-            raise ValueError(
-                f"quant.target='fp' needs a GPTQ-based method (gptq or tlq), not quant.method={self.method!r}."
-            )
         if self.target == "fp" and self.vision:
             raise ValueError(
                 "quant.target='fp' is not supported with quant.vision=true (the vision tower's full-precision "
@@ -107,35 +101,15 @@ class QuantArgs:
             except ValueError as err:
                 msg = f"quant.act_bits={self.act_bits!r} is invalid: use null (weight-only) or an integer in 2..8."
                 raise ValueError(msg) from err
-        self._check_smoothing()
-
-    def _check_smoothing(self) -> None:
         if isinstance(self.scale_grid, bool) or not isinstance(self.scale_grid, int) or self.scale_grid < 1:
             raise ValueError(f"quant.scale_grid={self.scale_grid!r} must be a positive integer (grid points of alpha).")
         _check_range("quant.smoothquant_alpha", self.smoothquant_alpha, 0.0, 1.0)
-        if self.method == "smoothquant" and self.act_bits is None:
-            raise ValueError(
-                "quant.method=smoothquant migrates activation outliers into the weights for weight-activation "
-                "quantization and needs quant.act_bits (e.g. 8 for W4A8); for weight-only settings use "
-                "quant.method=awq or mbq."
-            )
-        if self.awq_clip and self.method not in ("awq", "mbq"):
-            raise ValueError(f"quant.awq_clip=true applies to quant.method awq or mbq, not {self.method!r}.")
-        if self.vision and self.is_smoothing:
-            raise ValueError(
-                f"quant.method={self.method} quantizes the language model only: quant.vision=true is not supported "
-                "with awq, smoothquant or mbq. Use quant.vision=false, or quant.method rtn, gptq or tlq."
-            )
+        handler.validate(self)
 
     @property
-    def is_smoothing(self) -> bool:
-        """Whether the method searches and folds per-channel scales (awq, smoothquant, mbq), then rounds to nearest."""
-        return self.method in _SMOOTHING_METHODS
-
-    @property
-    def uses_gptq(self) -> bool:
-        """Whether modules are solved with GPTQ (gptq, tlq) rather than rounded to nearest."""
-        return self.method in ("gptq", "tlq")
+    def handler(self) -> Method:
+        """The method's handler (:mod:`lightning_tlq.methods`): what it needs and how it solves."""
+        return get_method(self.method)
 
     @property
     def spec(self) -> QuantSpec:
@@ -236,14 +210,14 @@ class MemoryArgs:
 
 
 def importance_for(quant: QuantArgs, importance: ImportanceArgs) -> ImportanceArgs:
-    """The importance settings a run really uses: ``mbq`` derives its vision weights from mean ``|dL/dy|`` per token,
-    so it always collects ``grad_abs`` scores (logged when ``importance.score`` said otherwise, and recorded in the
-    report's settings; its importance-weighted errors then use ``grad_abs`` weights too). Other methods: unchanged."""
-    if quant.method != "mbq" or importance.score == "grad_abs":
+    """The importance settings a run really uses: a method that needs a particular score (``mbq`` derives its vision
+    weights from mean ``|dL/dy|`` per token, so it collects ``grad_abs``) gets it, logged when ``importance.score``
+    said otherwise and recorded in the report's settings (its importance-weighted errors then use those weights
+    too). Other methods: unchanged."""
+    score = quant.handler.importance_score
+    if score is None or importance.score == score:
         return importance
     log.info(
-        "quant.method=mbq weighs vision against answer tokens by their mean |gradient|: collecting "
-        "importance.score=grad_abs instead of %s.",
-        importance.score,
+        "quant.method=%s needs importance.score=%s: collecting it instead of %s.", quant.method, score, importance.score
     )
-    return replace(importance, score="grad_abs")
+    return replace(importance, score=score)

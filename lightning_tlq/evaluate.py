@@ -32,7 +32,6 @@ memory) and returns the same dict as ``metrics.json`` minus the run's settings.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -109,7 +108,7 @@ def evaluate(
     Returns:
         The metrics (also written to ``output_dir/metrics.json``).
     """
-    from lightning_tlq.calibrate import build_fabric
+    from lightning_tlq.launch import build_fabric, run_on_ranks
 
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1.")
@@ -122,9 +121,7 @@ def evaluate(
         _reference_structure(*reference)  # a missing or unsupported reference fails before any process starts
     fabric = build_fabric(accelerator, devices, num_nodes, strategy, loggers)
     args = (model_source, reference, data, output_dir, overwrite, max_new_tokens, dtype, seed, quiet, exact_match)
-    if os.environ.get("LT_CLI_USED"):
-        return _main(fabric, *args)
-    return fabric.launch(_main, *args)
+    return run_on_ranks(fabric, _main, *args)
 
 
 def _reference_structure(reference_model: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:

@@ -122,7 +122,7 @@ def save_qparams(directory: str | Path, model: nn.Module, adapter: Any, results:
         "bits": str(spec.bits),
         "group_size": str(spec.group_size),
         "symmetric": json.dumps(spec.symmetric),
-        "act_order": json.dumps(bool(quant.act_order) and quant.uses_gptq),
+        "act_order": json.dumps(bool(quant.act_order) and quant.handler.uses_act_order),
         "act_bits": json.dumps(act_bits),
         "modules": json.dumps(modules),
         "unquantized": json.dumps({n: checkpoint[n] for n in sorted(linear - modules.keys())}),

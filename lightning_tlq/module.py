@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
-import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_tlq.adapters import VLMAdapter, get_adapter
 from lightning_tlq.adapters.vision import vision_adapter
 from lightning_tlq.importance import enable_activation_grads
+from lightning_tlq.losses import answer_loss, check_has_answer
 from lightning_tlq.models.tiny import DEFAULT_MODEL, resolve_model
 
 
@@ -57,6 +57,14 @@ class TLQModule(pl.LightningModule):
         self.adapter = get_adapter(model)
         return self
 
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        """The SFT loss per answer token, logged as ``val_loss`` (lets ``TLQCallback(trigger="validate")`` run on a
+        ``TLQModule`` with ``trainer.validate``)."""
+        tokens = int((batch["labels"][:, 1:] != -100).sum())
+        loss = self.sft_loss(batch).detach() / max(tokens, 1)
+        self.log("val_loss", loss, batch_size=int(batch["input_ids"].shape[0]))
+        return loss
+
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         """Logits of the wrapped model for a collated batch."""
         return self.model(**self.adapter.forward_inputs(batch)).logits
@@ -76,29 +84,3 @@ class TLQModule(pl.LightningModule):
         finally:
             handle.remove()
         return answer_loss(logits, batch["labels"])
-
-
-def check_has_answer(labels: Tensor) -> None:
-    """Raise if no position carries a label (the SFT loss, hence the importance, would be empty)."""
-    if not (labels[:, 1:] != -100).any():
-        raise ValueError("The batch has no answer tokens (all labels are -100): importance needs an answer.")
-
-
-def answer_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Next-token cross-entropy summed over the positions whose label is not -100 (fp32)."""
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum"
-    )
-
-
-def answer_loss_from_hidden(head: Any, hidden: Tensor, labels: Tensor) -> Tensor:
-    """:func:`answer_loss` of ``head(hidden)``, with the head applied only where a next-token label exists.
-
-    The loss (and its gradient, zero elsewhere) is the same; the logits are ``[answer tokens, vocab]`` instead of
-    ``[B, S, vocab]``: for a 152k vocabulary and batches of 8 x 514 tokens that is 2.5 GB of float32 logits less.
-    ``head`` must act on each position independently (final norm + LM head).
-    """
-    target = labels[:, 1:]
-    keep = target != -100
-    logits = head(hidden[:, :-1][keep])
-    return F.cross_entropy(logits.float(), target[keep], reduction="sum")

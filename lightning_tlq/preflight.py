@@ -94,7 +94,7 @@ def check_quantizable(model: nn.Module, quant: QuantArgs) -> VLMAdapter:
             for name in group:
                 module = layers[index].get_submodule(name)
                 _check_shape(quant, module, f"decoder layer {index} {name}")
-    if quant.is_smoothing:  # awq / smoothquant / mbq: every group's scales must have an op to fold into
+    if quant.handler.smoothing is not None:  # scale-search methods: every group's scales must have an op to fold into
         for index in range(len(layers)):
             adapter.smoothing_plan(index)
     if quant.vision:

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from lightning_tlq.observers import CalibrationObserver
+
 log = logging.getLogger(__name__)
 
 
@@ -62,7 +64,7 @@ def layer_metrics(record: Mapping[str, Any]) -> dict[str, float]:
     return metrics
 
 
-class CalibrationProgress:
+class CalibrationProgress(CalibrationObserver):
     """Progress bars, log lines and logger metrics for a calibration run.
 
     Args:

@@ -40,7 +40,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_tlq.stage import ModuleResult
+from lightning_tlq.module_stats import ModuleResult
+from lightning_tlq.observers import CalibrationObserver
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +95,8 @@ class ResumeState:
     vision_results: dict[str, ModuleResult] | None = None
     """The calibrated vision tower's results (None: not calibrated yet, or no ``quant.vision``)."""
     vision_records: list[dict[str, Any]] | None = None
-    vision_weights: dict[str, float] | None = None
-    """mbq's per-layer vision weights from the importance pass (None for other methods)."""
+    method_state: dict[str, float] | None = None
+    """The method's per-run values derived from importance (mbq: vision weights), see ``Method.after_importance``."""
     fp_hidden: list[Tensor] | None = None
     """With ``quant.target = fp``: this rank's full-precision inputs of ``next_layer`` (None if none were saved)."""
 
@@ -135,7 +136,7 @@ def _flatten(prefix: str, value: Any) -> dict[str, Any]:
     return {prefix: value}
 
 
-class LayerCheckpoint:
+class LayerCheckpoint(CalibrationObserver):
     """Saves the calibration loop's state after every finished layer and restores it on resume.
 
     Args:
@@ -185,7 +186,7 @@ class LayerCheckpoint:
         self.restored = ResumeState(
             next_layer, saved_importance["decoder"], hidden, records, results, saved_importance["vision"]
         )
-        self.restored.vision_weights = saved_importance.get("vision_weights")
+        self.restored.method_state = saved_importance.get("method_state")
         if next_layer and fp_file.is_file():
             self.restored.fp_hidden = self._load(fp_file)
         if state.get("vision_done"):
@@ -251,10 +252,10 @@ class LayerCheckpoint:
         fabric: Any,
         importance: Mapping[str, list[Tensor]],
         vision_scores: Mapping[str, list[Tensor]] | None = None,
-        vision_weights: Mapping[str, float] | None = None,
+        method_state: Mapping[str, float] | None = None,
     ) -> None:
-        """Save this rank's post-processed importance (raw vision scores, mbq's vision weights), then commit
-        ``next_layer = 0``."""
+        """Save this rank's post-processed importance (raw vision scores, the method's per-run values such as mbq's
+        vision weights), then commit ``next_layer = 0``."""
         if fabric.is_global_zero:
             self.directory.mkdir(parents=True, exist_ok=True)
         fabric.barrier()
@@ -263,8 +264,7 @@ class LayerCheckpoint:
             part: {name: [t.detach().cpu() for t in ts] for name, ts in (scores or {}).items()}
             for part, scores in (("decoder", importance), ("vision", vision_scores))
         }
-        if vision_weights is not None:
-            saved["vision_weights"] = dict(vision_weights)
+        saved["method_state"] = dict(method_state or {})
         _atomic_save(saved, self.directory / f"importance.rank{fabric.global_rank}.pt", what="token importance")
         self._commit(fabric, next_layer=0)
 

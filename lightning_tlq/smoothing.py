@@ -22,7 +22,7 @@ The chosen alpha, the searched loss and the loss of ``s = 1`` (plain round to ne
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -44,9 +44,7 @@ from lightning_tlq.core.smoothing import (
     smoothquant_scales,
 )
 from lightning_tlq.distributed import Collective
-
-if TYPE_CHECKING:
-    from lightning_tlq.stage import TokenWeights
+from lightning_tlq.tokenweights import TokenWeights
 
 __all__ = ["LayerSmoothing", "apply_fold"]
 
@@ -77,9 +75,11 @@ class LayerSmoothing:
         index: decoder layer index (for messages).
         layer: the decoder layer (on the compute device).
         plan: per module group, where its scales fold (:meth:`~lightning_tlq.adapters.VLMAdapter.smoothing_plan`).
-        quant: settings (``method``, ``scale_grid``, ``smoothquant_alpha``, ``awq_clip``, ``act_bits``, grid).
+        quant: settings (``method``, whose handler's :class:`~lightning_tlq.methods.SmoothingRecipe` says how to
+            search, ``scale_grid``, ``smoothquant_alpha``, ``awq_clip``, ``act_bits``).
         collective: reductions over ranks (no-ops on one process).
-        vision_weights: mbq only: block-output module name (relative to the layer) -> the vision weight ``rho``.
+        vision_weights: for the ``mbq`` objective: block-output module name (relative to the layer) -> the vision
+            weight ``rho``.
         clip_excluded: modules the clip search leaves alone.
 
     Attributes:
@@ -99,10 +99,14 @@ class LayerSmoothing:
         vision_weights: Mapping[str, float] | None = None,
         clip_excluded: Sequence[str] = (),
     ) -> None:
-        if not quant.is_smoothing:
-            raise ValueError(f"LayerSmoothing serves awq, smoothquant and mbq, not quant.method={quant.method!r}.")
-        if quant.method == "mbq" and vision_weights is None:
-            raise ValueError("quant.method=mbq needs the per-layer vision weights (from the importance pass).")
+        recipe = quant.handler.smoothing
+        if recipe is None:
+            raise ValueError(f"quant.method={quant.method!r} searches no scales: LayerSmoothing does not apply.")
+        if recipe.objective == "mbq" and vision_weights is None:
+            raise ValueError(
+                f"quant.method={quant.method} needs the per-layer vision weights (from the importance pass)."
+            )
+        self.recipe = recipe
         self.index, self.layer, self.plan, self.quant = index, layer, list(plan), quant
         self.collective = collective or Collective()
         self.vision_weights = dict(vision_weights or {})
@@ -203,10 +207,10 @@ class LayerSmoothing:
         quant = self.quant
         modules = [self.layer.get_submodule(n) for n in fold.modules]
         grid = alpha_grid(quant.scale_grid)
-        if quant.method == "awq" or (quant.method == "mbq" and quant.act_bits is None):
+        if self.recipe.candidates(quant) == "awq":
             alphas, candidates, identity = grid, [awq_scales(mean_abs, a) for a in grid], 0  # alpha 0 is s = 1
         else:
-            alphas = grid if quant.method == "mbq" else [quant.smoothquant_alpha]
+            alphas = grid if self.recipe.grid else [quant.smoothquant_alpha]
             weight_max = column_absmax([m.weight for m in modules]).to(abs_max.device)
             candidates = [smoothquant_scales(abs_max, weight_max, a) for a in alphas] + [torch.ones_like(abs_max)]
             identity = len(alphas)
@@ -215,7 +219,7 @@ class LayerSmoothing:
             torch.stack(candidates),
             quant.spec,
             act_bits=quant.act_bits,
-            objective="mbq" if quant.method == "mbq" else "mse",
+            objective=self.recipe.objective,
         )
         return search, alphas, identity
 
@@ -236,8 +240,9 @@ class LayerSmoothing:
             search.load_state(self.collective.all_reduce(search.state()))
 
     def _choose_and_fold(self, fold: ScaleFold, search: ScaleSearch, alphas: list[float], identity: int) -> None:
-        rho = self.vision_weights.get(fold.block_output) if self.quant.method == "mbq" else None
-        if self.quant.method == "mbq" and rho is None:
+        mbq = self.recipe.objective == "mbq"
+        rho = self.vision_weights.get(fold.block_output) if mbq else None
+        if mbq and rho is None:
             raise ValueError(f"Layer {self.index}: no mbq vision weight for {fold.block_output}.")
         losses = search.losses(rho)
         k = int(torch.argmin(losses[: len(alphas)]))

@@ -10,7 +10,6 @@ import contextlib
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,99 +17,16 @@ from torch import Tensor, nn
 
 from lightning_tlq.actquant import apply_activation_quant
 from lightning_tlq.config import QuantArgs
-from lightning_tlq.core.gptq import gptq_quantize
-from lightning_tlq.core.hessian import HessianAccumulator, relative_output_error
-from lightning_tlq.core.quantizer import rtn
+from lightning_tlq.core.hessian import relative_output_error
 from lightning_tlq.distributed import Collective, assign_owners
 from lightning_tlq.hostmem import HostStaging
+from lightning_tlq.module_stats import ModuleResult, ModuleStatistics, RowSelection, pack_record, unpack_record
 from lightning_tlq.smoothing import LayerSmoothing
-
-
-@dataclass
-class TokenWeights:
-    """Which tokens of one batch enter which statistic, for one layer."""
-
-    valid: Tensor | None
-    """``[B, S]`` bool: real (non-pad) tokens; None means every input row of every module is a real token (e.g. a
-    vision tower, whose rows are patches, with other shapes than the batch's text)."""
-    importance: dict[str, Tensor] | None = None
-    """Module name (relative to the layer) -> ``[B, S, G]`` importance weights, mean 1 over real tokens."""
-    multiplier: Tensor | None = None
-    """``[B, S]`` token-set multipliers (0 = not in the calibration set); None keeps every real token."""
-    vision: Tensor | None = None
-    """``[B, S]`` bool: image tokens (mbq's modality-weighted loss); None where unknown."""
-    answer: Tensor | None = None
-    """``[B, S]`` bool: supervised answer tokens, ``labels != -100`` (mbq); None where unknown."""
-
-
-@dataclass
-class ModuleResult:
-    """What the solve produced for one module (integer codes kept for export)."""
-
-    weight: Tensor | None
-    """The fake-quantized weight (dropped once copied into the module)."""
-    codes: Tensor
-    scale: Tensor
-    zero: Tensor
-    record: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class _Rows:
-    """Which rows of one batch's module inputs enter the statistics (device index tensors)."""
-
-    valid: Tensor | None
-    """Flat positions of the real tokens in ``[B * S]``; None: every row."""
-    keep: Tensor | None = None
-    """tlq: positions, among the real tokens, of the token set (multiplier > 0); None: all of them."""
-    multiplier: Tensor | None = None
-    """tlq: the token-set multipliers of ``keep``."""
-
-    def take(self, t: Tensor) -> Tensor:
-        """The real tokens' rows of ``t [..., F]`` as ``[N, F]``."""
-        flat = t.reshape(-1, t.shape[-1])
-        return flat if self.valid is None else flat.index_select(0, self.valid)
+from lightning_tlq.tokenweights import TokenWeights
 
 
 class _StopLayer(Exception):
     """Raised from a module hook to end a full-precision forward once the modules of interest have run."""
-
-
-_RECORD_KEYS = ("damp", "retries", "seconds", "tokens", "rel_error", "weighted_rel_error")
-
-
-def _pack_record(record: dict[str, Any]) -> Tensor:
-    """The record as a host tensor (the collective moves it where its backend needs it)."""
-    values = [record.get(k) for k in _RECORD_KEYS]
-    return torch.tensor([float("nan") if v is None else float(v) for v in values], dtype=torch.float64)
-
-
-def _unpack_record(packed: Tensor) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in zip(_RECORD_KEYS, packed.tolist()):
-        out[key] = None if value != value else value  # NaN marks "not measured"
-    out["retries"], out["tokens"] = int(out["retries"]), int(out["tokens"])
-    return out
-
-
-class _Stats:
-    """The Hessians one module needs: ``solve`` for the method, ``plain``/``weighted`` for the report, and with
-    ``target = fp`` the cross term ``cross`` (same token weights as ``solve``)."""
-
-    def __init__(
-        self, in_features: int, groups: int, quant: QuantArgs, metrics: bool, weighted: bool, device: Any
-    ) -> None:
-        method = quant.method
-        self.plain = HessianAccumulator(in_features, device=device) if (metrics or method == "gptq") else None
-        self.weighted = HessianAccumulator(in_features, groups, device=device) if (metrics and weighted) else None
-        self.solve = HessianAccumulator(in_features, groups, device=device) if method == "tlq" else self.plain
-        self.cross = None
-        if quant.target == "fp" and self.solve is not None:
-            self.cross = HessianAccumulator(in_features, self.solve.groups, device=device)
-
-    def accumulators(self) -> list[HessianAccumulator]:
-        unique = {id(a): a for a in (self.plain, self.weighted, self.solve, self.cross) if a is not None}
-        return list(unique.values())
 
 
 class LayerStage:
@@ -131,7 +47,8 @@ class LayerStage:
         index: decoder layer index (or a label such as ``"vision 0"`` for other stages).
         layer: the decoder layer (already on the compute device).
         module_groups: names (relative to ``layer``) of the linear modules, grouped in inference order.
-        quant: quantization settings (``quant.method`` picks rtn / gptq / tlq, or a scale-search baseline).
+        quant: quantization settings; ``quant.method``'s handler (:mod:`lightning_tlq.methods`) says which
+            statistics to gather and solves each module.
         collective: reductions to module owners and broadcasts (no-ops on one process).
         metrics: also accumulate the unweighted and importance-weighted Hessians over all real tokens, to report
             each module's relative output error.
@@ -155,7 +72,8 @@ class LayerStage:
         smoothing: LayerSmoothing | None = None,
         staging: HostStaging | None = None,
     ) -> None:
-        if quant.is_smoothing and smoothing is None:
+        self.method = quant.handler
+        if self.method.smoothing is not None and smoothing is None:
             raise ValueError(f"quant.method={quant.method} needs a LayerSmoothing for layer {index}.")
         self.smoothing = smoothing
         self.staging = staging or HostStaging()
@@ -173,9 +91,9 @@ class LayerStage:
         self.fp_outputs: list[Tensor] | None = None
         """With ``quant.target = "fp"``: the full-precision layer's outputs for :meth:`run`'s ``fp_inputs``."""
         self._original: dict[str, Tensor] = {}  # target fp: full-precision weights of the modules already solved
-        self._stats: dict[str, _Stats] = {}
+        self._stats: dict[str, ModuleStatistics] = {}
         self._owners: dict[str, int] = {}
-        self._row_cache: dict[int, _Rows] = {}
+        self._row_cache: dict[int, RowSelection] = {}
         self.seconds: dict[str, float] = {}
         self.early_stop = os.environ.get("LIGHTNING_TLQ_EARLY_STOP", "1") != "0"
         """Statistics passes stop the layer's forward once every module of the group has run (the modules after
@@ -245,7 +163,7 @@ class LayerStage:
         has_importance = weights[0].importance is not None
         for name in names:
             module = self.modules[name]
-            self._stats[name] = _Stats(
+            self._stats[name] = ModuleStatistics(
                 module.in_features, self.groups, self.quant, self.metrics, has_importance, module.weight.device
             )
         if all(not self._stats[n].accumulators() for n in names):
@@ -299,26 +217,27 @@ class LayerStage:
             raise RuntimeError(f"Layer {self.index}: {missing} did not run on the full-precision path.")
         return seen
 
-    def _rows(self, b: int, tw: TokenWeights, device: torch.device) -> _Rows:
+    def _rows(self, b: int, tw: TokenWeights, device: torch.device) -> RowSelection:
         """Batch ``b``'s row selection on ``device``, computed once per layer (index tensors: no device waits)."""
         sel = self._row_cache.get(b)
         if sel is not None:
             return sel
         valid = tw.valid.reshape(-1).cpu() if tw.valid is not None else None
         keep = multiplier = None
-        if self.quant.method == "tlq" and tw.multiplier is not None:
+        if self.method.selects_tokens and tw.multiplier is not None:
             m = tw.multiplier.reshape(-1).cpu()
             m = m[valid] if valid is not None else m
             positions = (m > 0).nonzero().squeeze(1)
             keep, multiplier = positions.to(device), m[positions].to(device, torch.float32)
         valid_idx = valid.nonzero().squeeze(1).to(device) if valid is not None else None
-        sel = self._row_cache[b] = _Rows(valid_idx, keep, multiplier)
+        sel = self._row_cache[b] = RowSelection(valid_idx, keep, multiplier)
         return sel
 
     def _add(self, name: str, x: Tensor, tw: TokenWeights, fp: Tensor | None = None, b: int = 0) -> None:
-        """Add one module's inputs for batch ``b``: every real token to the report Hessians, the token set (with
-        importance x multiplier weights) to tlq's; tokens outside the set are left out, in-set tokens of zero
-        importance enter with weight 0 (adding nothing)."""
+        """Add one module's inputs for batch ``b``: every real token to the report Hessians (and the ``plain``
+        solve statistic), the token set with importance x multiplier weights to a ``weighted`` solve statistic;
+        tokens outside the set are left out, in-set tokens of zero importance enter with weight 0 (adding
+        nothing)."""
         stats = self._stats[name]
         x = x.detach()
         sel = self._rows(b, tw, x.device)
@@ -328,14 +247,14 @@ class LayerStage:
             raise RuntimeError(f"Layer {self.index} {name}: no full-precision input matches the quantized path's.")
         if stats.plain is not None:
             stats.plain.add(rows)
-            if self.quant.method == "gptq" and fp_rows is not None:
+            if self.method.solve_statistic == "plain" and fp_rows is not None:
                 stats.cross.add(rows, left=fp_rows.float() - rows.float())
         imp = None
         if tw.importance is not None:
             imp = sel.take(tw.importance[name].to(x.device, non_blocking=True))
         if stats.weighted is not None:
             stats.weighted.add(rows, imp, validate=False)
-        if self.quant.method == "tlq":
+        if self.method.solve_statistic == "weighted":
             w = imp if imp is not None else torch.ones(rows.shape[0], self.groups, device=x.device)
             if sel.keep is not None:
                 rows, w = rows.index_select(0, sel.keep), w.index_select(0, sel.keep) * sel.multiplier.unsqueeze(-1)
@@ -372,7 +291,7 @@ class LayerStage:
             res = ModuleResult(
                 *(self.collective.broadcast(t, owner) for t in (res.weight, res.codes, res.scale, res.zero))
             )
-            record = _unpack_record(self.collective.broadcast(_pack_record(record), owner))
+            record = unpack_record(self.collective.broadcast(pack_record(record), owner))
             if self.smoothing is not None:  # computed identically on every rank
                 record.update(self.smoothing.records.get(name, {}))
             if self.quant.target == "fp":
@@ -381,26 +300,17 @@ class LayerStage:
             host = self.staging.to_host
             self.results[name] = ModuleResult(None, host(res.codes), host(res.scale), host(res.zero), record)
 
-    def _solve_one(self, name: str, original: Tensor, stats: _Stats) -> tuple[ModuleResult, dict[str, Any]]:
+    def _solve_one(self, name: str, original: Tensor, stats: ModuleStatistics) -> tuple[ModuleResult, dict[str, Any]]:
         start = time.perf_counter()
-        record: dict[str, Any] = {"damp": None, "retries": 0}
-        if not self.quant.uses_gptq:
-            weight = self.smoothing.clipped(name, original) if self.smoothing is not None else original
-            res = rtn(weight, self.quant.spec)
-        else:
-            if stats.solve.tokens == 0 or stats.solve.weight_sum == 0:
-                raise RuntimeError(f"Layer {self.index} {name}: no calibration token reached this module.")
-            res = gptq_quantize(
-                original,
-                stats.solve.H,
-                self.quant.spec,
-                block_size=self.quant.block_size,
-                damp=self.quant.damp,
-                act_order=self.quant.act_order,
-                name=f"layer {self.index} {name}",
-                cross=stats.cross.H if stats.cross is not None else None,
-            )
-            record.update(damp=res.damp, retries=res.retries)
+        res = self.method.quantize(
+            original,
+            stats.for_solve(),
+            self.quant,
+            module=name,
+            where=f"layer {self.index} {name}",
+            smoothing=self.smoothing,
+        )
+        record: dict[str, Any] = {"damp": getattr(res, "damp", None), "retries": getattr(res, "retries", 0)}
         record["seconds"] = time.perf_counter() - start
         record["tokens"] = stats.solve.tokens if stats.solve is not None else 0
         record.update(self._errors(original, res.weight, stats))
@@ -417,7 +327,7 @@ class LayerStage:
             torch.empty(out_f, groups, dtype=torch.float32, device=weight.device),
         )
 
-    def _errors(self, original: Tensor, quantized: Tensor, stats: _Stats) -> dict[str, float | None]:
+    def _errors(self, original: Tensor, quantized: Tensor, stats: ModuleStatistics) -> dict[str, float | None]:
         out: dict[str, float | None] = {"rel_error": None, "weighted_rel_error": None}
         if stats.plain is not None and self.metrics:
             out["rel_error"] = relative_output_error(original, quantized, stats.plain.H)

@@ -26,12 +26,13 @@ from torch import Tensor, nn
 
 from lightning_tlq.adapters.base import VLMAdapter
 from lightning_tlq.adapters.vision import vision_adapter
-from lightning_tlq.config import ImportanceArgs, QuantArgs, TokenSetArgs
 from lightning_tlq.core.importance import postprocess_flat
-from lightning_tlq.core.tokenset import mass_threshold, select_tokens, token_uniforms
+from lightning_tlq.core.tokenset import token_uniforms
 from lightning_tlq.distributed import Collective
 from lightning_tlq.importance import enable_activation_grads
-from lightning_tlq.stage import LayerStage, ModuleResult, TokenWeights
+from lightning_tlq.module_stats import ModuleResult
+from lightning_tlq.stage import LayerStage
+from lightning_tlq.tokenweights import TokenWeights, select_token_set, stage_scores
 
 __all__ = ["VisionCalibration", "is_vision_key"]
 
@@ -48,27 +49,24 @@ class VisionCalibration:
 
     Args:
         adapter: the model's adapter; its family must support vision (:class:`VisionAdapter`).
-        quant, importance, token_set: settings (shared with the language model).
+        settings: :class:`~lightning_tlq.settings.CalibrationSettings` (shared with the language model).
         collective: reductions, gathers and broadcasts over ranks (no-ops on one process).
-        metrics: report each module's (weighted) relative output error.
         call: ``call(event, **kwargs)`` emits ``on_vision_stage_start(name)`` / ``on_vision_stage_end(name,
-            record)``; e.g. ``partial(fabric.call, fabric=fabric)``.
+            record)``; e.g. ``partial(emit, fabric)``.
     """
 
     def __init__(
         self,
         adapter: VLMAdapter,
-        quant: QuantArgs,
-        importance: ImportanceArgs,
-        token_set: TokenSetArgs,
+        settings: Any,
         *,
         collective: Collective | None = None,
-        metrics: bool = True,
         call: Callable[..., Any] | None = None,
     ) -> None:
         self.adapter = vision_adapter(adapter)
-        self.quant, self.importance_args, self.token_set = quant, importance, token_set
-        self.collective, self.metrics = collective or Collective(), metrics
+        self.quant, self.importance_args, self.token_set = settings.quant, settings.importance, settings.token_set
+        quant = self.quant
+        self.collective, self.metrics = collective or Collective(), settings.metrics
         self.call = call or (lambda event, **kwargs: None)
         self.results: dict[str, ModuleResult] = {}
         self.outputs: list[Tensor] = []
@@ -233,38 +231,15 @@ class VisionCalibration:
         total = self.collective.all_reduce(torch.tensor([float(local)], dtype=torch.float64))
         record: dict[str, Any] = {"tokens_total": int(total.item())}
         multipliers: list[Tensor | None] = [None] * len(batches)
-        if self.quant.method == "tlq":
-            multipliers, set_record = self._select(key, per_batch, batches, sample_ids)
+        if self.quant.handler.selects_tokens:
+            scores = [stage_scores(imp) for imp in per_batch]
+            uniforms = [self._uniforms(key, b, ids, s.numel()) for b, ids, s in zip(batches, sample_ids, scores)]
+            flat, set_record = select_token_set(
+                torch.cat([s.reshape(-1) for s in scores]), torch.cat(uniforms), self.token_set, self.collective
+            )
+            multipliers = [m.reshape(s.shape) for m, s in zip(flat.split([s.numel() for s in scores]), scores)]
             record.update(set_record)
         return [TokenWeights(None, per_batch[b], multipliers[b]) for b in range(len(batches))], record
-
-    def _select(
-        self,
-        key: int,
-        per_batch: Sequence[dict[str, Tensor]],
-        batches: Sequence[Mapping[str, Any]],
-        sample_ids: Sequence[Tensor],
-    ) -> tuple[list[Tensor], dict[str, Any]]:
-        """The stage's token set: stage score = mean over its modules (and groups) of the token weights."""
-        scores = [torch.stack([w.mean(-1) for w in imp.values()]).mean(0) for imp in per_batch]
-        flat = torch.cat([s.reshape(-1) for s in scores])
-        every = self.collective.gather_cat(flat)
-        threshold = mass_threshold(every, self.token_set.keep_mass)
-        uniforms = torch.cat([self._uniforms(key, b, ids, s.numel()) for b, ids, s in zip(batches, sample_ids, scores)])
-        sel = select_tokens(flat, uniforms, self.token_set.keep_mass, self.token_set.p_rest, threshold=threshold)
-        counts = torch.tensor(
-            [float(sel.kept.sum()), float(sel.by_mass.sum()), float(flat[sel.by_mass].double().sum())],
-            dtype=torch.float64,
-        )
-        n_kept, by_mass, mass = self.collective.all_reduce(counts).tolist()
-        total_mass = float(every.double().sum())
-        record = {
-            "tokens_kept": int(n_kept),
-            "tokens_by_mass": int(by_mass),
-            "mass_covered": mass / total_mass if total_mass > 0 else 1.0,
-        }
-        out = sel.multiplier.split([s.numel() for s in scores])
-        return [m.reshape(s.shape) for m, s in zip(out, scores)], record
 
     def _uniforms(self, key: int, batch: Mapping[str, Any], ids: Tensor, n_rows: int) -> Tensor:
         rows = self.adapter.vision_rows_per_image(batch, n_rows)

@@ -15,6 +15,7 @@ except ImportError:  # pragma: no cover
     pass
 
 import pytest
+import torch
 
 from lightning_tlq.cli import main
 from lightning_tlq.models import save_tiny_vlm
@@ -22,6 +23,19 @@ from lightning_tlq.report import REPORT_NAME
 
 SMALL = ["--model.model_name_or_path", "tiny-llava", "--data.num_samples", "8", "--data.batch_size", "4",
          "--trainer.accelerator", "cpu", "--quiet", "true"]  # fmt: skip
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test, restored after it.
+
+    float32 matmuls of different shapes (or the same shape with another thread count) round differently, so tests
+    comparing exact codes of two computations pin the thread count rather than depend on the machine's default.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -20,7 +20,8 @@ from lightning_tlq.core.actquant import (
     per_token_scale,
     quantize_per_token,
 )
-from lightning_tlq.stage import LayerStage, TokenWeights
+from lightning_tlq.stage import LayerStage
+from lightning_tlq.tokenweights import TokenWeights
 
 
 def _acts(*shape: int, seed: int = 0) -> torch.Tensor:

@@ -16,11 +16,11 @@ from lightning_tlq.calibrate import calibrate
 from lightning_tlq.config import ImportanceArgs, MemoryArgs, QuantArgs, TokenSetArgs
 from lightning_tlq.data import encode_sample, make_batches, synthetic_samples
 from lightning_tlq.distributed import assign_owners, shard_batches, shard_range
-from lightning_tlq.importance import TokenImportance
 from lightning_tlq.loop import CalibrationLoop
 from lightning_tlq.models.tiny import build_tiny_vlm
 from lightning_tlq.module import TLQModule
 from lightning_tlq.report import REPORT_NAME
+from lightning_tlq.settings import CalibrationSettings
 
 _DIST_ENV = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK", "RANK")
 
@@ -67,17 +67,24 @@ def _loop_scores(family, layerwise):
     module = TLQModule().attach(model, processor)
     encoded = [encode_sample(processor, s) for s in synthetic_samples(6, seed=3)]
     batches = make_batches(encoded, 3, module.adapter.pad_token_id)
-    fabric = Fabric(accelerator="cpu", devices=1, callbacks=[TokenImportance("fisher")])
-    loop = CalibrationLoop(
-        fabric, module, QuantArgs(method="tlq", group_size=64), ImportanceArgs(), TokenSetArgs(),
-        memory=MemoryArgs(layerwise=layerwise),
-    )  # fmt: skip
+    fabric = Fabric(accelerator="cpu", devices=1)
+    settings = CalibrationSettings(
+        QuantArgs(method="tlq", group_size=64), ImportanceArgs(), TokenSetArgs(), MemoryArgs(layerwise=layerwise)
+    )
+    loop = CalibrationLoop(fabric, module, settings)
     records = loop.run(batches)
     return loop.collector.scores, records, {k: r.codes for k, r in loop.results.items()}
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
-def test_layerwise_importance_equals_whole_model_backward(family):
+def test_layerwise_importance_equals_whole_model_backward(family, one_thread):
+    """The layer-by-layer backward gives the whole-model backward's importance, token sets and codes.
+
+    The two backward passes multiply matrices of different shapes (the layer-wise head runs on answer positions
+    only), so their scores agree to float32 rounding, not bit for bit. GPTQ turns such last-bit differences into a
+    few flipped codes, more of them with more intra-op threads (2 threads: ~95% equal), hence one thread
+    (``one_thread``) for the code comparison; the next test checks what holds at another thread count.
+    """
     whole, rec_whole, codes_whole = _loop_scores(family, layerwise=False)
     layered, rec_layered, codes_layered = _loop_scores(family, layerwise=True)
     assert set(whole) == set(layered)
@@ -87,6 +94,30 @@ def test_layerwise_importance_equals_whole_model_backward(family):
     assert [r["token_set_fingerprint"] for r in rec_whole] == [r["token_set_fingerprint"] for r in rec_layered]
     same = sum(int((codes_whole[k] == codes_layered[k]).sum()) for k in codes_whole)
     assert same / sum(c.numel() for c in codes_whole.values()) > 0.999
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_layerwise_importance_matches_whole_with_two_threads(family):
+    """What must hold whatever the thread count: scores to float32 rounding, the same token sets, and the run's
+    total weighted output error within 0.5% (codes may flip where GPTQ meets a last-bit difference)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        whole, rec_whole, _ = _loop_scores(family, layerwise=False)
+        layered, rec_layered, _ = _loop_scores(family, layerwise=True)
+    finally:
+        torch.set_num_threads(before)
+    for name in whole:
+        for a, b in zip(whole[name], layered[name]):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-10)
+    assert [r["token_set_fingerprint"] for r in rec_whole] == [r["token_set_fingerprint"] for r in rec_layered]
+    assert _total_error(rec_layered) == pytest.approx(_total_error(rec_whole), rel=5e-3)
+
+
+def _total_error(records):
+    """Sum of every module's importance-weighted relative output error (single flipped codes move one module's
+    error by a few percent; the sum stays put)."""
+    return sum(mod["weighted_rel_error"] for layer in records for mod in layer["modules"].values())
 
 
 def _free_port():

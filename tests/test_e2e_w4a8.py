@@ -22,7 +22,8 @@ def _calibrate(out, family, method, *extra):
         "calibrate", "--model.model_name_or_path", f"tiny-{family}", "--data.num_samples", "12",
         "--data.batch_size", "4",
         "--quant.method", method, "--quant.bits", "4", "--quant.group_size", "64", "--quant.act_bits", "8",
-        "--trainer.accelerator", "cpu", "--output_dir", str(out), "--quiet", "true", *extra,
+        "--trainer.accelerator", "cpu", "--output_dir", str(out), "--quiet", "true",
+        "--weighted_metrics", "true", *extra,
     ])  # fmt: skip
     return json.loads((out / REPORT_NAME).read_text())
 

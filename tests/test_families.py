@@ -29,10 +29,10 @@ from lightning_tlq.adapters import (
     VLMAdapter,
     get_adapter,
 )
-from lightning_tlq.config import ImportanceArgs, MemoryArgs, QuantArgs, TokenSetArgs
-from lightning_tlq.importance import TokenImportance
+from lightning_tlq.config import MemoryArgs, QuantArgs
 from lightning_tlq.loop import CalibrationLoop
 from lightning_tlq.module import TLQModule
+from lightning_tlq.settings import CalibrationSettings
 
 ADAPTERS: dict[str, type[VLMAdapter]] = {
     "qwen2_5_vl": Qwen2_5_VLAdapter,
@@ -244,9 +244,9 @@ def calibrated(request: pytest.FixtureRequest) -> dict[str, Any]:
     module = TLQModule().attach(build_model(family), processor=None)
     before = {k: v.clone() for k, v in module.model.state_dict().items()}
     batches = [make_batch(family, seed=0), make_batch(family, padded=True, seed=1)]
-    fabric = Fabric(accelerator="cpu", devices=1, callbacks=[TokenImportance()])
+    fabric = Fabric(accelerator="cpu", devices=1)
     loop = CalibrationLoop(
-        fabric, module, QuantArgs(method="tlq", bits=BITS, group_size=GROUP_SIZE), ImportanceArgs(), TokenSetArgs()
+        fabric, module, CalibrationSettings(QuantArgs(method="tlq", bits=BITS, group_size=GROUP_SIZE))
     )
     recorder = _LayerInputs(module.adapter)
     try:
@@ -312,10 +312,10 @@ def test_loop_replays_the_quantized_models_own_path(calibrated: dict[str, Any]) 
 def test_layerwise_importance_equals_whole_model_backward(calibrated: dict[str, Any]) -> None:
     # The calibrated run back-propagated one decoder layer at a time (the default); here the whole model at once.
     module = TLQModule().attach(build_model(calibrated["family"]), processor=None)
-    fabric = Fabric(accelerator="cpu", devices=1, callbacks=[TokenImportance()])
+    fabric = Fabric(accelerator="cpu", devices=1)
     quant = QuantArgs(method="rtn", bits=BITS, group_size=GROUP_SIZE)  # importance comes before any solve
     memory = MemoryArgs(layerwise=False)
-    loop = CalibrationLoop(fabric, module, quant, ImportanceArgs(), TokenSetArgs(), memory=memory)
+    loop = CalibrationLoop(fabric, module, CalibrationSettings(quant, memory=memory))
     loop.run(calibrated["batches"])
     whole, layered = loop.collector.scores, calibrated["scores"]
     assert sorted(whole) == sorted(layered)

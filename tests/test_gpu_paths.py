@@ -9,14 +9,14 @@ import torch
 from lightning.fabric import Fabric
 
 from lightning_tlq import hostmem
-from lightning_tlq.config import ImportanceArgs, MemoryArgs, QuantArgs, TokenSetArgs
+from lightning_tlq.config import MemoryArgs, QuantArgs
 from lightning_tlq.data import encode_sample, make_batches, synthetic_samples
 from lightning_tlq.hostmem import HostStaging, PinnedArena
-from lightning_tlq.importance import TokenImportance
 from lightning_tlq.loop import CalibrationLoop
 from lightning_tlq.models.tiny import build_tiny_vlm
 from lightning_tlq.module import TLQModule
 from lightning_tlq.placement import LayerPlacement
+from lightning_tlq.settings import CalibrationSettings
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (layer placement moves)")
 
@@ -110,9 +110,11 @@ def _gptq_codes(monkeypatch, method: str = "gptq", **env: str) -> dict[str, torc
     module = TLQModule().attach(model, processor)
     encoded = [encode_sample(processor, s) for s in synthetic_samples(8, seed=2)]
     batches = make_batches(encoded, 4, module.adapter.pad_token_id)
-    fabric = Fabric(accelerator="cuda", devices=1, callbacks=[TokenImportance("fisher")])
-    loop = CalibrationLoop(fabric, module, QuantArgs(method=method, bits=3, group_size=32), ImportanceArgs(),
-                           TokenSetArgs(), memory=MemoryArgs(layerwise=True), metrics=False)  # fmt: skip
+    fabric = Fabric(accelerator="cuda", devices=1)
+    settings = CalibrationSettings(
+        QuantArgs(method=method, bits=3, group_size=32), memory=MemoryArgs(layerwise=True), metrics=False
+    )
+    loop = CalibrationLoop(fabric, module, settings)
     loop.run(batches)
     return {k: r.codes for k, r in loop.results.items()}
 

@@ -49,7 +49,7 @@ def publish(cache, repo, src, commit, refs=("main",), skip=(), symlinks=True):
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
+def one_thread_per_module():
     """Exact comparisons of two runs: the same thread count for both."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

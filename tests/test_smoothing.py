@@ -14,13 +14,14 @@ from lightning.fabric import Fabric
 
 from lightning_tlq.adapters import UnsupportedModelError, get_adapter
 from lightning_tlq.adapters.gemma3 import Gemma3Adapter
-from lightning_tlq.config import ImportanceArgs, QuantArgs, TokenSetArgs
+from lightning_tlq.config import ImportanceArgs, QuantArgs
 from lightning_tlq.core.quantizer import rtn
 from lightning_tlq.data import encode_sample, make_batches, synthetic_samples
 from lightning_tlq.importance import TokenImportance
 from lightning_tlq.loop import CalibrationLoop
 from lightning_tlq.models.tiny import build_tiny_vlm
 from lightning_tlq.module import TLQModule
+from lightning_tlq.settings import CalibrationSettings
 from lightning_tlq.smoothing import apply_fold
 
 
@@ -76,8 +77,8 @@ def _run(family: str, quant: QuantArgs, score: str = "fisher", samples: int = 6)
     module = TLQModule().attach(model, processor)
     encoded = [encode_sample(processor, s) for s in synthetic_samples(samples, seed=3)]
     batches = make_batches(encoded, 3, module.adapter.pad_token_id)
-    fabric = Fabric(accelerator="cpu", devices=1, callbacks=[TokenImportance(score)])
-    loop = CalibrationLoop(fabric, module, quant, ImportanceArgs(score=score), TokenSetArgs())
+    fabric = Fabric(accelerator="cpu", devices=1)
+    loop = CalibrationLoop(fabric, module, CalibrationSettings(quant, ImportanceArgs(score=score)))
     loop.run(batches)
     return loop, module, batches
 
@@ -214,7 +215,7 @@ def test_mbq_vision_weights_match_a_direct_autograd_computation():
 
 def test_mbq_refuses_a_collector_of_other_scores():
     model, processor = build_tiny_vlm("llava", seed=0)
-    fabric = Fabric(accelerator="cpu", devices=1, callbacks=[TokenImportance("fisher")])
+    fabric = Fabric(accelerator="cpu", devices=1)
     with pytest.raises(ValueError, match="mbq weighs vision tokens by their mean \\|gradient\\|.*'grad_abs'"):
-        CalibrationLoop(fabric, TLQModule().attach(model, processor), QuantArgs(method="mbq"), ImportanceArgs(),
-                        TokenSetArgs())  # fmt: skip
+        CalibrationLoop(fabric, TLQModule().attach(model, processor), CalibrationSettings(QuantArgs(method="mbq")),
+                        collector=TokenImportance("fisher"))  # fmt: skip

@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 from lightning.fabric import Fabric
 
-from lightning_tlq.config import ImportanceArgs, QuantArgs, TokenSetArgs
+from lightning_tlq.config import QuantArgs
 from lightning_tlq.data import encode_sample, make_batches, synthetic_samples
-from lightning_tlq.importance import TokenImportance
 from lightning_tlq.loop import CalibrationLoop
 from lightning_tlq.models.tiny import build_tiny_vlm
 from lightning_tlq.module import TLQModule
+from lightning_tlq.settings import CalibrationSettings
 
 
 def _calibrate(monkeypatch, early_stop: str, method: str, act_bits: int | None = None):
@@ -23,9 +23,9 @@ def _calibrate(monkeypatch, early_stop: str, method: str, act_bits: int | None =
     down = module.adapter.decoder_layers()[0].mlp.down_proj
     calls = []
     handle = down.register_forward_hook(lambda m, a, o: calls.append(torch.is_grad_enabled()))
-    fabric = Fabric(accelerator="cpu", devices=1, callbacks=[TokenImportance("fisher")])
+    fabric = Fabric(accelerator="cpu", devices=1)
     quant = QuantArgs(method=method, bits=3, group_size=32, act_bits=act_bits)
-    loop = CalibrationLoop(fabric, module, quant, ImportanceArgs(), TokenSetArgs(), metrics=True)
+    loop = CalibrationLoop(fabric, module, CalibrationSettings(quant, metrics=True))
     records = loop.run(batches)
     handle.remove()
     return loop, records, calls

@@ -12,16 +12,17 @@ from test_distributed import _clean_env, _cli_args, _compare, _run_cli
 from torch import nn
 
 from lightning_tlq.actquant import apply_activation_quant
-from lightning_tlq.config import ImportanceArgs, QuantArgs, TokenSetArgs
+from lightning_tlq.config import QuantArgs
 from lightning_tlq.core.gptq import gptq_quantize
 from lightning_tlq.core.hessian import HessianAccumulator
 from lightning_tlq.data import encode_sample, make_batches, synthetic_samples
-from lightning_tlq.importance import TokenImportance
 from lightning_tlq.loop import CalibrationLoop
 from lightning_tlq.models.tiny import build_tiny_vlm
 from lightning_tlq.module import TLQModule
 from lightning_tlq.resume import STATE_NAME, LayerCheckpoint
-from lightning_tlq.stage import LayerStage, TokenWeights
+from lightning_tlq.settings import CalibrationSettings
+from lightning_tlq.stage import LayerStage
+from lightning_tlq.tokenweights import TokenWeights
 
 
 def test_target_is_validated() -> None:
@@ -124,8 +125,8 @@ def _loop_run(family: str, num_samples: int = 8, **quant):
     module = TLQModule().attach(model, processor)
     encoded = [encode_sample(processor, s) for s in synthetic_samples(num_samples, seed=3)]
     batches = make_batches(encoded, 4, module.adapter.pad_token_id)
-    fabric = Fabric(accelerator="cpu", devices=1, callbacks=[TokenImportance("fisher")])
-    loop = CalibrationLoop(fabric, module, QuantArgs(bits=3, group_size=64, **quant), ImportanceArgs(), TokenSetArgs())
+    fabric = Fabric(accelerator="cpu", devices=1)
+    loop = CalibrationLoop(fabric, module, CalibrationSettings(QuantArgs(bits=3, group_size=64, **quant)))
     loop.run(batches)
     return module, reference, batches, {k: r.codes for k, r in loop.results.items()}
 

@@ -11,12 +11,13 @@ from torch import nn
 from lightning_tlq.actquant import apply_activation_quant
 from lightning_tlq.adapters import LlavaAdapter, UnsupportedModelError, VLMAdapter, get_adapter
 from lightning_tlq.adapters.vision import VisionAdapter, vision_adapter
-from lightning_tlq.config import ImportanceArgs, MemoryArgs, QuantArgs, TokenSetArgs
+from lightning_tlq.config import MemoryArgs, QuantArgs
 from lightning_tlq.data import encode_sample, make_batches, synthetic_samples
 from lightning_tlq.importance import TokenImportance
 from lightning_tlq.loop import CalibrationLoop
 from lightning_tlq.models.tiny import build_tiny_vlm
 from lightning_tlq.module import TLQModule
+from lightning_tlq.settings import CalibrationSettings
 from lightning_tlq.vision import VisionCalibration
 
 FAMILIES = ("llava", "qwen2_vl")
@@ -140,7 +141,7 @@ def test_unsupported_family_and_bad_structure_fail_clearly() -> None:
 def test_vision_group_size_must_divide_tower_widths() -> None:
     module = _module("llava")  # CLIP width 32: group size 64 cannot work
     with pytest.raises(ValueError, match=r"group_size=64 does not divide in_features=32.*quant.vision=false"):
-        VisionCalibration(module.adapter, QuantArgs(group_size=64, vision=True), ImportanceArgs(), TokenSetArgs())
+        VisionCalibration(module.adapter, CalibrationSettings(QuantArgs(group_size=64, vision=True)))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -178,11 +179,9 @@ def _vision_loop(family: str, layerwise: bool = True, **quant: object) -> tuple[
     seen: list = []
     capture = module.adapter.capture
     module.adapter.capture = lambda inputs, **kw: seen.append(capture(inputs, **kw)) or seen[-1]
-    fabric = Fabric(accelerator="cpu", devices=1, callbacks=[TokenImportance()])
+    fabric = Fabric(accelerator="cpu", devices=1)
     args = QuantArgs(**{"method": "tlq", "bits": 4, "group_size": 32, "vision": True, **quant})
-    loop = CalibrationLoop(
-        fabric, module, args, ImportanceArgs(), TokenSetArgs(), memory=MemoryArgs(layerwise=layerwise)
-    )
+    loop = CalibrationLoop(fabric, module, CalibrationSettings(args, memory=MemoryArgs(layerwise=layerwise)))
     loop.run(batches)
     return loop, batches, seen
 

@@ -1,0 +1,10 @@
+"""``gptq``: GPTQ on ``H = sum_t x_t x_t^T`` over every real calibration token (uniform token weights)."""
+
+from lightning_tlq.methods import register_method
+from lightning_tlq.methods.base import GPTQSolve
+
+
+@register_method
+class GPTQ(GPTQSolve):
+    name = "gptq"
+    solve_statistic = "plain"

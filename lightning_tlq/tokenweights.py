@@ -1,0 +1,161 @@
+"""Which tokens enter which statistic, and with what weight: :class:`TokenWeights` per batch and layer, and the one
+token-set selector the language model's layers and the vision tower's stages share (:func:`select_token_set`).
+
+The token set keeps every token of the smallest set covering ``token_set.keep_mass`` of the stage's importance mass
+(threshold computed over every rank's tokens) and a ``token_set.p_rest`` random share of the rest, whose weights
+are divided by ``p_rest``. A token's draw depends on ``(seed, stage, sample id, position)`` only, so the set does
+not depend on how samples are sharded over ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_tlq.core.importance import scatter_back
+from lightning_tlq.core.tokenset import mass_threshold, select_tokens, token_uniforms
+
+
+@dataclass
+class TokenWeights:
+    """Which tokens of one batch enter which statistic, for one layer."""
+
+    valid: Tensor | None
+    """``[B, S]`` bool: real (non-pad) tokens; None means every input row of every module is a real token (e.g. a
+    vision tower, whose rows are patches, with other shapes than the batch's text)."""
+    importance: dict[str, Tensor] | None = None
+    """Module name (relative to the layer) -> ``[B, S, G]`` importance weights, mean 1 over real tokens."""
+    multiplier: Tensor | None = None
+    """``[B, S]`` token-set multipliers (0 = not in the calibration set); None keeps every real token."""
+    vision: Tensor | None = None
+    """``[B, S]`` bool: image tokens (mbq's modality-weighted loss); None where unknown."""
+    answer: Tensor | None = None
+    """``[B, S]`` bool: supervised answer tokens, ``labels != -100`` (mbq); None where unknown."""
+
+
+def stage_scores(importance: Mapping[str, Tensor]) -> Tensor:
+    """A stage's score per token: the mean over its modules (and importance groups) of their token weights."""
+    return torch.stack([w.mean(-1) for w in importance.values()]).mean(0)
+
+
+def select_token_set(
+    scores: Tensor,
+    uniforms: Tensor,
+    token_set: Any,
+    collective: Any,
+    *,
+    image: Tensor | None = None,
+    answer: Tensor | None = None,
+    fingerprint: int | None = None,
+) -> tuple[Tensor, dict[str, Any]]:
+    """This rank's token-set multipliers for the flat ``scores`` of its tokens, and the stage's record.
+
+    Args:
+        scores: ``[N]`` this rank's tokens' stage scores.
+        uniforms: ``[N]`` their random draws (:func:`~lightning_tlq.core.tokenset.token_uniforms`).
+        token_set: :class:`~lightning_tlq.config.TokenSetArgs`.
+        collective: gathers and reductions over ranks.
+        image, answer: ``[N]`` bool masks; when given, the record has the kept tokens' shares (``kept_share``).
+        fingerprint: callable ``multiplier -> int`` digest of the set (summed over ranks); recorded when given.
+
+    Returns:
+        ``[N]`` multipliers (0 outside the set) and the record (every count over all ranks).
+    """
+    every = collective.gather_cat(scores)
+    threshold = mass_threshold(every, token_set.keep_mass)
+    sel = select_tokens(scores, uniforms, token_set.keep_mass, token_set.p_rest, threshold=threshold)
+    kept = sel.kept
+    counts = [float(kept.sum()), float(sel.by_mass.sum()), float(scores[sel.by_mass].double().sum())]
+    if image is not None and answer is not None:
+        counts += [float((kept & image).sum()), float((kept & answer).sum())]
+    if fingerprint is not None:
+        counts.append(float(fingerprint(sel.multiplier)))
+    totals = collective.all_reduce(torch.tensor(counts, dtype=torch.float64)).tolist()
+    n_kept, by_mass, mass = totals[:3]
+    total_mass = float(every.double().sum())
+    record: dict[str, Any] = {}
+    if fingerprint is not None:
+        record["token_set_fingerprint"] = int(totals[-1])
+    record.update(
+        tokens_kept=int(n_kept),
+        tokens_by_mass=int(by_mass),
+        mass_covered=mass / total_mass if total_mass > 0 else 1.0,
+    )
+    if image is not None and answer is not None:
+        vision, answers = totals[3:5]
+        record["kept_share"] = {
+            "vision": vision / max(n_kept, 1),
+            "text": (n_kept - vision) / max(n_kept, 1),
+            "answer": answers / max(n_kept, 1),
+        }
+    return sel.multiplier, record
+
+
+def fingerprint(multiplier: Tensor, valid: Sequence[Tensor], sample_ids: Sequence[Tensor]) -> int:
+    """Order-independent digest of a token set: sums of per-token hashes of (sample id, position, multiplier).
+
+    Summed over ranks it is the same for any sharding, so 1-vs-N-rank runs can be compared exactly.
+    """
+    total, start = 0, 0
+    for v, ids in zip(valid, sample_ids):
+        n = int(v.sum())
+        rows, cols = v.nonzero(as_tuple=True)
+        mult = multiplier[start : start + n]
+        start += n
+        keep = mult > 0
+        key = ids[rows[keep]].long() * 1_000_003 + cols[keep].long() * 7919 + (mult[keep] * 1000).round().long()
+        total += int((key * 2_654_435_761 % 2_147_483_647).sum())
+    return total % (2**50)
+
+
+def decoder_token_weights(
+    index: int,
+    names: Sequence[str],
+    importance: Mapping[str, Sequence[Tensor]],
+    masks: Sequence[Any],
+    sample_ids: Sequence[Tensor],
+    *,
+    select: bool,
+    token_set: Any,
+    collective: Any,
+) -> tuple[list[TokenWeights], dict[str, Any]]:
+    """Decoder layer ``index``'s token weights per batch (host tensors) and its token-set record.
+
+    Args:
+        names: the layer's target modules (relative names); ``importance`` is keyed ``"<index>.<name>"`` (empty:
+            uniform weights).
+        masks: per batch, :class:`~lightning_tlq.data.TokenMasks` on the host.
+        select: build the token-level calibration set (methods whose handler ``selects_tokens``).
+    """
+    valid = [~m.pad for m in masks]
+    n_batches = len(masks)
+    layer_imp = [{n: importance[f"{index}.{n}"][b] for n in names} if importance else None for b in range(n_batches)]
+    total = collective.all_reduce(torch.tensor([sum(int(v.sum()) for v in valid)], dtype=torch.float64))
+    record: dict[str, Any] = {"tokens_total": int(total.item())}
+    multipliers: list[Tensor | None] = [None] * n_batches
+    if select:
+        scores = [stage_scores(imp) if imp else v.float() for imp, v in zip(layer_imp, valid)]
+        flat = torch.cat([s[v] for s, v in zip(scores, valid)])
+        uniforms = torch.cat(
+            [token_uniforms(token_set.seed, index, ids, v.shape[1])[v] for ids, v in zip(sample_ids, valid)]
+        )
+        multiplier, set_record = select_token_set(
+            flat,
+            uniforms,
+            token_set,
+            collective,
+            image=torch.cat([m.image[v] for m, v in zip(masks, valid)]),
+            answer=torch.cat([m.answer[v] for m, v in zip(masks, valid)]),
+            fingerprint=lambda mult: fingerprint(mult, valid, sample_ids),
+        )
+        record.update(set_record)
+        multipliers = scatter_back(multiplier, [v.float() for v in valid], valid)
+    weights = [
+        TokenWeights(valid[b], layer_imp[b], multipliers[b], vision=masks[b].image, answer=masks[b].answer & valid[b])
+        for b in range(n_batches)
+    ]
+    return weights, record
