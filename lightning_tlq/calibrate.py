@@ -60,6 +60,8 @@ def calibrate(
     quiet: bool = False,
     export: bool = False,
     callbacks: Sequence[Any] = (),
+    revision: str | None = None,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Calibrate a VLM's language model (with ``quant.vision`` also its vision tower) and save it.
 
@@ -67,8 +69,8 @@ def calibrate(
     the saved model with :func:`lightning_tlq.actquant.apply_saved_activation_quant` applied.
 
     Args:
-        model: a local Hugging Face model directory, the embedded trained ``scenes-llava`` (default), or a built-in
-            random tiny model: ``tiny-llava``, ``tiny-qwen2_vl``.
+        model: the embedded trained ``scenes-llava`` (default), a built-in random tiny model (``tiny-llava``,
+            ``tiny-qwen2_vl``), a local Hugging Face model directory or a hub id (through the Hugging Face cache).
         data: calibration data (default: the calibration split of the task the model was trained on; the scenes
             task for ``scenes-llava``, the synthetic shapes set for the tiny models).
         quant, importance, token_set, memory, metrics, weighted_metrics: the
@@ -90,6 +92,8 @@ def calibrate(
             ``output_dir/packed``, in the same atomic step.
         callbacks: more Fabric callbacks observing the run
             (:class:`~lightning_tlq.observers.CalibrationObserver` hooks).
+        revision: branch, tag or commit of a hub id (default ``main``).
+        trust_remote_code: run the model repository's own code (``from_pretrained``'s flag).
 
     Returns:
         The report (also written to ``output_dir/tlq_report.json``).
@@ -102,6 +106,7 @@ def calibrate(
     if checkpoint:
         prepare_partial_dir(output_dir, resume=resume, overwrite=overwrite)
         fingerprint = {"model": str(model), "data": asdict(data), "dtype": dtype, "seed": seed}
+        fingerprint.update(revision=revision, trust_remote_code=trust_remote_code)
         layer_checkpoint = LayerCheckpoint(
             partial_dir(output_dir), {**fingerprint, **settings.result_settings()}, resume
         )
@@ -110,29 +115,32 @@ def calibrate(
     pipeline = Calibration(
         settings, output_dir=output_dir, overwrite=overwrite, export=export, checkpoint=layer_checkpoint, quiet=quiet
     )
-    return run_on_ranks(fabric, _main, pipeline, model, data, dtype, seed)
+    source = (model, revision, trust_remote_code)
+    return run_on_ranks(fabric, _main, pipeline, source, data, dtype, seed)
 
 
-def _main(fabric: Any, pipeline: Calibration, model: str, data: DataArgs, dtype: str, seed: int) -> dict[str, Any]:
+def _main(
+    fabric: Any, pipeline: Calibration, source: tuple[str, str | None, bool], data: DataArgs, dtype: str, seed: int
+) -> dict[str, Any]:
+    model, revision, trust_remote_code = source  # a hub id: config and processor files now, weights at load
     fabric.seed_everything(seed, verbose=False)
     _cap_gpu_memory(fabric.device, pipeline.settings.memory.max_gpu_memory_gib)
     # Fail fast: structure (meta device, no weights), then data, before the weights are loaded.
-    structure = model_on_meta(model)
+    structure = model_on_meta(*source)
     check_quantizable(structure, pipeline.settings.quant)
     limit = resolve_max_length(data.max_length, model_max_length(structure))
     samples = load_samples(data, model_task(structure.config))
     # Every rank validates every sample: a bad one then fails all ranks alike instead of leaving the others waiting.
-    encoded = encode_samples(load_processor_for(model), samples, limit)
-    module = TLQModule(model, dtype=dtype)
+    encoded = encode_samples(load_processor_for(*source), samples, limit)
+    module = TLQModule(model, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code)
     module.configure_model()
     check_finite_weights(module.model)
     batches = []  # global batches, whole batches per rank: identical batches for any number of ranks
     for ids in shard_batches(len(samples), data.batch_size, fabric.world_size, fabric.global_rank):
         encoded_batch = collate([encoded[i] for i in ids], module.adapter.pad_token_id)
         batches.append({**encoded_batch, "sample_id": torch.tensor(list(ids))})
-    report = pipeline.run(
-        fabric, module, batches, model_name=model, extra_settings={"data": asdict(data), "dtype": dtype}
-    )
+    extra = {"data": asdict(data), "dtype": dtype, "revision": revision, "trust_remote_code": trust_remote_code}
+    report = pipeline.run(fabric, module, batches, model_name=model, extra_settings=extra)
     for logger in fabric.loggers:
         logger.finalize("success")
     return report

@@ -17,6 +17,7 @@ Examples::
     lightning-tlq calibrate --overwrite true                          # scenes-llava, its calibration split, W4A16 g128
     lightning-tlq calibrate --config configs/tiny_llava_w3a16_g64.yaml --quant.bits 2
     lightning-tlq calibrate --model.model_name_or_path /ckpt/llava --data.path calib.jsonl --trainer.devices 2
+    lightning-tlq calibrate --model.model_name_or_path Qwen/Qwen2-VL-2B-Instruct --data.path calib.jsonl  # hub id
     lightning-tlq evaluate --model.model_name_or_path tlq_out --data.seed 1 --output_dir tlq_eval
     lightning-tlq export --checkpoint tlq_out --output_dir tlq_packed          # compressed-tensors checkpoint
     TLQ_CALIBRATE__QUANT__BITS=3 lightning-tlq calibrate --print_config
@@ -68,7 +69,8 @@ class TLQTrainer(pl.Trainer):
         """Quantize a VLM with TLQ (or the rtn / gptq baselines) layer by layer and save it.
 
         Args:
-            model: The model to quantize (its ``model_name_or_path`` and ``dtype``).
+            model: The model to quantize (its ``model_name_or_path``: a built-in name, a local directory or a hub id,
+                ``revision``, ``trust_remote_code`` and ``dtype``).
             datamodule: Calibration data (default: 64 built-in synthetic samples).
             quant: Quantization settings, incl. ``method``.
             importance: Token importance settings.
@@ -106,6 +108,8 @@ class TLQTrainer(pl.Trainer):
             seed=_global_seed(),
             quiet=quiet,
             export=export,
+            revision=model.hparams.revision,
+            trust_remote_code=model.hparams.trust_remote_code,
             loggers=self.loggers,
             **fabric_settings(self),
         )
@@ -118,6 +122,7 @@ class TLQTrainer(pl.Trainer):
         overwrite: bool = False,
         max_new_tokens: int = 8,
         reference_model: str | None = None,
+        reference_revision: str | None = None,
         exact_match: str = "greedy",
         quiet: bool = False,
     ) -> dict[str, Any]:
@@ -131,8 +136,9 @@ class TLQTrainer(pl.Trainer):
             output_dir: Where ``metrics.json`` goes.
             overwrite: Replace ``output_dir`` if it exists.
             max_new_tokens: Greedy generation length per answer.
-            reference_model: The full-precision model (local directory or tiny model; same tokenizer and
+            reference_model: The full-precision model (built-in name, local directory or hub id; same tokenizer and
                 vocabulary): report KL(P_ref || P_model) at every answer token, both models on the same batches.
+            reference_revision: Branch, tag or commit of a hub id ``reference_model`` (default ``main``).
             exact_match: ``greedy`` (generate and compare) or ``teacher_forced`` (the argmax at every answer position
                 is the reference token; no generation, the same verdicts for answers with one tokenization).
             quiet: No progress bar and no summary line.
@@ -151,6 +157,9 @@ class TLQTrainer(pl.Trainer):
             dtype=model.hparams.dtype,
             reference_model=reference_model,
             exact_match=exact_match,
+            revision=model.hparams.revision,
+            trust_remote_code=model.hparams.trust_remote_code,
+            reference_revision=reference_revision,
             seed=_global_seed(),
             quiet=quiet,
             loggers=self.loggers,
@@ -167,25 +176,27 @@ class TLQTrainer(pl.Trainer):
         act_bits: int | None = None,
         max_shard_size: str = "5GB",
         quiet: bool = False,
+        revision: str | None = None,
     ) -> dict[str, Any]:
         """Write a calibrated directory as a compressed-tensors checkpoint (``from_pretrained``/vLLM loadable).
 
         Args:
             model: Unused (the checkpoint says what the model is).
             datamodule: Unused.
-            checkpoint: A directory written by ``lightning-tlq calibrate``.
-            output_dir: Where to write; default ``<checkpoint>/packed``.
+            checkpoint: A directory written by ``lightning-tlq calibrate``, or the hub id of one.
+            output_dir: Where to write; default ``<checkpoint>/packed`` (required for a hub id).
             overwrite: Replace ``output_dir`` if it exists.
             act_bits: None = as calibrated, 16 = weight-only (``pack-quantized``), 8 = int8 per-token activations.
             max_shard_size: Largest weight file, e.g. ``5GB``; bigger checkpoints are sharded with an index.
             quiet: No summary line.
+            revision: Branch, tag or commit of a hub id ``checkpoint``.
 
         Returns:
             A summary: output directory, format, bytes written, quantized and ignored module counts.
         """
         from lightning_tlq.export import export
 
-        return export(checkpoint, output_dir, overwrite, act_bits, max_shard_size, quiet)
+        return export(checkpoint, output_dir, overwrite, act_bits, max_shard_size, quiet, revision=revision)
 
 
 def _model_source(model: TLQModule) -> str:
@@ -301,8 +312,8 @@ def _configure_logging(quiet: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of the ``lightning-tlq`` console script."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    """Entry point of the ``lightning-tlq`` console script (hub ids: ``HF_HUB_OFFLINE`` / ``HF_HOME`` as the user set
+    them, see :mod:`lightning_tlq.hub`)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # keep the summary readable

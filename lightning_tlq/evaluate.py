@@ -77,12 +77,15 @@ def evaluate(
     seed: int = 0,
     quiet: bool = False,
     exact_match: str = "greedy",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    reference_revision: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate a (quantized) VLM: exact match per question type, answer-token NLL/perplexity, KL to a reference.
 
     Args:
         model: a local Hugging Face model directory (e.g. the output of ``calibrate``), the embedded
-            ``scenes-llava`` (default) or a built-in tiny model.
+            ``scenes-llava`` (default), a built-in tiny model or a hub id (through the Hugging Face cache).
         data: evaluation data: a JSONL, or (``data.path`` None) the ``test`` split of the task the model was
             trained on unless ``data.split`` says otherwise (tiny models: the shapes set, held out by another
             ``data.seed``); ``data.batch_size`` samples per forward and per ``generate`` call.
@@ -98,6 +101,9 @@ def evaluate(
         exact_match: ``greedy`` (generate, compare normalised answers) or ``teacher_forced`` (correct when the
             argmax at every answer position is the reference token; no generation; equal verdicts whenever each
             answer has one tokenization, a lower bound otherwise).
+        revision: branch, tag or commit of a hub id ``model``.
+        trust_remote_code: run the repositories' own code (``from_pretrained``'s flag), for both models.
+        reference_revision: branch, tag or commit of a hub id ``reference_model``.
 
     Returns:
         The metrics (also written to ``output_dir/metrics.json``).
@@ -109,27 +115,30 @@ def evaluate(
     if exact_match not in ("greedy", "teacher_forced"):
         raise ValueError(f"exact_match={exact_match!r} is not supported; choose one of greedy, teacher_forced.")
     check_output_dir(output_dir, overwrite)
-    if reference_model is not None:
-        _reference_structure(reference_model)  # a missing or unsupported reference fails before any process starts
+    model_source = (model, revision, trust_remote_code)
+    reference = (reference_model, reference_revision, trust_remote_code) if reference_model is not None else None
+    if reference is not None:
+        _reference_structure(*reference)  # a missing or unsupported reference fails before any process starts
     fabric = build_fabric(accelerator, devices, num_nodes, strategy, loggers)
-    args = (model, reference_model, data, output_dir, overwrite, max_new_tokens, dtype, seed, quiet, exact_match)
+    args = (model_source, reference, data, output_dir, overwrite, max_new_tokens, dtype, seed, quiet, exact_match)
     return run_on_ranks(fabric, _main, *args)
 
 
-def _reference_structure(reference_model: str) -> Any:
+def _reference_structure(reference_model: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
     try:
-        return model_on_meta(reference_model)
+        return model_on_meta(reference_model, revision, trust_remote_code)
     except (FileNotFoundError, ValueError) as err:
         raise type(err)(f"reference_model={reference_model!r}: {err}") from err
 
 
 def _check_reference(
-    model: str, reference_model: str, structure: Any, processor: Any, sample: Sample, item: dict, limit: int | None
+    model: str, reference: tuple, structure: Any, processor: Any, sample: Sample, item: dict, limit: int | None
 ) -> None:
     """Same vocabulary, same tokenizer and the same encoding of the first sample, before any weights load."""
-    reference_processor = load_processor_for(reference_model)
+    reference_model = reference[0]
+    reference_processor = load_processor_for(*reference)
     names = (model, reference_model)
-    check_reference(structure, processor, _reference_structure(reference_model), reference_processor, names=names)
+    check_reference(structure, processor, _reference_structure(*reference), reference_processor, names=names)
     theirs = encode_sample(reference_processor, sample, limit)
     if theirs.keys() != item.keys() or any(not torch.equal(theirs[key], item[key]) for key in item):
         raise ValueError(
@@ -140,8 +149,8 @@ def _check_reference(
 
 def _main(
     fabric: Any,
-    model: str,
-    reference_model: str | None,
+    model_source: tuple[str, str | None, bool],
+    reference_source: tuple[str, str | None, bool] | None,
     data: DataArgs,
     output_dir: str,
     overwrite: bool,
@@ -153,15 +162,19 @@ def _main(
 ) -> dict[str, Any]:
     start = time.perf_counter()
     fabric.seed_everything(seed, verbose=False)
-    structure = model_on_meta(model)
+    model, revision, trust_remote_code = model_source
+    reference_model = reference_source[0] if reference_source is not None else None
+    structure = model_on_meta(*model_source)  # a hub id: config and processor files now, weights at load
     limit = resolve_max_length(data.max_length, model_max_length(structure))
     samples = load_samples(data, model_task(structure.config), default_split="test")  # held out, never calibrated
-    processor = load_processor_for(model)
+    processor = load_processor_for(*model_source)
     encoded = encode_samples(processor, samples, limit)
-    if reference_model is not None:
-        _check_reference(model, reference_model, structure, processor, samples[0], encoded[0], limit)
-    module = load_module(model, dtype, fabric.device)
-    reference = load_module(reference_model, dtype, fabric.device) if reference_model is not None else None
+    if reference_source is not None:
+        _check_reference(model, reference_source, structure, processor, samples[0], encoded[0], limit)
+    module = load_module(model, dtype, fabric.device, revision, trust_remote_code)
+    reference = None
+    if reference_source is not None:
+        reference = load_module(reference_model, dtype, fabric.device, *reference_source[1:])
     rank, world = fabric.global_rank, fabric.world_size
     shard = evaluate_shard(
         module, samples[rank::world], encoded[rank::world], reference=reference,
@@ -181,7 +194,10 @@ def _main(
             "dtype": dtype,
             "world_size": world,
             "exact_match": exact_match,
-        },  # fmt: skip
+            "revision": revision,
+            "trust_remote_code": trust_remote_code,
+            "reference_revision": reference_source[1] if reference_source else None,
+        },
         "examples": _first_records(fabric, shard.records, NUM_EXAMPLES),
     }
     fabric.log_dict(_logged(result))

@@ -198,18 +198,20 @@ def export(
     act_bits: int | None = None,
     max_shard_size: str = "5GB",
     quiet: bool = False,
+    revision: str | None = None,
 ) -> dict[str, Any]:
     """Write a calibrated directory as a compressed-tensors checkpoint (``from_pretrained``/vLLM loadable).
 
     Args:
         checkpoint: a directory written by ``lightning-tlq calibrate`` (fake-quantized model, ``tlq_report.json``
-            and ``tlq_qparams.safetensors``).
-        output_dir: where to write; default ``<checkpoint>/packed``.
+            and ``tlq_qparams.safetensors``), or the hub id of one (fetched through the Hugging Face cache).
+        output_dir: where to write; default ``<checkpoint>/packed`` (required for a hub id).
         overwrite: replace ``output_dir`` if it exists.
         act_bits: activation scheme: None = as calibrated (``quant.act_bits`` if the run had it, else weight-only),
             16 = weight-only (``pack-quantized``), 8 = dynamic per-token int8 activations (``int-quantized``).
         max_shard_size: largest weight file, e.g. ``5GB``, ``500MB``; bigger checkpoints are sharded with an index.
         quiet: do not print the summary line.
+        revision: branch, tag or commit of a hub id ``checkpoint``.
 
     Returns:
         A summary: output directory, format, bytes written, quantized and ignored module counts.
@@ -218,7 +220,7 @@ def export(
         ExportError: when the input is not a calibrated directory, lacks its codes, was modified after calibration,
             or the settings cannot be stored in the format; nothing is written then.
     """
-    src = Path(checkpoint).expanduser()
+    src = _source_dir(checkpoint, output_dir, revision)
     dst = Path(output_dir).expanduser() if output_dir is not None else src / PACKED_DIRNAME
     _check_input(src)
     with atomic_output_dir(dst, overwrite) as tmp:
@@ -313,6 +315,21 @@ def write_packed(
         "bytes": sum(p.stat().st_size for p in dst.iterdir() if p.is_file()),
         "files": sorted(p.name for p in dst.iterdir()),
     }
+
+
+def _source_dir(checkpoint: str, output_dir: str | None, revision: str | None) -> Path:
+    """A local directory as given; a hub id's cached snapshot (config, weights and ``tlq_*`` files)."""
+    from lightning_tlq.hub import is_hub_id, model_dir
+
+    src = Path(checkpoint).expanduser()
+    if (src.exists() and revision is None) or not is_hub_id(str(checkpoint)):
+        return src
+    if output_dir is None:
+        raise ExportError(
+            f"{checkpoint!r} is a hub id: pass output_dir (--output_dir); the default, <checkpoint>/packed, "
+            "needs a local directory."
+        )
+    return model_dir(checkpoint, revision, extra_patterns=("tlq_*",))
 
 
 def _check_input(src: Path) -> None:

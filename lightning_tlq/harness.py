@@ -98,17 +98,25 @@ class ReferenceLogits:
 # --------------------------------------------------------------------------------------------- models
 
 
-def load_module(name_or_path: str, dtype: str = "float32", device: torch.device | str | None = None) -> TLQModule:
+def load_module(
+    name_or_path: str,
+    dtype: str = "float32",
+    device: torch.device | str | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> TLQModule:
     """Build a model for evaluation: weights checked for NaN/Inf, a saved W4A8 activation scheme applied.
 
     Args:
-        name_or_path: A local Hugging Face directory (e.g. ``calibrate``'s output) or a built-in tiny model.
+        name_or_path: A local Hugging Face directory (e.g. ``calibrate``'s output), a built-in model or a hub id.
         dtype: ``float32``, ``bfloat16`` or ``float16``.
         device: Where to put it (default: stays on the CPU).
+        revision: Branch, tag or commit of a hub id.
+        trust_remote_code: Run the model repository's own code.
     """
     from lightning_tlq.preflight import check_finite_weights
 
-    module = TLQModule(name_or_path, dtype=dtype)
+    module = TLQModule(name_or_path, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code)
     module.configure_model()
     check_finite_weights(module.model)
     if _has_saved_scheme(module.model):

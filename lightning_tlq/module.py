@@ -18,15 +18,24 @@ class TLQModule(pl.LightningModule):
     """A frozen HF vision-language model whose loss is the SFT loss on answer tokens.
 
     Args:
-        model_name_or_path: a local Hugging Face model directory, the embedded trained ``scenes-llava`` (default),
-            or a built-in random tiny model (``tiny-llava``, ``tiny-qwen2_vl``).
+        model_name_or_path: the embedded trained ``scenes-llava`` (default), a built-in random tiny model
+            (``tiny-llava``, ``tiny-qwen2_vl``), a local Hugging Face model directory or a hub id (``org/name``,
+            through the Hugging Face cache as ``from_pretrained``: :mod:`lightning_tlq.hub`).
         dtype: ``float32``, ``bfloat16`` or ``float16``.
+        revision: branch, tag or commit of a hub id (default ``main``).
+        trust_remote_code: run the model repository's own code, as ``from_pretrained(trust_remote_code=True)``.
 
     The model is built in :meth:`configure_model` (once), all weights have ``requires_grad=False``, and
     :meth:`sft_loss` makes activation gradients available for importance collection.
     """
 
-    def __init__(self, model_name_or_path: str = DEFAULT_MODEL, dtype: str = "float32") -> None:
+    def __init__(
+        self,
+        model_name_or_path: str = DEFAULT_MODEL,
+        dtype: str = "float32",
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model: Any = None
@@ -37,7 +46,8 @@ class TLQModule(pl.LightningModule):
         """Build (or load) the HF model and processor once; freeze the weights."""
         if self.model is not None:
             return
-        model, processor = resolve_model(self.hparams.model_name_or_path, dtype=self.hparams.dtype)
+        hp = self.hparams
+        model, processor = resolve_model(hp.model_name_or_path, hp.dtype, hp.revision, hp.trust_remote_code)
         self.attach(model, processor)
 
     def attach(self, model: Any, processor: Any) -> TLQModule:

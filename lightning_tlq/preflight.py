@@ -9,7 +9,6 @@ by the group size) -> data (images readable, answers present, lengths within the
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,37 +29,38 @@ __all__ = [
 ]
 
 
-def _config_for(name_or_path: str) -> Any:
+def _config_for(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
     from transformers import AutoConfig
 
-    from lightning_tlq.models.scenes import embedded_path
-    from lightning_tlq.models.tiny import TINY_MODELS, _check_model_dir, build_config, build_tokenizer
+    from lightning_tlq.hub import model_dir
+    from lightning_tlq.models.tiny import TINY_MODELS, build_config, build_tokenizer
 
-    name_or_path = embedded_path(name_or_path)
-    if name_or_path in TINY_MODELS:
+    if name_or_path in TINY_MODELS and revision is None:
         family = TINY_MODELS[name_or_path]
         return build_config(family, build_tokenizer(family))
-    path = Path(name_or_path).expanduser()
-    _check_model_dir(path, name_or_path)
+    path = model_dir(name_or_path, revision, weights=False)  # a hub id: config and processor files only
     try:
-        return AutoConfig.from_pretrained(path, local_files_only=True)
+        return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     except (ValueError, KeyError) as err:
+        hint = " Pass --model.trust_remote_code true to run it." if "trust_remote_code" in str(err) else ""
         raise UnsupportedModelError(
-            f"{path}/config.json describes a model transformers cannot build ({err}). Supported model types: "
+            f"{path}/config.json describes a model transformers cannot build ({err}).{hint} Supported model types: "
             f"{', '.join(supported_model_types())}."
         ) from err
 
 
-def model_on_meta(name_or_path: str) -> nn.Module:
-    """The model's structure without its weights (``meta`` device), to validate it in milliseconds.
+def model_on_meta(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False) -> nn.Module:
+    """The model's structure without its weights (``meta`` device), to validate it in milliseconds. For a hub id,
+    only the config and processor files are fetched (the weights come with :func:`~lightning_tlq.models.resolve_model`).
 
     Raises:
-        FileNotFoundError: If the name is no tiny model and no such directory exists.
+        ModelNotFoundError: (a ``FileNotFoundError``) if the name is no built-in model, no directory and no cached or
+            downloadable hub id.
         UnsupportedModelError: If no adapter handles the model type.
     """
     from transformers import AutoModelForImageTextToText
 
-    config = _config_for(name_or_path)
+    config = _config_for(name_or_path, revision, trust_remote_code)
     model_type = getattr(config, "model_type", None)
     if model_type not in supported_model_types():
         raise UnsupportedModelError(
@@ -69,7 +69,7 @@ def model_on_meta(name_or_path: str) -> nn.Module:
         )
     with torch.device("meta"):
         try:
-            return AutoModelForImageTextToText.from_config(config)
+            return AutoModelForImageTextToText.from_config(config, trust_remote_code=trust_remote_code)
         except ValueError as err:
             raise UnsupportedModelError(
                 f"Model {name_or_path!r} ({model_type}) is not an image-text-to-text model: {err}"
@@ -134,14 +134,14 @@ def resolve_max_length(requested: int | None, model_limit: int | None) -> int | 
     return requested
 
 
-def load_processor_for(name_or_path: str) -> Any:
+def load_processor_for(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
     """The processor alone (cheap), so the data can be validated before the weights are loaded."""
-    from lightning_tlq.models.scenes import embedded_path
+    from lightning_tlq.hub import model_dir
     from lightning_tlq.models.tiny import TINY_MODELS, build_processor, load_processor
 
-    if name_or_path in TINY_MODELS:
+    if name_or_path in TINY_MODELS and revision is None:
         return build_processor(TINY_MODELS[name_or_path])
-    return load_processor(Path(embedded_path(name_or_path)).expanduser())
+    return load_processor(model_dir(name_or_path, revision, weights=False), trust_remote_code=trust_remote_code)
 
 
 def check_finite_weights(model: nn.Module) -> None:

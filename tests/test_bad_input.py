@@ -140,8 +140,8 @@ def test_unsupported_architecture(tmp_path, calibrate_cli, no_weights_loaded):
     (tmp_path / "notamodel").mkdir()
     _fails(calibrate_cli, tmp_path / "out", ValueError, "not a Hugging Face model directory \\(no config.json\\)",
            "--model.model_name_or_path", str(tmp_path / "notamodel"))  # fmt: skip
-    _fails(calibrate_cli, tmp_path / "out", FileNotFoundError, "neither a tiny model .* nor an existing local dir",
-           "--model.model_name_or_path", "org/some-hub-model")  # fmt: skip
+    _fails(calibrate_cli, tmp_path / "out", FileNotFoundError, "neither a built-in model .* nor a Hugging Face hub id",
+           "--model.model_name_or_path", str(tmp_path / "nowhere"))  # fmt: skip
 
 
 def _edited_copy(src, dst, edit):

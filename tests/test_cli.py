@@ -46,7 +46,12 @@ def test_help_lists_the_subcommands(capsys):
 
 def test_print_config_has_the_lightning_groups_and_the_method_arguments(capsys):
     cfg = _printed(capsys, "calibrate")
-    assert cfg["model"] == {"model_name_or_path": "scenes-llava", "dtype": "float32"}
+    assert cfg["model"] == {
+        "model_name_or_path": "scenes-llava",
+        "dtype": "float32",
+        "revision": None,
+        "trust_remote_code": False,
+    }
     assert cfg["data"]["num_samples"] == 64
     assert cfg["trainer"]["logger"] is False
     assert cfg["seed_everything"] == 0

@@ -129,7 +129,7 @@ def test_resolve_model_names_paths_and_dtype(tmp_path):
 
 
 def test_resolve_model_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="neither a tiny model"):
+    with pytest.raises(FileNotFoundError, match="neither a built-in model .* nor a Hugging Face hub id"):
         resolve_model(tmp_path / "missing")
     with pytest.raises(ValueError, match="no config.json"):
         resolve_model(tmp_path)

@@ -325,49 +325,44 @@ def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
-def _check_model_dir(path: Path, name: str) -> None:
-    if not path.exists():
-        raise FileNotFoundError(
-            f"Model {name!r} is neither a tiny model ({sorted(TINY_MODELS)}) nor an existing local directory. "
-            "Downloads from the hub are disabled: pass the path of a saved Hugging Face model directory."
-        )
-    if not path.is_dir() or not (path / "config.json").is_file():
-        raise ValueError(
-            f"{path} is not a Hugging Face model directory (no config.json). Save one with "
-            "`model.save_pretrained(dir)` and `processor.save_pretrained(dir)`."
-        )
-
-
 def resolve_model(
-    name_or_path: str | os.PathLike[str] = DEFAULT_MODEL, dtype: str | torch.dtype | None = None
+    name_or_path: str | os.PathLike[str] = DEFAULT_MODEL,
+    dtype: str | torch.dtype | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
 ) -> tuple[PreTrainedModel, ProcessorMixin]:
-    """Load a model and processor by tiny-model name or local directory (never from the hub).
+    """Load a model and processor by built-in name, local directory or Hugging Face hub id (through the hub cache,
+    as ``from_pretrained``; see :mod:`lightning_tlq.hub`).
 
     Args:
-        name_or_path: ``"scenes-llava"`` (the embedded trained model), ``"tiny-llava"``, ``"tiny-qwen2_vl"`` or a
-            local directory holding a saved image-text-to-text model and its processor.
+        name_or_path: ``"scenes-llava"`` (the embedded trained model), ``"tiny-llava"``, ``"tiny-qwen2_vl"``, a
+            local directory holding a saved image-text-to-text model and its processor, or a hub id.
         dtype: Optional ``"float32"``, ``"bfloat16"`` or ``"float16"``; default keeps fp32 for tiny
             models and the checkpoint's dtype otherwise.
+        revision: Branch, tag or commit of a hub id (default ``main``).
+        trust_remote_code: Run the model repository's own code (``from_pretrained``'s flag).
 
     Returns:
         ``(model, processor)`` with the model in eval mode.
 
     Raises:
-        FileNotFoundError: If the name is not a tiny model and no such directory exists.
+        ModelNotFoundError: (a ``FileNotFoundError``) if the name is no built-in model, no directory and no hub id
+            that is cached or downloadable.
         ValueError: If the directory is not an HF model directory, or the dtype is unknown.
     """
-    from lightning_tlq.models.scenes import embedded_path
+    from lightning_tlq.hub import model_dir
 
     torch_dtype = _resolve_dtype(dtype)
-    name = embedded_path(str(name_or_path))
-    if name in TINY_MODELS:
+    name = str(name_or_path)
+    if name in TINY_MODELS and revision is None:
         model, processor = build_tiny_vlm(TINY_MODELS[name])
         return (model.to(torch_dtype) if torch_dtype else model), processor
-    path = Path(name).expanduser()
-    _check_model_dir(path, name)
+    path = model_dir(name, revision)
     kwargs = {"dtype": torch_dtype} if torch_dtype else {"dtype": "auto"}
-    model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True, **kwargs)
-    return model.eval(), load_processor(path)
+    model = AutoModelForImageTextToText.from_pretrained(
+        path, local_files_only=True, trust_remote_code=trust_remote_code, **kwargs
+    )
+    return model.eval(), load_processor(path, trust_remote_code=trust_remote_code)
 
 
 def _saved_processor_class(path: Path) -> str | None:
@@ -380,13 +375,15 @@ def _saved_processor_class(path: Path) -> str | None:
     return None
 
 
-def load_processor(path: str | os.PathLike[str]) -> ProcessorMixin:
-    """Load a saved multimodal processor from a local directory (never from the hub).
+def load_processor(path: str | os.PathLike[str], trust_remote_code: bool = False) -> ProcessorMixin:
+    """Load a saved multimodal processor from a local directory (:func:`lightning_tlq.hub.model_dir` gives one for a
+    hub id).
 
     Falls back to :class:`Qwen2VLImageOnlyProcessor` for Qwen2-VL checkpoints when torchvision is missing.
 
     Args:
         path: Directory written by ``processor.save_pretrained``.
+        trust_remote_code: Run the directory's own processor code (``from_pretrained``'s flag).
 
     Returns:
         The processor.
@@ -396,7 +393,7 @@ def load_processor(path: str | os.PathLike[str]) -> ProcessorMixin:
     """
     path = Path(path)
     try:
-        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ImportError, ValueError, TypeError, AttributeError) as err:
         if _saved_processor_class(path) == "Qwen2VLProcessor" and not is_torchvision_available():
             return Qwen2VLImageOnlyProcessor.from_pretrained(path, local_files_only=True)

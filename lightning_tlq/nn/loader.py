@@ -200,16 +200,19 @@ def load_packed(
     dtype: torch.dtype | None = None,
     kernel: Kernel = "auto",
     model_class: Any = None,
+    revision: str | None = None,
 ) -> nn.Module:
     """Load an exported directory as a model whose quantized layers stay packed (:class:`PackedLinear`).
 
     Args:
         path: a directory written by ``lightning-tlq export`` (or any compressed-tensors ``pack-quantized`` /
-            ``int-quantized`` checkpoint with one int weight scheme).
+            ``int-quantized`` checkpoint with one int weight scheme), or the hub id of one (through the Hugging Face
+            cache, as ``from_pretrained``).
         device: where the model goes.
         dtype: dtype of the unquantized weights, scales and activations; default: the checkpoint's.
         kernel: ``PackedLinear`` forward path (``auto``, ``dequant``, ``int4``).
         model_class: transformers class to build (default ``AutoModelForImageTextToText``).
+        revision: branch, tag or commit of a hub id.
 
     Returns:
         The model in eval mode.
@@ -220,7 +223,9 @@ def load_packed(
     """
     from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig
 
-    path = Path(path).expanduser()
+    from lightning_tlq.hub import model_dir
+
+    path = model_dir(path, revision)  # a local directory as given; a hub id: its cached snapshot with the weights
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     qc = getattr(config, "quantization_config", None)
     if qc is None:
