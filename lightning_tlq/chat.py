@@ -320,7 +320,13 @@ def encode_chat(
     encoded: dict[str, dict[str, torch.Tensor]] = {}
 
     def tokenize(text: str, n_images: int) -> list[int]:
-        encoded[text] = _run_processor(processor, sample.images[:n_images], text)
+        try:
+            encoded[text] = _run_processor(processor, sample.images[:n_images], text)
+        except ValueError as err:
+            raise ValueError(
+                f"{label}: the processor refused the text rendered by the chat template ({err}); does the template "
+                "place every image part?"
+            ) from err
         return encoded[text]["input_ids"][0].tolist()
 
     full_text = render(sample.messages, False)
