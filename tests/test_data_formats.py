@@ -204,3 +204,20 @@ def test_bad_chat_records(record, match, sources, tmp_path, calibrate_cli, no_we
     data = _write_jsonl(tmp_path / "d.jsonl", [record])
     root = sources["legacy"][1].rsplit("/", 1)[0]
     _fails(calibrate_cli, tmp_path / "out", ValueError, match, "--data.path", str(data), "--data.image_root", root)
+
+
+def test_datamodule_reads_a_dataset(sources):
+    from lightning_tlq.datamodule import CalibrationDataModule
+
+    processor = build_processor("llava")
+    module = CalibrationDataModule(dataset=sources["save_to_disk"][1], num_samples=N, batch_size=4)
+    module.prepare(processor, processor.tokenizer.pad_token_id)
+    reference = encode_samples(processor, load_samples(DataArgs(path=sources["legacy"][1], num_samples=N)), None)
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(module.encoded, reference, strict=True) for k in b)
+    assert [b["input_ids"].shape[0] for b in module.calibration_dataloader()] == [4, 4]
+
+
+def test_hub_dataset_not_in_the_cache_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match=r"data.dataset='org/not-cached' is no local file .*HF_HUB_OFFLINE"):
+        load_samples(DataArgs(dataset="org/not-cached"))
