@@ -113,7 +113,7 @@ def _content_parts(content: Any, where: str, load: Callable[[Any], Image.Image],
     return parts
 
 
-def _attach_images(messages: list[Message], inline: list, images: list[Image.Image], where: str, what: str) -> list:
+def _attach_images(inline: list, images: list[Image.Image], where: str, what: str) -> list:
     """Images in order of their parts: inline ones where given, the sample's list for the others (counts checked)."""
     wanted = sum(image is None for image in inline)
     if wanted != len(images):
@@ -156,7 +156,7 @@ def parse_messages(
         if role not in ROLES:
             raise ValueError(f"{where}: message {i} has role {role!r}; roles must be one of {', '.join(ROLES)}.")
         messages.append({"role": role, "content": _content_parts(turn.get("content"), where, load, inline)})
-    all_images = _attach_images(messages, inline, list(images), where, "image part(s)")
+    all_images = _attach_images(inline, list(images), where, "image part(s)")
     _check_turns(messages, where)
     return ChatSample(messages, all_images, kind)
 
@@ -182,7 +182,7 @@ def parse_conversations(turns: Any, images: Sequence[Image.Image], where: str, k
             raise ValueError(f"{where}: conversation turn {i} needs a string 'value', got {value!r}.")
         messages.append({"role": SHAREGPT_ROLES[speaker], "content": _text_parts(value, markers=True)})
     markers = sum(p["type"] == "image" for m in messages for p in m["content"])
-    all_images = _attach_images(messages, [None] * markers, list(images), where, f"{IMAGE_MARKER} marker(s)")
+    all_images = _attach_images([None] * markers, list(images), where, f"{IMAGE_MARKER} marker(s)")
     _check_turns(messages, where)
     return ChatSample(messages, all_images, kind)
 

@@ -64,21 +64,19 @@ def _load(name: str, split: str) -> tuple[Any, Path | None]:
 
 
 def _split_of_saved(saved: Any, split: str, name: str) -> Any:
-    """``split`` (with an optional slice, e.g. ``test[:200]``) of a ``load_from_disk`` result."""
+    """``split`` (a name with an optional slice, e.g. ``test[:200]``; ``a+b`` joins) of a ``load_from_disk`` result;
+    a single saved ``Dataset`` is its own split, whatever its name."""
     datasets = _datasets()
-    instruction = datasets.ReadInstruction.from_spec(split)
     if isinstance(saved, datasets.DatasetDict):
-        split_name = instruction._relative_instructions[0].splitname
-        if split_name not in saved:
-            raise ValueError(f"data.split={split!r}: {name} has the splits {sorted(saved)}; choose one of them.")
-        saved = saved[split_name]
-        sizes = {split_name: len(saved)}
-    else:  # a single saved Dataset: the split name is its own (any name is accepted), the slice applies
-        split_name = instruction._relative_instructions[0].splitname
-        sizes = {split_name: len(saved)}
-    ranges = instruction.to_absolute(sizes)
-    indices = [i for r in ranges for i in range(r.from_, r.to)]
-    return saved if indices == list(range(len(saved))) else saved.select(indices)
+        parts = dict(saved)
+    else:
+        parts = {split.split("[")[0].strip(): saved}
+    try:
+        ranges = datasets.ReadInstruction.from_spec(split).to_absolute({k: len(v) for k, v in parts.items()})
+    except (ValueError, AssertionError) as err:
+        raise ValueError(f"data.split={split!r}: {name} has the splits {sorted(parts)} ({err}).") from err
+    pieces = [parts[r.splitname].select(range(r.from_, r.to)) for r in ranges]
+    return pieces[0] if len(pieces) == 1 else datasets.concatenate_datasets(pieces)
 
 
 def _column(columns: list[str], given: str | None, defaults: tuple[str, ...], flag: str) -> str | None:

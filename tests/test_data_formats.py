@@ -22,6 +22,7 @@ from lightning_tlq.data import synthetic_samples
 from lightning_tlq.datamodule import encode_samples, load_samples
 from lightning_tlq.models.tiny import build_processor
 from lightning_tlq.module import TLQModule
+from lightning_tlq.preflight import load_processor_for
 
 N = 8
 
@@ -94,8 +95,9 @@ FORMATS = ("messages_jsonl", "inline_jsonl", "conversations_jsonl", "save_to_dis
            "json_question_answer")  # fmt: skip
 
 
-def test_every_format_encodes_like_the_question_answer_jsonl(sources):
-    processor = build_processor("llava")
+@pytest.mark.parametrize("model", ["tiny-llava", "tiny-qwen2_vl", "scenes-llava"])
+def test_every_format_encodes_like_the_question_answer_jsonl(model, sources):
+    processor = load_processor_for(model)
     args = {"--data.path": "path", "--data.dataset": "dataset", "--data.split": "split"}
 
     def encoded(flags):
