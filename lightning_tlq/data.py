@@ -13,10 +13,13 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    from lightning_tlq.chat import ChatSample
 
 COLORS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
 SHAPES: tuple[str, ...] = ("square", "circle", "triangle")
@@ -198,7 +201,7 @@ def _load_image(path: Path, where: str) -> Image.Image:
         raise ValueError(f"{where}: cannot read image {path} ({err}); is the file a valid image?") from err
 
 
-def _parse_record(line: str, where: str, image_root: Path) -> Sample:
+def _parse_record(line: str, where: str, image_root: Path) -> Sample | ChatSample:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
@@ -219,7 +222,7 @@ def _parse_record(line: str, where: str, image_root: Path) -> Sample:
     return Sample(image, record["question"], record["answer"], str(record.get("kind", "")))
 
 
-def _parse_chat_record(record: dict, where: str, image_root: Path) -> Any:
+def _parse_chat_record(record: dict, where: str, image_root: Path) -> ChatSample:
     """A ``{"messages"}`` / ``{"conversations"}`` record (images: ``"images"`` list or ``"image"``, paths)."""
     from lightning_tlq.chat import parse_chat
 
@@ -235,7 +238,9 @@ def _parse_chat_record(record: dict, where: str, image_root: Path) -> Any:
     return parse_chat(turns, [load(s) for s in sources], where, load, str(record.get("kind", "")))
 
 
-def load_jsonl(path: str | os.PathLike[str], image_root: str | os.PathLike[str] | None = None) -> list[Sample]:
+def load_jsonl(
+    path: str | os.PathLike[str], image_root: str | os.PathLike[str] | None = None
+) -> list[Sample | ChatSample]:
     """Load samples from a JSONL file of ``{"image", "question", "answer", "kind"?}`` objects or chat records
     (``{"messages"}`` / ``{"conversations"}``, see :mod:`lightning_tlq.chat`; they load as ``ChatSample``).
 
@@ -324,9 +329,10 @@ def _length_limit(processor: Any, max_length: int | None) -> int | None:
 
 
 def encode_sample(
-    processor: Any, sample: Sample, max_length: int | None = None, *, name: str | None = None
+    processor: Any, sample: Sample | ChatSample, max_length: int | None = None, *, name: str | None = None
 ) -> dict[str, torch.Tensor]:
-    """Encode a sample as prompt + answer + eos, supervising only the answer.
+    """Encode a sample as prompt + answer + eos, supervising only the answer (a chat sample: rendered by the chat
+    template, every assistant turn supervised, see :func:`lightning_tlq.chat.encode_chat`).
 
     Args:
         processor: A multimodal HF processor (expands image placeholders to the model's image tokens).
