@@ -17,7 +17,6 @@ from lightning_tlq.methods import Method, get_method, method_names
 MethodName = Literal[method_names()]  # type: ignore[valid-type]  # the registered methods
 Score = Literal["fisher", "grad_abs", "taylor"]
 ImportanceMode = Literal["token", "modality", "none"]
-DataSplit = Literal["calibration", "validation", "test"]
 Target = Literal["quantized", "fp"]
 
 log = logging.getLogger(__name__)
@@ -165,9 +164,10 @@ class DataArgs:
     """Calibration data."""
 
     path: str | None = None
-    """JSONL of {"image", "question", "answer"}; None uses the built-in synthetic set."""
+    """JSONL of {"image", "question", "answer"} or chat-format ({"messages"} / {"conversations"}) records; None uses
+    the built-in synthetic set."""
     image_root: str | None = None
-    """Folder that relative image paths start from (default: the JSONL's folder)."""
+    """Folder that relative image paths start from (default: the JSONL's or dataset file's folder)."""
     num_samples: int = 64
     """Calibration samples to use (the first N of the file; synthetic: N generated)."""
     batch_size: int = 4
@@ -175,16 +175,40 @@ class DataArgs:
     max_length: int | None = None
     """Reject samples longer than this many tokens (default: the model's limit). Never truncates."""
     seed: int = 0
-    """Seed of the synthetic data."""
-    split: DataSplit | None = None
-    """Split of the built-in task when ``path`` is None: ``calibration`` (the task's training split),
-    ``validation`` or ``test`` (never calibrated on); None = the subcommand's default (``calibrate``: calibration,
-    ``evaluate``: test). The scenes task of the embedded model has disjoint splits; the tiny models' shapes task
-    has none (use another ``seed`` for held-out data)."""
+    """Seed of the synthetic data (and of ``shuffle``)."""
+    split: str | None = None
+    """Built-in task (no ``path`` / ``dataset``): ``calibration`` (the task's training split), ``validation`` or
+    ``test`` (never calibrated on); None = the subcommand's default (``calibrate``: calibration, ``evaluate``:
+    test). The scenes task of the embedded model has disjoint splits; the tiny models' shapes task has none (use
+    another ``seed`` for held-out data). With ``dataset``: any split of it, with an optional slice (``train``,
+    ``test[:200]``, ``train[10%:20%]``); None = ``train``."""
+    dataset: str | None = None
+    """Hugging Face ``datasets`` source (needs ``pip install lightning-tlq[datasets]``): a hub name, a directory
+    written by ``Dataset.save_to_disk``, a folder of data files, or a ``.parquet`` / ``.arrow`` / ``.json(l)`` /
+    ``.csv`` file."""
+    shuffle: bool = False
+    """Shuffle the file's / dataset's records with ``seed`` before taking the first ``num_samples``."""
+    image_column: str | None = None
+    """Dataset column of the image(s) (PIL images, bytes, ``{"bytes", "path"}`` or paths); None: ``images`` or
+    ``image``."""
+    messages_column: str | None = None
+    """Dataset column of chat turns (OpenAI ``messages`` or LLaVA ``conversations``); None: ``messages`` or
+    ``conversations`` if present."""
+    question_column: str | None = None
+    """Dataset column of the question (samples without chat turns); None: ``question``, ``query`` or ``prompt``."""
+    answer_column: str | None = None
+    """Dataset column of the answer; None: ``answer``, ``response`` or ``caption`` (a list: its first entry)."""
+    chat_template: str | None = None
+    """Jinja file rendering the samples instead of the processor's chat template (needed for chat-format samples
+    when the model has none); {"image", "question", "answer"} samples are then rendered as one-turn chats."""
 
     def __post_init__(self) -> None:
-        if self.split is not None:
+        if self.dataset is not None and self.path is not None:
+            raise ValueError("data.path and data.dataset are both set; give one source of calibration data.")
+        if self.split is not None and self.dataset is None:
             _check_choice("data.split", self.split, ("calibration", "validation", "test"))
+        if self.split is not None and not self.split.strip():
+            raise ValueError("data.split is empty; name a split of the dataset (e.g. train or test[:200]).")
         if self.num_samples < 1:
             raise ValueError(f"data.num_samples={self.num_samples} must be >= 1.")
         if self.batch_size < 1:

@@ -13,10 +13,13 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    from lightning_tlq.chat import ChatSample
 
 COLORS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
 SHAPES: tuple[str, ...] = ("square", "circle", "triangle")
@@ -198,13 +201,15 @@ def _load_image(path: Path, where: str) -> Image.Image:
         raise ValueError(f"{where}: cannot read image {path} ({err}); is the file a valid image?") from err
 
 
-def _parse_record(line: str, where: str, image_root: Path) -> Sample:
+def _parse_record(line: str, where: str, image_root: Path) -> Sample | ChatSample:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
         raise ValueError(f"{where}: invalid JSON ({err.msg} at column {err.colno}).") from err
     if not isinstance(record, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}.")
+    if "messages" in record or "conversations" in record:
+        return _parse_chat_record(record, where, image_root)
     for key in ("image", "question", "answer"):
         if key not in record:
             raise ValueError(f"{where}: missing key {key!r}; each line needs 'image', 'question' and 'answer'.")
@@ -217,8 +222,27 @@ def _parse_record(line: str, where: str, image_root: Path) -> Sample:
     return Sample(image, record["question"], record["answer"], str(record.get("kind", "")))
 
 
-def load_jsonl(path: str | os.PathLike[str], image_root: str | os.PathLike[str] | None = None) -> list[Sample]:
-    """Load samples from a JSONL file of ``{"image", "question", "answer", "kind"?}`` objects.
+def _parse_chat_record(record: dict, where: str, image_root: Path) -> ChatSample:
+    """A ``{"messages"}`` / ``{"conversations"}`` record (images: ``"images"`` list or ``"image"``, paths)."""
+    from lightning_tlq.chat import parse_chat
+
+    def load(source: Any) -> Image.Image:
+        if not isinstance(source, str) or not source.strip():
+            raise ValueError(f"{where}: an image must be a path string, got {source!r}.")
+        path = Path(source).expanduser()
+        return _load_image(path if path.is_absolute() else image_root / path, where)
+
+    sources = record.get("images", record.get("image"))
+    sources = [] if sources is None else sources if isinstance(sources, list) else [sources]
+    turns = record["messages"] if "messages" in record else record["conversations"]
+    return parse_chat(turns, [load(s) for s in sources], where, load, str(record.get("kind", "")))
+
+
+def load_jsonl(
+    path: str | os.PathLike[str], image_root: str | os.PathLike[str] | None = None
+) -> list[Sample | ChatSample]:
+    """Load samples from a JSONL file of ``{"image", "question", "answer", "kind"?}`` objects or chat records
+    (``{"messages"}`` / ``{"conversations"}``, see :mod:`lightning_tlq.chat`; they load as ``ChatSample``).
 
     Args:
         path: The JSONL file; blank lines are skipped.
@@ -277,8 +301,8 @@ def build_prompt(processor: Any, question: str) -> str:
     return f"USER: {image_token} {question} ASSISTANT:"
 
 
-def _run_processor(processor: Any, image: Image.Image, text: str) -> dict[str, torch.Tensor]:
-    features = processor(images=[image], text=[text], return_tensors="pt")
+def _run_processor(processor: Any, images: Sequence[Image.Image], text: str) -> dict[str, torch.Tensor]:
+    features = processor(images=list(images) or None, text=[text], return_tensors="pt")
     encoded = {key: value for key, value in features.items() if isinstance(value, torch.Tensor)}
     if "image_grid_thw" in encoded and "mm_token_type_ids" not in encoded:
         # Qwen-VL models need mm_token_type_ids (1 = image, 2 = video); older processors do not return them.
@@ -305,9 +329,10 @@ def _length_limit(processor: Any, max_length: int | None) -> int | None:
 
 
 def encode_sample(
-    processor: Any, sample: Sample, max_length: int | None = None, *, name: str | None = None
+    processor: Any, sample: Sample | ChatSample, max_length: int | None = None, *, name: str | None = None
 ) -> dict[str, torch.Tensor]:
-    """Encode a sample as prompt + answer + eos, supervising only the answer.
+    """Encode a sample as prompt + answer + eos, supervising only the answer (a chat sample: rendered by the chat
+    template, every assistant turn supervised, see :func:`lightning_tlq.chat.encode_chat`).
 
     Args:
         processor: A multimodal HF processor (expands image placeholders to the model's image tokens).
@@ -323,13 +348,17 @@ def encode_sample(
     Raises:
         ValueError: If the answer yields no tokens, or the sequence is longer than the limit (never truncated).
     """
+    if not isinstance(sample, Sample):  # a chat-format sample (lightning_tlq.chat.ChatSample)
+        from lightning_tlq.chat import encode_chat
+
+        return encode_chat(processor, sample, max_length, name=name)
     label = name or f"sample {sample.question!r}"
     if not sample.answer.strip():
         raise ValueError(f"{label}: the answer is empty; every sample needs a non-empty answer to supervise.")
     tokenizer = _tokenizer(processor)
     prompt = build_prompt(processor, sample.question)
-    full = _run_processor(processor, sample.image, prompt + sample.answer + (tokenizer.eos_token or ""))
-    prompt_ids = _run_processor(processor, sample.image, prompt)["input_ids"][0]
+    full = _run_processor(processor, [sample.image], prompt + sample.answer + (tokenizer.eos_token or ""))
+    prompt_ids = _run_processor(processor, [sample.image], prompt)["input_ids"][0]
     ids = full["input_ids"][0]
     start = _common_prefix(prompt_ids, ids)
     if start >= ids.numel():
@@ -385,9 +414,8 @@ def collate(
     if not encoded:
         raise ValueError("collate() got no samples.")
     keys = set(encoded[0])
-    for i, item in enumerate(encoded):
-        if set(item) != keys:
-            raise ValueError(f"Sample {i} has keys {sorted(item)}, but sample 0 has {sorted(keys)}.")
+    if any(set(item) != keys for item in encoded):
+        return _collate_mixed(encoded, pad_token_id, padding_side)
     batch = {}
     for key in encoded[0]:
         tensors = [item[key] for item in encoded]
@@ -396,6 +424,30 @@ def collate(
             batch[key] = _pad(tensors, pad_token_id if value is None else value, padding_side)
         else:
             batch[key] = _concat(key, tensors)
+    return batch
+
+
+def _collate_mixed(
+    encoded: Sequence[dict[str, torch.Tensor]], pad_token_id: int, padding_side: Literal["right", "left"]
+) -> dict[str, torch.Tensor]:
+    """A batch of samples with and without images (text-only chat samples): the image tensors of the samples that
+    have them are concatenated (the models place image features at the image tokens in order), and a sequence key
+    that only some samples have (``mm_token_type_ids``) is its pad value (no image) for the others."""
+    keys = list(dict.fromkeys(key for item in encoded for key in item))  # in order of appearance
+    for i, item in enumerate(encoded):
+        missing = {"input_ids", "attention_mask"} - set(item)
+        if missing or ("labels" in keys) != ("labels" in item):
+            raise ValueError(f"Sample {i} has keys {sorted(item)}, but another sample has {sorted(keys)}.")
+    batch = {}
+    for key in keys:
+        present = [item[key] for item in encoded if key in item]
+        if key in _PAD_VALUES:
+            value = _PAD_VALUES[key]
+            fill = pad_token_id if value is None else value
+            tensors = [item.get(key, torch.full_like(item["input_ids"], fill)) for item in encoded]
+            batch[key] = _pad(tensors, fill, padding_side)
+        else:
+            batch[key] = _concat(key, present)
     return batch
 
 

@@ -12,7 +12,9 @@ Its :meth:`~CalibrationDataModule.calibration_dataloader` is the contract that
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -20,12 +22,16 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_tlq.chat import ChatSample, one_turn, read_template
 from lightning_tlq.config import DataArgs
 from lightning_tlq.data import Sample, collate, encode_sample, load_jsonl, synthetic_samples
 
 
-def load_samples(data: DataArgs, task: str | None = None, default_split: str = "calibration") -> list[Sample]:
-    """The first ``data.num_samples`` samples of ``data.path``, or that many of the built-in task's.
+def load_samples(data: DataArgs, task: str | None = None, default_split: str = "calibration") -> list[Any]:
+    """The first ``data.num_samples`` samples of ``data.path`` / ``data.dataset``, or that many of the built-in task's.
+
+    Chat records load as :class:`~lightning_tlq.chat.ChatSample`; with ``data.chat_template`` every sample is a chat
+    rendered by that template.
 
     Args:
         data: The data settings.
@@ -37,11 +43,22 @@ def load_samples(data: DataArgs, task: str | None = None, default_split: str = "
         FileNotFoundError: If the JSONL or one of its images is missing.
         ValueError: On a corrupt image, bad JSON, an empty answer or an empty file (the message names the line).
     """
-    if data.path is None:
+    template = read_template(data.chat_template) if data.chat_template is not None else None
+    if data.dataset is not None:
+        from lightning_tlq.datasets_source import dataset_samples
+
+        samples = dataset_samples(data)
+    elif data.path is None:
         if task == "scenes":
-            return scenes_samples(data.split or default_split, data.num_samples, seed=data.seed)
-        return synthetic_samples(data.num_samples, seed=data.seed)
-    return load_jsonl(data.path, image_root=data.image_root)[: data.num_samples]
+            samples = scenes_samples(data.split or default_split, data.num_samples, seed=data.seed)
+        else:
+            samples = synthetic_samples(data.num_samples, seed=data.seed)
+    else:
+        samples = load_jsonl(data.path, image_root=data.image_root)
+        if data.shuffle:
+            random.Random(data.seed).shuffle(samples)
+        samples = samples[: data.num_samples]
+    return samples if template is None else [with_template(s, template) for s in samples]
 
 
 def scenes_samples(split: str, n: int, seed: int = 0) -> list[Sample]:
@@ -52,7 +69,16 @@ def scenes_samples(split: str, n: int, seed: int = 0) -> list[Sample]:
     return [Sample(e.pil(), e.question, e.answer, e.kind) for e in scenes.take(name, n, seed=seed)]
 
 
-def encode_samples(processor: Any, samples: Sequence[Sample], max_length: int | None) -> list[dict[str, torch.Tensor]]:
+def with_template(sample: Sample | ChatSample, template: str) -> ChatSample:
+    """The sample as a chat rendered by ``template`` (an ``{image, question, answer}`` sample: one turn)."""
+    if isinstance(sample, Sample):
+        sample = one_turn(sample.image, sample.question, sample.answer, sample.kind)
+    return replace(sample, chat_template=template)
+
+
+def encode_samples(
+    processor: Any, samples: Sequence[Sample | ChatSample], max_length: int | None
+) -> list[dict[str, torch.Tensor]]:
     """Encode every sample (prompt + answer, answer supervised), naming the sample in any error."""
     if not samples:
         raise ValueError("The dataset is empty: there is nothing to calibrate or evaluate on.")
@@ -74,17 +100,25 @@ class _Encoded(Dataset):
 
 
 class CalibrationDataModule(pl.LightningDataModule):
-    """Calibration (and evaluation / fine-tuning) samples: a JSONL of image-question-answer records or the
-    built-in synthetic set.
+    """Calibration (and evaluation / fine-tuning) samples: a JSONL of image-question-answer or chat records, a Hugging
+    Face dataset, or the built-in synthetic set.
 
     Args:
-        path: JSONL of ``{"image", "question", "answer"}``; None uses the built-in synthetic set.
+        path: JSONL of ``{"image", "question", "answer"}`` or chat records; None uses the built-in synthetic set.
         image_root: Folder that relative image paths start from (default: the JSONL's folder).
         num_samples: Samples to use (the first N of the file; synthetic: N generated).
         batch_size: Samples per batch.
         max_length: Reject samples longer than this many tokens (default: the model's limit). Never truncates.
         seed: Seed of the synthetic data (and of the training shuffle).
-        split: Split of the built-in task when ``path`` is None (see :class:`~lightning_tlq.config.DataArgs`).
+        split: Split of the built-in task when ``path`` is None, or of ``dataset`` (see
+            :class:`~lightning_tlq.config.DataArgs`, which also documents the arguments below).
+        dataset: Hugging Face ``datasets`` source (hub name, ``save_to_disk`` directory, data file).
+        shuffle: Shuffle the records with ``seed`` before taking the first ``num_samples``.
+        image_column: Dataset column of the image(s).
+        messages_column: Dataset column of chat turns.
+        question_column: Dataset column of the question.
+        answer_column: Dataset column of the answer.
+        chat_template: Jinja file rendering the samples instead of the processor's chat template.
     """
 
     def __init__(
@@ -96,6 +130,13 @@ class CalibrationDataModule(pl.LightningDataModule):
         max_length: int | None = None,
         seed: int = 0,
         split: str | None = None,
+        dataset: str | None = None,
+        shuffle: bool = False,
+        image_column: str | None = None,
+        messages_column: str | None = None,
+        question_column: str | None = None,
+        answer_column: str | None = None,
+        chat_template: str | None = None,
     ) -> None:
         super().__init__()
         self.args = DataArgs(
@@ -105,9 +146,16 @@ class CalibrationDataModule(pl.LightningDataModule):
             batch_size=batch_size,
             max_length=max_length,
             seed=seed,
-            split=split,  # type: ignore[arg-type]
+            split=split,
+            dataset=dataset,
+            shuffle=shuffle,
+            image_column=image_column,
+            messages_column=messages_column,
+            question_column=question_column,
+            answer_column=answer_column,
+            chat_template=chat_template,
         )
-        self.samples: list[Sample] | None = None
+        self.samples: list[Sample | ChatSample] | None = None
         self.encoded: list[dict[str, torch.Tensor]] | None = None
         self.pad_token_id: int | None = None
 

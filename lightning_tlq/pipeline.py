@@ -73,7 +73,7 @@ class Calibration:
         ``extra_settings`` (e.g. the data and dtype) join the report's ``settings``.
         """
         start = time.perf_counter()
-        check_batches(batches)
+        check_batches(batches, vision=self.settings.quant.vision)
         loop = self.loop = CalibrationLoop(fabric, module, self.settings, checkpoint=self.checkpoint)
         model = module.model
         device = next(model.parameters()).device

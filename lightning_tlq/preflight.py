@@ -158,11 +158,13 @@ def check_finite_weights(model: nn.Module) -> None:
         )
 
 
-def check_batches(batches: Sequence[dict[str, Tensor]]) -> None:
-    """Every batch has ``input_ids``/``labels`` and every sample at least one supervised answer token.
+def check_batches(batches: Sequence[dict[str, Tensor]], vision: bool = False) -> None:
+    """Every batch has ``input_ids``/``labels`` and every sample at least one supervised answer token; with
+    ``vision`` (``quant.vision``) every batch has images (text-only chat samples must share a batch with image ones).
 
     Raises:
-        ValueError: If there are no batches, a batch lacks keys, or a sample has no answer token.
+        ValueError: If there are no batches, a batch lacks keys, a sample has no answer token, or (``vision``) a batch
+            has no image.
     """
     if not batches:
         raise ValueError("The calibration data is empty: the dataloader yielded no batches.")
@@ -172,6 +174,11 @@ def check_batches(batches: Sequence[dict[str, Tensor]]) -> None:
             raise ValueError(
                 f"Calibration batch {i} lacks {missing}; batches must be collated by lightning_tlq.data.collate "
                 "(input_ids, attention_mask, labels = -100 outside the answer, plus the processor's image inputs)."
+            )
+        if vision and batch.get("pixel_values") is None:
+            raise ValueError(
+                f"Calibration batch {i} holds only text-only samples, but quant.vision=true calibrates the vision "
+                "tower on every batch's images; mix text-only samples with image samples or use quant.vision=false."
             )
         labels = batch["labels"]
         empty = (~(labels[:, 1:] != IGNORE_INDEX).any(dim=1)).nonzero().flatten().tolist()
