@@ -19,3 +19,10 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):
 
     model_types: ClassVar[tuple[str, ...]] = ("qwen2_5_vl",)
     forward_keys: ClassVar[tuple[str, ...]] = (*Qwen2VLAdapter.forward_keys, "second_per_grid_ts")
+    # the vision blocks' MLP is gated (gate_proj, up_proj -> down_proj), not Qwen2-VL's fc1 -> fc2
+    vision_linear_groups: ClassVar[tuple[tuple[str, ...], ...]] = (
+        ("attn.qkv",),
+        ("attn.proj",),
+        ("mlp.gate_proj", "mlp.up_proj"),
+        ("mlp.down_proj",),
+    )
