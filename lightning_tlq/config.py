@@ -215,6 +215,10 @@ class MemoryArgs:
     """Keep calibration activations (layer inputs of every sample) in pinned CPU memory instead of on the GPU."""
     max_gpu_memory_gib: float | None = None
     """Cap the GPU memory this process may allocate (e.g. 24 to emulate 24 GiB cards); None = no cap."""
+    pin_layers: bool = True
+    """With ``layerwise`` on a CUDA device: page-lock the decoder layers' host memory in place for the calibration
+    (``cudaHostRegister``), so layer copies both ways run as background DMA. False keeps it pageable (slower
+    copies; e.g. where the locked-memory limit is low). Results do not depend on it."""
 
     def __post_init__(self) -> None:
         if self.max_gpu_memory_gib is not None and self.max_gpu_memory_gib <= 0:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -97,10 +96,6 @@ class HostStaging:
         return torch.empty(t.shape, dtype=t.dtype).copy_(stage)
 
 
-def _enabled() -> bool:
-    return os.environ.get("LIGHTNING_TLQ_PIN_LAYERS", "1") != "0"
-
-
 MIN_REGISTER_BYTES = 1 << 20
 """Host storages smaller than this are left pageable (registration has a fixed cost per call)."""
 
@@ -113,15 +108,16 @@ class Registration:
     Calls run on the helper thread: a refused registration (e.g. a locked-memory limit) leaves its error in that
     thread's CUDA runtime state, where no later kernel-launch check of the calling thread can pick it up; the
     storage is then simply used as it is (pageable, slower copies), with one warning.
-    ``LIGHTNING_TLQ_PIN_LAYERS=0`` (or no CUDA) disables registration.
 
     Args:
         groups: host tensors per group (each storage is registered once, with the first group that has it).
         min_bytes: storages smaller than this stay pageable (default :data:`MIN_REGISTER_BYTES`).
+        enabled: False registers nothing (``memory.pin_layers=false``); without CUDA nothing is registered either.
     """
 
-    def __init__(self, groups: Sequence[Iterable[Tensor]], min_bytes: int | None = None) -> None:
-        self.enabled = torch.cuda.is_available() and _enabled()
+    def __init__(self, groups: Sequence[Iterable[Tensor]], min_bytes: int | None = None, enabled: bool = True) -> None:
+        self.enabled = enabled and torch.cuda.is_available()
+        """Whether storages are registered at all."""
         self.bytes = 0
         """Bytes registered (final once :meth:`close` ran)."""
         self._futures: list[Future] = []
@@ -163,7 +159,7 @@ class Registration:
         if refused:
             log.warning(
                 "cudaHostRegister refused %d of %d host storages (error %d); their copies to and from the device run "
-                "from pageable memory (slower). Raise the locked-memory limit or set LIGHTNING_TLQ_PIN_LAYERS=0.",
+                "from pageable memory (slower). Raise the locked-memory limit or set memory.pin_layers=false.",
                 refused,
                 refused + len(done),
                 code,
@@ -196,10 +192,10 @@ def _storages(tensors: Iterable[Tensor], min_bytes: int, seen: set[int]) -> list
 
 
 @contextlib.contextmanager
-def registered(tensors: Iterable[Tensor], min_bytes: int | None = None) -> Iterator[int]:
+def registered(tensors: Iterable[Tensor], min_bytes: int | None = None, enabled: bool = True) -> Iterator[int]:
     """Page-lock the host storages of ``tensors`` in place for the block (see :class:`Registration`); yields the
     bytes registered."""
-    registration = Registration([tensors], min_bytes)
+    registration = Registration([tensors], min_bytes, enabled)
     try:
         yield registration.wait_all()
     finally:
