@@ -1,19 +1,16 @@
 """Host memory that copies to and from a CUDA device at DMA speed, without a page-locked allocation per tensor.
 
-Three tools, each measured on one H200 machine (docs/performance.md):
+Three tools:
 
-- :class:`PinnedArena` hands out many small page-locked tensors carved from a few large slabs. One
-  ``cudaHostAlloc`` costs ~0.2-0.5 ms, even for a few KB; importance scores are one small tensor per module and
-  batch (thousands per run).
+- :class:`PinnedArena` hands out many small page-locked tensors carved from a few large slabs: one page-locked
+  allocation per slab, not per tensor (importance scores are one small tensor per module and batch).
 - :class:`HostStaging` copies device tensors to fresh (pageable) host tensors through one reusable page-locked
-  buffer: the device-to-host copy runs as DMA, the host-side copy on all of torch's threads. A plain ``.cpu()``
-  of a pageable destination runs at ~1.7 GB/s for int8 codes (68 MB in 40 ms).
+  buffer: the device-to-host copy runs as DMA, the host-side copy on all of torch's threads.
 - :class:`Registration` (and :func:`registered`) page-locks existing host tensors in place (``cudaHostRegister``),
-  on a helper thread: the decoder layers, copied to the device and back once or twice per layer and run.
-  Registering 2.9 GB took 0.12 s; copies from it then run at 55 GB/s instead of 9 GB/s, and no longer hold the
-  host thread that issues them.
+  on a helper thread: the decoder layers, copied to the device and back once or twice per layer and run. Copies
+  from registered memory run as DMA and do not hold the host thread that issues them.
 
-All are no-ops (plain host tensors) without CUDA.
+All are no-ops (plain host tensors) without CUDA. Measured costs and copy rates: ``docs/performance.md``.
 """
 
 from __future__ import annotations

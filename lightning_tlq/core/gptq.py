@@ -26,10 +26,8 @@ objective. With the damped ``H_d = H + d I`` used throughout (``W* = W + W C H_d
 ``||Q X~ - W X||_w^2 + d ||Q - W||^2``, the damped objective pulling ``Q`` toward ``W``. ``W*`` is formed once from
 the same factor ``U`` (``U^T U = H_d^-1``) the column loop uses. The grid (static group scales and zero points)
 stays that of ``W``: it does not depend on the data, so last-bit differences in ``H`` or ``C`` (summation order,
-thread count) can only flip codes near a rounding boundary, never move every scale. Scales taken from ``W*`` did
-move by ulps between 1- and 2-process runs (every weight differed) and measured no better on the tiny models;
-they fit large shifts better (a synthetic case with W* 4.5% off W: 8-bit error 20 instead of 51, against 3517
-for keeping W), which is one thing an ablation on real models should check.
+thread count) can only flip codes near a rounding boundary, never move every scale (the measurements behind this
+choice: ``docs/performance.md``, "Measurements behind design choices").
 """
 
 from __future__ import annotations
