@@ -33,7 +33,7 @@ __all__ = [
 def _config_for(name_or_path: str) -> Any:
     from transformers import AutoConfig
 
-    from lightning_tlq.models.scenes import embedded_path
+    from lightning_tlq.models.embedded import embedded_path
     from lightning_tlq.models.tiny import TINY_MODELS, _check_model_dir, build_config, build_tokenizer
 
     name_or_path = embedded_path(name_or_path)
@@ -136,7 +136,7 @@ def resolve_max_length(requested: int | None, model_limit: int | None) -> int | 
 
 def load_processor_for(name_or_path: str) -> Any:
     """The processor alone (cheap), so the data can be validated before the weights are loaded."""
-    from lightning_tlq.models.scenes import embedded_path
+    from lightning_tlq.models.embedded import embedded_path
     from lightning_tlq.models.tiny import TINY_MODELS, build_processor, load_processor
 
     if name_or_path in TINY_MODELS:

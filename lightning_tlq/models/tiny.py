@@ -33,11 +33,12 @@ from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
 from transformers.utils import is_torchvision_available
 
 from lightning_tlq.data import SYNTHETIC_WORDS
+from lightning_tlq.models.embedded import SCENES_MODEL, embedded_path
 
 Family = Literal["llava", "qwen2_vl"]
 FAMILIES: tuple[str, ...] = get_args(Family)
 TINY_MODELS: dict[str, Family] = {"tiny-llava": "llava", "tiny-qwen2_vl": "qwen2_vl"}
-DEFAULT_MODEL = "scenes-llava"  # the embedded trained model (lightning_tlq.models.scenes)
+DEFAULT_MODEL = SCENES_MODEL  # the embedded trained model (lightning_tlq.models.scenes)
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 IMAGE_SIZE = 32
@@ -356,8 +357,6 @@ def resolve_model(
         FileNotFoundError: If the name is not a tiny model and no such directory exists.
         ValueError: If the directory is not an HF model directory, or the dtype is unknown.
     """
-    from lightning_tlq.models.scenes import embedded_path
-
     torch_dtype = _resolve_dtype(dtype)
     name = embedded_path(str(name_or_path))
     if name in TINY_MODELS:
