@@ -6,7 +6,7 @@ the thread that issues it until it is done). While :meth:`LayerPlacement.rest_on
 tensors are page-locked in place (``cudaHostRegister`` on a helper thread, layer after layer, overlapping the
 work before the first layer; :class:`lightning_tlq.hostmem.Registration`), so copies both ways run as DMA; no
 page-locked copy of the model is allocated. ``pin_layers=False`` (``memory.pin_layers``) leaves them pageable.
-Where it is placed never changes a result. Measured costs and rates: ``docs/performance.md``.
+Placement never changes a result. Measured costs and rates: ``docs/performance.md``.
 """
 
 from __future__ import annotations
