@@ -194,8 +194,8 @@ def main(fabric, args) -> dict | None:
     module = TLQModule().attach(model, processor=None)
     shard = shard_range(args.samples, fabric.world_size, fabric.global_rank)
     batches = build_batches(args.samples, args.image_tokens, args.text_tokens, args.batch_size, shard)
-    quant = QuantArgs(method=args.method, bits=4, group_size=128)
-    memory = MemoryArgs(layerwise=True, offload_activations=args.offload_activations)
+    quant = QuantArgs(method=args.method, bits=4, group_size=128, kernel=args.kernel)
+    memory = MemoryArgs(layerwise=True, offload_activations=args.offload_activations, pin_layers=args.pin_layers)
     loop = CalibrationLoop(fabric, module, quant, ImportanceArgs(), TokenSetArgs(), memory=memory,
                            metrics=args.metrics)  # fmt: skip
     if cuda:
@@ -229,7 +229,7 @@ def main(fabric, args) -> dict | None:
         "phases_s_rank0": loop.phase_seconds, "peak_gib_per_rank": [round(p, 2) for p in peaks],
         "mean_weighted_rel_error": sum(r["modules"][m]["weighted_rel_error"] or 0 for r in records
                                        for m in r["modules"]) / sum(len(r["modules"]) for r in records),
-        "env": " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("LIGHTNING_TLQ_")),
+        "kernel": args.kernel, "pin_layers": args.pin_layers,
         "torch": torch.__version__, "placement_s_rank0": loop.placement.seconds,
         "registered_gib_rank0": loop.placement.registered_bytes / 2**30,
         "solve_s_by_module": _by_module(records, "seconds"), "codes_digest": codes_digest(loop.results),
@@ -283,6 +283,8 @@ def parse(argv=None):
     p.add_argument("--metrics", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--offload-activations", action="store_true")
     p.add_argument("--max-gpu-memory-gib", type=float, default=None)
+    p.add_argument("--kernel", choices=["auto", "triton", "torch"], default="auto", help="quant.kernel (GPTQ loop)")
+    p.add_argument("--pin-layers", action=argparse.BooleanOptionalAction, default=True, help="memory.pin_layers")
     p.add_argument("--floor", action="store_true", help="also measure the GPU's ceilings and the floor for the work")
     p.add_argument("--json", default=None, help="append the result as one JSON line to this file")
     p.add_argument("--trace", default=None, help="profile rank 0's calibration into this Chrome trace (.json.gz ok)")
@@ -303,7 +305,15 @@ def report(path: str) -> None:
             print(f"| {r.get('tool', 'lightning-tlq')} | {r.get('method', 'gptq')} | {r['shape']} | "
                   f"{r.get('devices', 1)} | {r['wall_s']:.1f} | {max(peak):.2f} | "
                   + " | ".join("-" if c is None else f"{c:.1f}" for c in cols)
-                  + f" | {r.get('codes_digest', '-')} {r.get('env', '')} |")  # fmt: skip
+                  + f" | {r.get('codes_digest', '-')} {_non_default(r)} |")  # fmt: skip
+
+
+def _non_default(r: dict) -> str:
+    """Speed settings that differ from the defaults (older runs recorded the environment switches of the time)."""
+    if "env" in r:
+        return r["env"]
+    out = [f"quant.kernel={r['kernel']}"] if r.get("kernel", "auto") != "auto" else []
+    return " ".join(out + (["memory.pin_layers=false"] if r.get("pin_layers") is False else []))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from lightning_tlq.core.actquant import check_act_bits
+from lightning_tlq.core.gptq import KERNELS, Kernel
 from lightning_tlq.core.quantizer import QuantSpec
 from lightning_tlq.methods import Method, get_method, method_names
 
@@ -60,6 +61,11 @@ class QuantArgs:
     """GPTQ: columns per lazy block update."""
     damp: float = 0.01
     """GPTQ: relative damping, added as ``damp * mean(diag H)``; raised x10 up to 3 times on failure."""
+    kernel: Kernel = "auto"
+    """GPTQ: column loop implementation. ``auto`` runs the fused Triton block step on a CUDA device when Triton is
+    installed and ``block_size <= 128``, else the eager torch loop; ``triton`` requires the fused step (an error
+    where it cannot run); ``torch`` always runs the eager loop. Same arithmetic, so codes agree except for rare
+    one-step flips where compiled code contracts a multiply-add."""
     true_sequential: bool = True
     """Solve q,k,v -> o -> gate,up -> down in order, each group seeing the already-quantized ones before it."""
     act_bits: int | None = None
@@ -92,6 +98,12 @@ class QuantArgs:
             )
         if self.block_size < 1:
             raise ValueError(f"quant.block_size={self.block_size} must be a positive number of columns.")
+        _check_choice("quant.kernel", self.kernel, KERNELS)
+        if self.kernel == "triton" and self.block_size > 128:
+            raise ValueError(
+                f"quant.kernel='triton' runs blocks of at most 128 columns, got quant.block_size={self.block_size}; "
+                "lower quant.block_size or use quant.kernel='auto'."
+            )
         _check_range("quant.damp", self.damp, 0.0, 1.0, lo_open=True)
         self.spec  # validates bits and group size
         if self.act_bits is not None:
@@ -227,6 +239,10 @@ class MemoryArgs:
     """Keep calibration activations (layer inputs of every sample) in pinned CPU memory instead of on the GPU."""
     max_gpu_memory_gib: float | None = None
     """Cap the GPU memory this process may allocate (e.g. 24 to emulate 24 GiB cards); None = no cap."""
+    pin_layers: bool = True
+    """With ``layerwise`` on a CUDA device: page-lock the decoder layers' host memory in place for the calibration
+    (``cudaHostRegister``), so layer copies both ways run as background DMA. False keeps it pageable (slower
+    copies; e.g. where the locked-memory limit is low). Results do not depend on it."""
 
     def __post_init__(self) -> None:
         if self.max_gpu_memory_gib is not None and self.max_gpu_memory_gib <= 0:

@@ -1,26 +1,22 @@
 """Host memory that copies to and from a CUDA device at DMA speed, without a page-locked allocation per tensor.
 
-Three tools, each measured on one H200 machine (docs/performance.md):
+Three tools:
 
-- :class:`PinnedArena` hands out many small page-locked tensors carved from a few large slabs. One
-  ``cudaHostAlloc`` costs ~0.2-0.5 ms, even for a few KB; importance scores are one small tensor per module and
-  batch (thousands per run).
+- :class:`PinnedArena` hands out many small page-locked tensors carved from a few large slabs: one page-locked
+  allocation per slab, not per tensor (importance scores are one small tensor per module and batch).
 - :class:`HostStaging` copies device tensors to fresh (pageable) host tensors through one reusable page-locked
-  buffer: the device-to-host copy runs as DMA, the host-side copy on all of torch's threads. A plain ``.cpu()``
-  of a pageable destination runs at ~1.7 GB/s for int8 codes (68 MB in 40 ms).
+  buffer: the device-to-host copy runs as DMA, the host-side copy on all of torch's threads.
 - :class:`Registration` (and :func:`registered`) page-locks existing host tensors in place (``cudaHostRegister``),
-  on a helper thread: the decoder layers, copied to the device and back once or twice per layer and run.
-  Registering 2.9 GB took 0.12 s; copies from it then run at 55 GB/s instead of 9 GB/s, and no longer hold the
-  host thread that issues them.
+  on a helper thread: the decoder layers, copied to the device and back once or twice per layer and run. Copies
+  from registered memory run as DMA and do not hold the host thread that issues them.
 
-All are no-ops (plain host tensors) without CUDA.
+All are no-ops (plain host tensors) without CUDA. Measured costs and copy rates: ``docs/performance.md``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -97,10 +93,6 @@ class HostStaging:
         return torch.empty(t.shape, dtype=t.dtype).copy_(stage)
 
 
-def _enabled() -> bool:
-    return os.environ.get("LIGHTNING_TLQ_PIN_LAYERS", "1") != "0"
-
-
 MIN_REGISTER_BYTES = 1 << 20
 """Host storages smaller than this are left pageable (registration has a fixed cost per call)."""
 
@@ -113,15 +105,16 @@ class Registration:
     Calls run on the helper thread: a refused registration (e.g. a locked-memory limit) leaves its error in that
     thread's CUDA runtime state, where no later kernel-launch check of the calling thread can pick it up; the
     storage is then simply used as it is (pageable, slower copies), with one warning.
-    ``LIGHTNING_TLQ_PIN_LAYERS=0`` (or no CUDA) disables registration.
 
     Args:
         groups: host tensors per group (each storage is registered once, with the first group that has it).
         min_bytes: storages smaller than this stay pageable (default :data:`MIN_REGISTER_BYTES`).
+        enabled: False registers nothing (``memory.pin_layers=false``); without CUDA nothing is registered either.
     """
 
-    def __init__(self, groups: Sequence[Iterable[Tensor]], min_bytes: int | None = None) -> None:
-        self.enabled = torch.cuda.is_available() and _enabled()
+    def __init__(self, groups: Sequence[Iterable[Tensor]], min_bytes: int | None = None, enabled: bool = True) -> None:
+        self.enabled = enabled and torch.cuda.is_available()
+        """Whether storages are registered at all."""
         self.bytes = 0
         """Bytes registered (final once :meth:`close` ran)."""
         self._futures: list[Future] = []
@@ -163,7 +156,7 @@ class Registration:
         if refused:
             log.warning(
                 "cudaHostRegister refused %d of %d host storages (error %d); their copies to and from the device run "
-                "from pageable memory (slower). Raise the locked-memory limit or set LIGHTNING_TLQ_PIN_LAYERS=0.",
+                "from pageable memory (slower). Raise the locked-memory limit or set memory.pin_layers=false.",
                 refused,
                 refused + len(done),
                 code,
@@ -196,10 +189,10 @@ def _storages(tensors: Iterable[Tensor], min_bytes: int, seen: set[int]) -> list
 
 
 @contextlib.contextmanager
-def registered(tensors: Iterable[Tensor], min_bytes: int | None = None) -> Iterator[int]:
+def registered(tensors: Iterable[Tensor], min_bytes: int | None = None, enabled: bool = True) -> Iterator[int]:
     """Page-lock the host storages of ``tensors`` in place for the block (see :class:`Registration`); yields the
     bytes registered."""
-    registration = Registration([tensors], min_bytes)
+    registration = Registration([tensors], min_bytes, enabled)
     try:
         yield registration.wait_all()
     finally:

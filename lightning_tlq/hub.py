@@ -99,7 +99,7 @@ def model_dir(
             are neither in the cache nor (offline, or unreachable) downloadable. The message says how to fix it.
         ValueError: a directory without ``config.json``; a revision for a local directory or built-in model.
     """
-    from lightning_tlq.models.scenes import SCENES_MODEL, embedded_path
+    from lightning_tlq.models.embedded import SCENES_MODEL, embedded_path
     from lightning_tlq.models.tiny import TINY_MODELS
 
     name = str(name_or_path)

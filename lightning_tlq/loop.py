@@ -85,7 +85,9 @@ class CalibrationLoop:
         self.phase_seconds: dict[str, float] = {}
         self.start_layer = 0
         """First layer this run calibrated (> 0 when it resumed an interrupted run)."""
-        self.placement = LayerPlacement(self.adapter.decoder_layers(), fabric.device, settings.memory.layerwise)
+        self.placement = LayerPlacement(
+            self.adapter.decoder_layers(), fabric.device, settings.memory.layerwise, settings.memory.pin_layers
+        )
         self.replay = LayerReplay(self.adapter, fabric.device, settings.memory.offload_activations)
         self._staging = HostStaging()  # results to the host through one reusable page-locked buffer
         self.vision: VisionCalibration | None = None

@@ -1,23 +1,20 @@
 """Where the model's pieces live: the decoder layers on the CPU, one at a time on the accelerator.
 
-The next layer's weights are copied on a side CUDA stream, issued from a helper thread, while the current one
-computes (prefetch). While :meth:`LayerPlacement.rest_on_device` runs, the layers' host tensors are page-locked in
-place (``cudaHostRegister`` on a helper thread, layer after layer, :class:`lightning_tlq.hostmem.Registration`):
-copies both ways then run as DMA (55 GB/s measured on an H200 machine, against 9 GB/s from pageable memory). The
-calling thread still spends ~0.8 s for a 7B model's 12 GiB before the capture starts (building the storage list,
-not the registration), plus ~0.3 s to release it.
-Allocating fresh pinned copies instead (``Module.pin_memory()``) cost a 7B-shaped run ~16 s.
-``LIGHTNING_TLQ_PIN_LAYERS=0`` keeps them pageable; a copy from pageable memory blocks the thread that issues it,
-hence the helper thread (``LIGHTNING_TLQ_PREFETCH_THREAD=0`` issues it from the calling thread).
+The next layer's weights are copied on a side CUDA stream while the current one computes (prefetch). The copy is
+issued from a helper thread, so it never blocks the calling thread, even from pageable memory (such a copy holds
+the thread that issues it until it is done). While :meth:`LayerPlacement.rest_on_device` runs, the layers' host
+tensors are page-locked in place (``cudaHostRegister`` on a helper thread, layer after layer, overlapping the
+work before the first layer; :class:`lightning_tlq.hostmem.Registration`), so copies both ways run as DMA; no
+page-locked copy of the model is allocated. ``pin_layers=False`` (``memory.pin_layers``) leaves them pageable.
+Placement never changes a result. Measured costs and rates: ``docs/performance.md``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -52,10 +49,15 @@ class LayerPlacement:
         device: the compute device.
         layerwise: if False, everything stays on ``device`` and the methods only hand layers out. On a CPU
             device nothing ever moves, but :attr:`layerwise` still tells the loop to work layer by layer.
+        pin_layers: page-lock the layers' host memory in place while :meth:`rest_on_device` runs (CUDA only;
+            ``memory.pin_layers``). False leaves it pageable: copies then run slower, still off the calling thread.
     """
 
-    def __init__(self, layers: nn.ModuleList, device: torch.device, layerwise: bool = True) -> None:
+    def __init__(
+        self, layers: nn.ModuleList, device: torch.device, layerwise: bool = True, pin_layers: bool = True
+    ) -> None:
         self.layers = layers
+        self.pin_layers = pin_layers
         self.device = torch.device(device)
         self.layerwise = layerwise
         self._moves = layerwise and self.device.type != "cpu"
@@ -73,7 +75,6 @@ class LayerPlacement:
         self.registered_bytes = 0
         """Bytes of layer host memory page-locked in place by the last :meth:`rest_on_device`."""
         self._registration: Registration | None = None
-        self._threaded = os.environ.get("LIGHTNING_TLQ_PREFETCH_THREAD", "1") != "0"
         self._pool: ThreadPoolExecutor | None = None
 
     @property
@@ -100,7 +101,7 @@ class LayerPlacement:
         # page-lock the layers' host copies in place, layer after layer in the background (overlapping the capture):
         # both copy directions then run as DMA and none blocks a thread
         start = time.perf_counter()
-        self._registration = Registration([list(_tensors(layer)) for layer in self.layers])
+        self._registration = Registration([list(_tensors(layer)) for layer in self.layers], enabled=self.pin_layers)
         self.seconds["register"] = time.perf_counter() - start
         try:
             yield
@@ -162,12 +163,9 @@ class LayerPlacement:
             self._pending[index] = None
         else:
             self._stream.wait_stream(torch.cuda.current_stream(self.device))
-            if self._threaded:  # a copy from pageable memory holds its thread until done: not the compute thread
-                if self._pool is None:
-                    self._pool = ThreadPoolExecutor(1, thread_name_prefix="tlq-prefetch")
-                self._pending[index] = self._pool.submit(self._copy, host)
-            else:
-                self._pending[index] = self._copy(host)
+            if self._pool is None:  # a copy from pageable memory holds its thread until done: not the compute one
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="tlq-prefetch")
+            self._pending[index] = self._pool.submit(self._copy, host)
         self.seconds["prefetch"] += time.perf_counter() - start
 
     def _copy(self, host: list[torch.Tensor]) -> tuple[list[torch.Tensor], Any]:
@@ -186,7 +184,7 @@ class LayerPlacement:
         pending = self._pending.pop(index)
         if pending is not None:
             start = time.perf_counter()
-            data, event = pending.result() if isinstance(pending, Future) else pending
+            data, event = pending.result()
             self.seconds["wait"] += time.perf_counter() - start
             current = torch.cuda.current_stream(self.device)
             current.wait_event(event)

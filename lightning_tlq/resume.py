@@ -19,9 +19,6 @@ the result is bit-identical to an uninterrupted run. The saved
 settings must match the resumed run's (model, data, quantization, importance, token set, dtype, seed, number of
 processes); otherwise :meth:`restore` refuses and names the differences. For multi-node runs the directory must
 be on a shared filesystem.
-
-Test hook: with the environment variable ``LIGHTNING_TLQ_CRASH_AT_LAYER=k`` the process SIGKILLs itself when
-layer ``k`` starts (only while checkpointing), to simulate a crash at a deterministic point.
 """
 
 from __future__ import annotations
@@ -31,7 +28,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +41,6 @@ from lightning_tlq.observers import CalibrationObserver
 
 log = logging.getLogger(__name__)
 
-CRASH_ENV = "LIGHTNING_TLQ_CRASH_AT_LAYER"
 STATE_NAME = "state.json"
 _VERSION = 1
 # Errors after which the checkpoint is worth keeping (the same run can succeed later); after any other error the
@@ -242,11 +237,6 @@ class LayerCheckpoint(CalibrationObserver):
         return torch.load(path, map_location="cpu", weights_only=True)
 
     # --- Fabric-style hooks -------------------------------------------------------------------------------------
-    def on_layer_start(self, fabric: Any = None, index: int = 0) -> None:
-        """Test hook: SIGKILL this process at the start of layer ``$LIGHTNING_TLQ_CRASH_AT_LAYER``."""
-        if os.environ.get(CRASH_ENV) == str(index):
-            os.kill(os.getpid(), signal.SIGKILL)
-
     def on_importance_ready(
         self,
         fabric: Any,

@@ -7,7 +7,6 @@ and the results are broadcast (:class:`lightning_tlq.distributed.Collective`, no
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -95,9 +94,6 @@ class LayerStage:
         self._owners: dict[str, int] = {}
         self._row_cache: dict[int, RowSelection] = {}
         self.seconds: dict[str, float] = {}
-        self.early_stop = os.environ.get("LIGHTNING_TLQ_EARLY_STOP", "1") != "0"
-        """Statistics passes stop the layer's forward once every module of the group has run (the modules after
-        them cannot change their inputs); ``LIGHTNING_TLQ_EARLY_STOP=0`` runs every pass to the end."""
         self.layer_device = next(iter(self.modules.values())).weight.device
 
     def run(
@@ -156,9 +152,9 @@ class LayerStage:
     ) -> None:
         """Run the layer over all batches, adding each module's weighted input statistics.
 
-        Each pass stops as soon as every module of ``names`` has run (:attr:`early_stop`). With ``fp_inputs``
-        each batch first runs on the full-precision path (up to the last module of ``names``), whose module inputs
-        are then paired with the quantized path's for the cross terms.
+        Each pass stops as soon as every module of ``names`` has run (the rest of the layer cannot change their
+        inputs). With ``fp_inputs`` each batch first runs on the full-precision path (up to the last module of
+        ``names``), whose module inputs are then paired with the quantized path's for the cross terms.
         """
         has_importance = weights[0].importance is not None
         for name in names:
@@ -175,7 +171,7 @@ class LayerStage:
                 return
             self._add(name, x, current["w"], current["fp"].get(name), current["b"])
             current["seen"].add(name)
-            if self.early_stop and len(current["seen"]) == len(names):
+            if len(current["seen"]) == len(names):
                 raise _StopLayer  # the rest of the layer cannot change these statistics
 
         handles = [self.modules[n].register_forward_hook(lambda m, a, o, n=n: add(n, a[0])) for n in names]

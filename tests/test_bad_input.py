@@ -109,6 +109,8 @@ def test_smoothquant_needs_activation_bits(tmp_path, calibrate_cli, no_weights_l
         (["--quant.method", "mbq", "--quant.scale_grid", "0"], r"quant.scale_grid=0 must be a positive integer"),
         (["--quant.method", "smoothquant", "--quant.act_bits", "8", "--quant.smoothquant_alpha", "1.5"],
          r"quant.smoothquant_alpha=1.5 is out of range"),
+        (["--quant.kernel", "triton", "--quant.block_size", "256"],
+         r"quant.kernel='triton' runs blocks of at most 128 columns, got quant.block_size=256"),
     ],
 )  # fmt: skip
 def test_bad_baseline_settings(tmp_path, calibrate_cli, no_weights_loaded, flags, match):

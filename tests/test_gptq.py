@@ -305,6 +305,25 @@ def test_low_precision_weight_keeps_dtype_and_exact_dequant() -> None:
     assert torch.equal(res.scale, compute_qparams(W, spec)[0])
 
 
+def test_kernel_choice_on_the_cpu(monkeypatch) -> None:
+    """The eager loop runs for ``auto`` and ``torch`` on CPU tensors; ``triton`` refuses where the fused step cannot
+    run (CPU tensors, or blocks wider than it handles), and unknown kernels are refused."""
+    from lightning_tlq.core import gptq_triton
+
+    H = _hessian(_correlated_inputs(128, 32, seed=122))
+    W = torch.randn(8, 32, generator=_gen(123))
+    spec = QuantSpec(bits=3, group_size=16)
+    _assert_same(gptq_quantize(W, H, spec, block_size=8, kernel="auto"), gptq_quantize(W, H, spec, block_size=8))
+    _assert_same(gptq_quantize(W, H, spec, block_size=8, kernel="torch"), gptq_quantize(W, H, spec, block_size=8))
+    with pytest.raises(ValueError, match=r"o_proj: kernel='triton' needs Triton .* device cpu.*use kernel='auto'"):
+        gptq_quantize(W, H, spec, kernel="triton", name="o_proj")
+    with pytest.raises(ValueError, match=r"kernel='cuda' is not supported; choose one of auto, triton, torch"):
+        gptq_quantize(W, H, spec, kernel="cuda")
+    monkeypatch.setattr(gptq_triton, "available", lambda: True)  # a GPU host: still no fused step for these
+    with pytest.raises(ValueError, match=r"kernel='triton' needs .*device cpu, block_size 128"):
+        gptq_quantize(W, H, spec, kernel="triton")
+
+
 def test_bad_shapes_raise() -> None:
     spec = QuantSpec(bits=4, group_size=16)
     with pytest.raises(ValueError, match="H must be"):

@@ -55,9 +55,14 @@ def test_gptq_on_cuda_uses_fused_path_and_matches_eager(monkeypatch):
     X = torch.randn(2048, 384, generator=g).cuda() @ torch.randn(384, 384, generator=g).cuda()
     H = X.T @ X
     spec = QuantSpec(bits=4, group_size=128)
-    fused = gptq_quantize(W, H, spec)
-    monkeypatch.setenv("LIGHTNING_TLQ_TRITON", "0")
-    eager = gptq_quantize(W, H, spec)
+    steps = []
+    real_step = gptq_triton.block_step
+    monkeypatch.setattr(gptq_triton, "block_step", lambda *a, **k: steps.append(1) or real_step(*a, **k))
+    fused = gptq_quantize(W, H, spec)  # kernel="auto"
+    assert len(steps) == 3  # 384 columns in blocks of 128
+    assert torch.equal(fused.codes, gptq_quantize(W, H, spec, kernel="triton").codes)
+    eager = gptq_quantize(W, H, spec, kernel="torch")
+    assert len(steps) == 6  # the torch kernel ran no fused step
     assert (fused.codes == eager.codes).float().mean() >= 0.999
     torch.testing.assert_close(fused.scale, eager.scale)
 

@@ -1,6 +1,6 @@
 """The layer-placement speed paths that only exist on an accelerator (skipped without CUDA; run them on the GPU
 machine with ``pytest tests/test_gpu_paths.py``): threaded prefetch, parking, in-place offload, page-locked layers
-and staging buffers, and results that must not depend on any speed switch."""
+and staging buffers, and results that must not depend on where the layers' host memory lives."""
 
 from __future__ import annotations
 
@@ -21,14 +21,14 @@ from lightning_tlq.settings import CalibrationSettings
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (layer placement moves)")
 
 
-@pytest.mark.parametrize("threaded", ["1", "0"])
-def test_prefetch_onload_offload_round_trip(monkeypatch, threaded: str) -> None:
-    monkeypatch.setenv("LIGHTNING_TLQ_PREFETCH_THREAD", threaded)
+@pytest.mark.parametrize("pin_layers", [True, False])
+def test_prefetch_onload_offload_round_trip(monkeypatch, pin_layers: bool) -> None:
+    monkeypatch.setattr(hostmem, "MIN_REGISTER_BYTES", 0)  # the tiny model's tensors are all small
     model, _ = build_tiny_vlm("qwen2_vl", seed=0)
     layers = model.model.language_model.layers
     before = [[t.detach().clone() for t in layer.parameters()] for layer in layers]
     host = [[p.data for p in layer.parameters()] for layer in layers]
-    placement = LayerPlacement(layers, torch.device("cuda"), layerwise=True)
+    placement = LayerPlacement(layers, torch.device("cuda"), layerwise=True, pin_layers=pin_layers)
     with placement.rest_on_device(model):
         for i in range(len(layers)):
             layer = placement.onload(i)
@@ -42,6 +42,7 @@ def test_prefetch_onload_offload_round_trip(monkeypatch, threaded: str) -> None:
             # copied back into the original host tensors, not into fresh host memory
             assert all(p.data_ptr() == h.data_ptr() for p, h in zip(layer.parameters(), host[i]))
             assert all(torch.equal(p, 2 * b) for p, b in zip(layer.parameters(), before[i]))
+    assert (placement.registered_bytes > 0) == pin_layers
 
 
 def test_parking_frees_all_but_the_head_and_brings_it_back() -> None:
@@ -103,33 +104,24 @@ def test_staging_and_arena_copies_equal_plain_copies() -> None:
     assert arena.slabs == 4  # 50 x 4800 bytes (aligned: 4800) in 64 KiB slabs: 13 per slab
 
 
-def _gptq_codes(monkeypatch, method: str = "gptq", **env: str) -> dict[str, torch.Tensor]:
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
+def _gptq_codes(method: str = "gptq", pin_layers: bool = True) -> dict[str, torch.Tensor]:
     model, processor = build_tiny_vlm("qwen2_vl", seed=0)
     module = TLQModule().attach(model, processor)
     encoded = [encode_sample(processor, s) for s in synthetic_samples(8, seed=2)]
     batches = make_batches(encoded, 4, module.adapter.pad_token_id)
     fabric = Fabric(accelerator="cuda", devices=1)
-    settings = CalibrationSettings(
-        QuantArgs(method=method, bits=3, group_size=32), memory=MemoryArgs(layerwise=True), metrics=False
-    )
+    memory = MemoryArgs(layerwise=True, pin_layers=pin_layers)
+    settings = CalibrationSettings(QuantArgs(method=method, bits=3, group_size=32), memory=memory, metrics=False)
     loop = CalibrationLoop(fabric, module, settings)
     loop.run(batches)
     return {k: r.codes for k, r in loop.results.items()}
 
 
 @pytest.mark.parametrize("method", ["gptq", "tlq"])
-def test_codes_do_not_depend_on_the_speed_switches(monkeypatch, method: str) -> None:
+def test_codes_do_not_depend_on_page_locked_layers(monkeypatch, method: str) -> None:
     monkeypatch.setattr(hostmem, "MIN_REGISTER_BYTES", 0)  # every layer tensor page-locked, every result staged
     monkeypatch.setattr(hostmem, "MIN_STAGING_BYTES", 0)
-    reference = _gptq_codes(monkeypatch, method)
-    for env in (
-        {"LIGHTNING_TLQ_PREFETCH_THREAD": "0"},
-        {"LIGHTNING_TLQ_EARLY_STOP": "0"},
-        {"LIGHTNING_TLQ_PIN_LAYERS": "0"},
-    ):
-        other = _gptq_codes(monkeypatch, method, **env)
-        assert all(torch.equal(reference[k], other[k]) for k in reference), env
-        for key in env:
-            monkeypatch.delenv(key)
+    reference = _gptq_codes(method)
+    other = _gptq_codes(method, pin_layers=False)
+    assert reference.keys() == other.keys()
+    assert all(torch.equal(reference[k], other[k]) for k in reference)

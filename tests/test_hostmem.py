@@ -99,7 +99,7 @@ def test_a_refused_registration_warns_and_is_never_unregistered(monkeypatch, cap
     with caplog.at_level(logging.WARNING, logger=hostmem.__name__), registered([a, b]) as nbytes:
         assert nbytes == 1 << 20
     assert "refused 1 of 2" in caplog.text
-    assert "LIGHTNING_TLQ_PIN_LAYERS=0" in caplog.text
+    assert "memory.pin_layers=false" in caplog.text
     assert cudart.unregistered == [a.data_ptr()]
 
 
@@ -109,8 +109,7 @@ def test_registration_is_off_without_cuda_or_when_disabled(monkeypatch) -> None:
         assert nbytes == (1 << 20 if torch.cuda.is_available() else 0)
     cudart = _FakeCudart(refuse=set())
     _fake_cuda(monkeypatch, cudart)
-    monkeypatch.setenv("LIGHTNING_TLQ_PIN_LAYERS", "0")
-    with registered([t]) as nbytes:
+    with registered([t], enabled=False) as nbytes:
         assert nbytes == 0
     assert cudart.registered == []
     assert cudart.unregistered == []

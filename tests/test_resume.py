@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from lightning_tlq import resume as resume_mod
 from lightning_tlq.report import REPORT_NAME
-from lightning_tlq.resume import CRASH_ENV, STATE_NAME, LayerCheckpoint
+from lightning_tlq.resume import STATE_NAME, LayerCheckpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 _DIST_VARS = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK", "RANK")
@@ -34,6 +34,20 @@ def _assert_bit_identical(a, b):
         assert not different, (name, different[:5])
 
 
+def _crash_at_layer(layer, model_dir, out, **settings):
+    """Run ``calibrate`` with the ``_flags`` settings in a fresh process that SIGKILLs itself (every rank) when
+    decoder layer ``layer`` starts (:class:`crash_callback.CrashAtLayer`)."""
+    kwargs = {"model": str(model_dir), "data": {"num_samples": 8, "batch_size": 4}, "accelerator": "cpu",
+              "quiet": True, "quant": {"bits": 3, "group_size": 64}, "output_dir": str(out), **settings}  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
+    env.update({"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "GLOO_SOCKET_IFNAME": "lo"})
+    script = Path(__file__).with_name("crash_callback.py")
+    return subprocess.run(
+        [sys.executable, str(script), str(layer), json.dumps(kwargs)],
+        env=env, cwd=out.parent, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
 def _strip_times(records):
     return [{**r, "seconds": 0, "modules": {n: {**m, "seconds": 0} for n, m in r["modules"].items()}} for r in records]
 
@@ -50,12 +64,7 @@ def reference(tiny4_dir, tmp_path_factory):
 
 def test_killed_run_resumes_bit_identical(tiny4_dir, tmp_path, reference, calibrate_cli):
     out = tmp_path / "out"
-    env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
-    env.update({CRASH_ENV: "2", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"})
-    proc = subprocess.run(
-        [sys.executable, "-m", "lightning_tlq", "calibrate", *_flags(tiny4_dir, out)],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    proc = _crash_at_layer(2, tiny4_dir, out)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     partial = tmp_path / "out.partial"
     assert leftovers(out) == ["out.partial"]
@@ -149,13 +158,9 @@ def test_two_process_run_resumes_bit_identical(tiny4_dir, tmp_path):
     two = ["--trainer.devices", "2", "--trainer.strategy", "ddp_spawn"]
     reference, out = tmp_path / "reference", tmp_path / "out"
     main(["calibrate", *_flags(tiny4_dir, reference), *two])
-    env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
-    env.update({CRASH_ENV: "2", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "GLOO_SOCKET_IFNAME": "lo"})
-    proc = subprocess.run(
-        [sys.executable, "-m", "lightning_tlq", "calibrate", *_flags(tiny4_dir, out), *two],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    proc = _crash_at_layer(2, tiny4_dir, out, devices=2, strategy="ddp_spawn")
     assert proc.returncode != 0
+    assert "never started" not in proc.stderr
     partial = tmp_path / "out.partial"
     assert json.loads((partial / STATE_NAME).read_text())["world_size"] == 2
     assert {p.name for p in partial.glob("hidden_*")} == {"hidden_0001.rank0.pt", "hidden_0001.rank1.pt"}

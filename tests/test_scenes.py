@@ -10,14 +10,8 @@ import torch
 from lightning_tlq.config import DataArgs
 from lightning_tlq.data import Sample, encode_sample
 from lightning_tlq.datamodule import load_samples
-from lightning_tlq.models.scenes import (
-    SCENES_MODEL,
-    FastEncoder,
-    build_scenes_processor,
-    embedded_path,
-    model_task,
-    pixel_values,
-)
+from lightning_tlq.models.embedded import SCENES_MODEL, embedded_path
+from lightning_tlq.models.scenes import FastEncoder, build_scenes_processor, model_task, pixel_values
 from lightning_tlq.tasks import font, scenes
 
 

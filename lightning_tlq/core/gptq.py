@@ -26,17 +26,15 @@ objective. With the damped ``H_d = H + d I`` used throughout (``W* = W + W C H_d
 ``||Q X~ - W X||_w^2 + d ||Q - W||^2``, the damped objective pulling ``Q`` toward ``W``. ``W*`` is formed once from
 the same factor ``U`` (``U^T U = H_d^-1``) the column loop uses. The grid (static group scales and zero points)
 stays that of ``W``: it does not depend on the data, so last-bit differences in ``H`` or ``C`` (summation order,
-thread count) can only flip codes near a rounding boundary, never move every scale. Scales taken from ``W*`` did
-move by ulps between 1- and 2-process runs (every weight differed) and measured no better on the tiny models;
-they fit large shifts better (a synthetic case with W* 4.5% off W: 8-bit error 20 instead of 51, against 3517
-for keeping W), which is one thing an ablation on real models should check.
+thread count) can only flip codes near a rounding boundary, never move every scale (the measurements behind this
+choice: ``docs/performance.md``, "Measurements behind design choices").
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 
@@ -44,6 +42,11 @@ from lightning_tlq.core import gptq_triton
 from lightning_tlq.core.quantizer import QuantSpec, codes_to_values, compute_qparams, dequantize, round_to_grid
 
 logger = logging.getLogger(__name__)
+
+Kernel = Literal["auto", "triton", "torch"]
+"""The GPTQ column loop: ``triton`` the fused block step (:mod:`lightning_tlq.core.gptq_triton`, CUDA tensors,
+``block_size <= 128``), ``torch`` the eager loop (any device), ``auto`` the fused step where it applies, else torch."""
+KERNELS: tuple[str, ...] = get_args(Kernel)
 
 
 class GPTQError(RuntimeError):
@@ -161,13 +164,14 @@ def _inverse_upper_factor(H: torch.Tensor) -> tuple[torch.Tensor, bool]:
 
     With ``J`` the index reversal and ``J H J = L L^T``: ``H^-1 = (J L^-1 J)^T (J L^-1 J)`` and ``J L^-1 J`` is upper
     triangular. That is ``2n^3/3`` flops instead of ``5n^3/3`` for factor -> ``cholesky_inverse`` -> factor again.
-    On a GPU the triangular inverse is blocked (:func:`lower_triangular_inverse`);
-    ``LIGHTNING_TLQ_TRIANGULAR_INVERSE=solve`` uses one triangular solve against the identity instead.
+    On a GPU the triangular inverse is blocked (:func:`lower_triangular_inverse`, mostly matrix products); on the
+    CPU it is one triangular solve against the identity (the blocked form's ``leaf``-sized case).
+    Returns ``(U, ok)``; ``ok`` is False (and ``U`` meaningless) when ``H`` is not numerically positive definite.
     """
     L, info = torch.linalg.cholesky_ex(H.flip(0, 1))
     if int(info) != 0:
         return H, False
-    if H.is_cuda and os.environ.get("LIGHTNING_TLQ_TRIANGULAR_INVERSE", "blocked") != "solve":
+    if H.is_cuda:
         U = lower_triangular_inverse(L).flip(0, 1)
     else:
         eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
@@ -208,6 +212,26 @@ def _upper_inverse_cholesky(
     )
 
 
+def _use_triton(kernel: str, W: torch.Tensor, block_size: int, name: str) -> bool:
+    """Whether the column loop runs the fused Triton block step for this ``kernel`` choice.
+
+    Raises:
+        ValueError: For an unknown ``kernel``, or ``kernel="triton"`` where the fused step cannot run.
+    """
+    if kernel not in KERNELS:
+        raise ValueError(
+            f"Module {_label(name)}: kernel={kernel!r} is not supported; choose one of {', '.join(KERNELS)}."
+        )
+    applies = W.is_cuda and block_size <= 128 and gptq_triton.available()
+    if kernel == "triton" and not applies:
+        raise ValueError(
+            f"Module {_label(name)}: kernel='triton' needs Triton installed, a CUDA weight and block_size <= 128 "
+            f"(got device {W.device.type}, block_size {block_size}, Triton "
+            f"{'available' if gptq_triton.available() else 'unavailable'}); use kernel='auto' or 'torch'."
+        )
+    return applies and kernel != "torch"
+
+
 def _quantize_columns(
     W: torch.Tensor,
     U: torch.Tensor,
@@ -215,15 +239,15 @@ def _quantize_columns(
     zero_cols: torch.Tensor,
     spec: QuantSpec,
     block_size: int,
+    fused: bool = False,
 ) -> torch.Tensor:
     """Run the GPTQ column loop in place on ``W`` (already permuted); return float codes ``[out, in]``.
 
-    ``scale_cols`` / ``zero_cols`` are per-column parameters ``[out, in]`` in the same (permuted) order.
+    ``scale_cols`` / ``zero_cols`` are per-column parameters ``[out, in]`` in the same (permuted) order. ``fused``
+    runs each block with the Triton block step (the caller checked that it applies, :func:`_use_triton`).
     """
     n = W.shape[1]
     codes = torch.empty_like(W)
-    fused = W.is_cuda and block_size <= 128 and os.environ.get("LIGHTNING_TLQ_TRITON", "1") != "0"
-    fused = fused and gptq_triton.available()
     if fused:  # views in, results written in place: two launches per block (host-bound otherwise)
         scale_cols, zero_cols = scale_cols.float(), zero_cols.float()
         errors = torch.empty(W.shape[0], block_size, dtype=W.dtype, device=W.device)
@@ -275,6 +299,7 @@ def _solve_block(
     name: str,
     scale_dtype: torch.dtype,
     cross: torch.Tensor | None = None,
+    fused: bool = False,
 ) -> _BlockSolve:
     """Quantize rows ``W [rows, in]`` (float32, modified in place) against one Hessian ``H [in, in]``.
 
@@ -296,7 +321,7 @@ def _solve_block(
         W = asymmetric_target(W, cross[perm][:, perm] if perm is not None else cross, U)
         W[:, dead] = 0.0  # the quantized path never feeds these inputs
     with torch.profiler.record_function("gptq.columns"):
-        codes = _quantize_columns(W, U, scale[:, group_of_col], zero[:, group_of_col], spec, block_size)
+        codes = _quantize_columns(W, U, scale[:, group_of_col], zero[:, group_of_col], spec, block_size, fused)
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
     return _BlockSolve(codes.to(spec.code_dtype), scale, zero, used, retries, perm)
@@ -331,6 +356,7 @@ def gptq_quantize(
     max_retries: int = 3,
     name: str = "",
     cross: torch.Tensor | None = None,
+    kernel: Kernel = "auto",
 ) -> GPTQResult:
     """Quantize ``W`` with GPTQ against the Hessian ``H``.
 
@@ -348,15 +374,20 @@ def gptq_quantize(
             scale as ``H``): minimise ``||Q X~ - W X||^2`` against the full-precision inputs ``X`` instead of
             ``||(Q - W) X~||^2``, by quantizing the target ``W + W C H_d^-1`` (see the module docstring). None
             (default) is plain GPTQ.
+        kernel: The column loop (:data:`Kernel`): ``auto`` (default) runs the fused Triton block step on CUDA
+            weights when Triton is installed and ``block_size <= 128``, else the eager torch loop; ``triton``
+            requires the fused step, ``torch`` never uses it. Both compute the same IEEE operations in the same
+            order; compiled code may contract a multiply-add, so codes can differ by one step in rare cases.
 
     Returns:
         A :class:`GPTQResult` whose ``weight`` equals ``dequantize(codes, scale, zero)`` in ``W.dtype``.
 
     Raises:
-        ValueError: On bad shapes or arguments.
+        ValueError: On bad shapes or arguments (incl. ``kernel="triton"`` where the fused step cannot run).
         GPTQError: If the Hessian is non-finite or cannot be factorised after all retries.
     """
     groups = _validate(W, H, spec, block_size, damp, max_retries, name)
+    fused = _use_triton(kernel, W, block_size, name)
     Wf = W.detach().to(torch.float32).clone()
     Hg = H.detach().to(device=W.device, dtype=torch.float32).reshape(groups, W.shape[1], W.shape[1])
     Cg = None if cross is None else _check_cross(cross, H, name).to(Hg).reshape(Hg.shape)
@@ -373,6 +404,7 @@ def gptq_quantize(
             name=name if groups == 1 else f"{_label(name)}[group {g}]",
             scale_dtype=W.dtype,
             cross=None if Cg is None else Cg[g],
+            fused=fused,
         )
         for g in range(groups)
     ]

@@ -134,4 +134,5 @@ class GPTQSolve(Method):
             act_order=quant.act_order,
             name=where,
             cross=stats.cross,
+            kernel=quant.kernel,
         )

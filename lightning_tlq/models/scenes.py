@@ -1,16 +1,16 @@
 """The embedded default model: a small LLaVA (CLIP + Llama, transformers classes) trained on the scenes task.
 
 ``scenes-llava`` names the checkpoint shipped in ``lightning_tlq/checkpoints/scenes-llava`` (bf16 safetensors,
-trained by ``examples/train_scenes_vlm.py``). This module builds its config and processor from scratch (for
-training) and encodes scenes examples without the HF processor (for fast training batches); a test checks that
-the fast path gives exactly what :func:`lightning_tlq.data.encode_sample` gives.
+trained by ``examples/train_scenes_vlm.py``; :mod:`lightning_tlq.models.embedded` resolves the name). This module
+builds its config and processor from scratch (for training) and encodes scenes examples without the HF processor
+(for fast training batches); a test checks that the fast path gives exactly what
+:func:`lightning_tlq.data.encode_sample` gives.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,8 +20,6 @@ from transformers import LlavaConfig, PreTrainedTokenizerFast, ProcessorMixin
 from lightning_tlq.models.tiny import CLIP_MEAN, CLIP_STD, build_processor
 from lightning_tlq.tasks import scenes
 
-SCENES_MODEL = "scenes-llava"
-CHECKPOINT_DIR = Path(__file__).resolve().parent.parent / "checkpoints" / SCENES_MODEL
 PATCH_SIZE = 8
 IMAGE_TOKENS = (scenes.IMAGE_SIZE // PATCH_SIZE) ** 2  # 64
 TASK_KEY = "tlq_task"
@@ -132,15 +130,3 @@ def pixel_values(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> to
 def model_task(config: Any) -> str | None:
     """The task a checkpoint was trained on (``"scenes"``), or None."""
     return getattr(config, TASK_KEY, None)
-
-
-def embedded_path(name_or_path: str) -> str:
-    """The shipped checkpoint's directory for ``scenes-llava``; any other name or path unchanged."""
-    if str(name_or_path) != SCENES_MODEL:
-        return str(name_or_path)
-    if not (CHECKPOINT_DIR / "config.json").is_file():
-        raise FileNotFoundError(
-            f"The embedded model {SCENES_MODEL!r} is missing from {CHECKPOINT_DIR} (an incomplete install?). "
-            "Reinstall lightning-tlq, or train it again with examples/train_scenes_vlm.py."
-        )
-    return str(CHECKPOINT_DIR)
