@@ -2,7 +2,6 @@
 
 from lightning_tlq.actquant import apply_activation_quant, apply_saved_activation_quant
 from lightning_tlq.adapters import VLMAdapter, get_adapter, register_adapter, supported_model_types
-from lightning_tlq.calibrate import calibrate
 from lightning_tlq.callbacks import TLQCallback
 from lightning_tlq.config import DataArgs, ImportanceArgs, QuantArgs, TokenSetArgs
 from lightning_tlq.datamodule import CalibrationDataModule
@@ -16,6 +15,7 @@ from lightning_tlq.observers import CalibrationObserver
 from lightning_tlq.pipeline import Calibration
 from lightning_tlq.progress import CalibrationProgress
 from lightning_tlq.resume import LayerCheckpoint
+from lightning_tlq.run_calibration import calibrate
 from lightning_tlq.settings import CalibrationSettings
 from lightning_tlq.stage import LayerStage
 from lightning_tlq.vision import VisionCalibration

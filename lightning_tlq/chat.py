@@ -300,7 +300,7 @@ def encode_chat(
         ValueError: If there is no chat template, the mask cannot be derived (see :func:`assistant_spans`), or the
             sequence is longer than the limit (never truncated).
     """
-    from lightning_tlq.data import IGNORE_INDEX, _length_limit, _run_processor
+    from lightning_tlq.processing import IGNORE_INDEX, length_limit, run_processor
 
     label = name or f"sample {sample.question!r}"
     template = sample.chat_template or getattr(processor, "chat_template", None)
@@ -321,7 +321,7 @@ def encode_chat(
 
     def tokenize(text: str, n_images: int) -> list[int]:
         try:
-            encoded[text] = _run_processor(processor, sample.images[:n_images], text)
+            encoded[text] = run_processor(processor, sample.images[:n_images], text)
         except ValueError as err:
             raise ValueError(
                 f"{label}: the processor refused the text rendered by the chat template ({err}); does the template "
@@ -332,7 +332,7 @@ def encode_chat(
     full_text = render(sample.messages, False)
     ids, spans = assistant_spans(render, tokenize, sample.messages, label)
     full = encoded[full_text]
-    limit = _length_limit(processor, max_length)
+    limit = length_limit(processor, max_length)
     if limit is not None and len(ids) > limit:
         raise ValueError(
             f"{label}: {len(ids)} tokens exceed the limit of {limit} by {len(ids) - limit}; shorten the conversation "

@@ -89,7 +89,7 @@ class TLQTrainer(pl.Trainer):
         Returns:
             The report (also written to ``output_dir/tlq_report.json``).
         """
-        from lightning_tlq.calibrate import calibrate
+        from lightning_tlq.run_calibration import calibrate
 
         return calibrate(
             model=_model_source(model),

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
+from lightning_tlq.processing import IGNORE_INDEX, length_limit, run_processor, tokenizer_of
+
 if TYPE_CHECKING:
     from lightning_tlq.chat import ChatSample
 
@@ -37,7 +39,6 @@ SYNTHETIC_WORDS: tuple[str, ...] = tuple(
 )
 """Every word (split on whitespace and punctuation, lower-case) used by :func:`synthetic_samples`."""
 
-IGNORE_INDEX = -100
 SYNTHETIC_IMAGE_SIZE = 32
 _RGB: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -273,13 +274,6 @@ def load_jsonl(
 # --------------------------------------------------------------------------------------------- encoding
 
 
-def _tokenizer(processor: Any) -> Any:
-    tokenizer = getattr(processor, "tokenizer", None)
-    if tokenizer is None:
-        raise ValueError(f"{type(processor).__name__} has no tokenizer; pass a multimodal processor.")
-    return tokenizer
-
-
 def build_prompt(processor: Any, question: str) -> str:
     """Render the generation prompt for one image and a question.
 
@@ -301,31 +295,10 @@ def build_prompt(processor: Any, question: str) -> str:
     return f"USER: {image_token} {question} ASSISTANT:"
 
 
-def _run_processor(processor: Any, images: Sequence[Image.Image], text: str) -> dict[str, torch.Tensor]:
-    features = processor(images=list(images) or None, text=[text], return_tensors="pt")
-    encoded = {key: value for key, value in features.items() if isinstance(value, torch.Tensor)}
-    if "image_grid_thw" in encoded and "mm_token_type_ids" not in encoded:
-        # Qwen-VL models need mm_token_type_ids (1 = image, 2 = video); older processors do not return them.
-        ids = encoded["input_ids"]
-        types = torch.zeros_like(ids)
-        types[ids == processor.image_token_id] = 1
-        if getattr(processor, "video_token_id", None) is not None:
-            types[ids == processor.video_token_id] = 2
-        encoded["mm_token_type_ids"] = types
-    return encoded
-
-
 def _common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
     n = min(a.numel(), b.numel())
     mismatch = (a[:n] != b[:n]).nonzero()
     return int(mismatch[0]) if mismatch.numel() else n
-
-
-def _length_limit(processor: Any, max_length: int | None) -> int | None:
-    if max_length is not None:
-        return max_length
-    limit = getattr(_tokenizer(processor), "model_max_length", None)
-    return limit if isinstance(limit, int) and limit < 1_000_000 else None
 
 
 def encode_sample(
@@ -355,15 +328,15 @@ def encode_sample(
     label = name or f"sample {sample.question!r}"
     if not sample.answer.strip():
         raise ValueError(f"{label}: the answer is empty; every sample needs a non-empty answer to supervise.")
-    tokenizer = _tokenizer(processor)
+    tokenizer = tokenizer_of(processor)
     prompt = build_prompt(processor, sample.question)
-    full = _run_processor(processor, [sample.image], prompt + sample.answer + (tokenizer.eos_token or ""))
-    prompt_ids = _run_processor(processor, [sample.image], prompt)["input_ids"][0]
+    full = run_processor(processor, [sample.image], prompt + sample.answer + (tokenizer.eos_token or ""))
+    prompt_ids = run_processor(processor, [sample.image], prompt)["input_ids"][0]
     ids = full["input_ids"][0]
     start = _common_prefix(prompt_ids, ids)
     if start >= ids.numel():
         raise ValueError(f"{label}: answer {sample.answer!r} produced no tokens after the prompt.")
-    limit = _length_limit(processor, max_length)
+    limit = length_limit(processor, max_length)
     if limit is not None and ids.numel() > limit:
         raise ValueError(
             f"{label}: {ids.numel()} tokens exceed the limit of {limit} by {ids.numel() - limit}; "

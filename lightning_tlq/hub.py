@@ -99,8 +99,7 @@ def model_dir(
             are neither in the cache nor (offline, or unreachable) downloadable. The message says how to fix it.
         ValueError: a directory without ``config.json``; a revision for a local directory or built-in model.
     """
-    from lightning_tlq.models.embedded import SCENES_MODEL, embedded_path
-    from lightning_tlq.models.tiny import TINY_MODELS
+    from lightning_tlq.models.embedded import SCENES_MODEL, TINY_MODELS, embedded_path
 
     name = str(name_or_path)
     builtin = sorted([SCENES_MODEL, *TINY_MODELS])

@@ -8,8 +8,8 @@ from lightning.fabric import Fabric
 from lightning_tlq import CalibrationObserver, CalibrationSettings, QuantArgs, TLQModule, get_method, method_names
 from lightning_tlq.data import encode_sample, make_batches, synthetic_samples
 from lightning_tlq.loop import CalibrationLoop
-from lightning_tlq.methods import _REGISTRY, register_method
 from lightning_tlq.methods.base import GPTQSolve
+from lightning_tlq.methods.registry import _REGISTRY, register_method
 from lightning_tlq.models.tiny import build_tiny_vlm
 
 

@@ -36,9 +36,8 @@ def register_adapter(cls: _AdapterT) -> _AdapterT:
         TypeError: If ``cls`` is not a ``VLMAdapter`` subclass.
         ValueError: If it declares no model types, or one is already taken by a different adapter.
     """
-    from lightning_tlq.adapters.base import VLMAdapter
-
-    if not (isinstance(cls, type) and issubclass(cls, VLMAdapter)):
+    # duck-typed: importing VLMAdapter here would make the registry and the base class import each other
+    if not (isinstance(cls, type) and all(hasattr(cls, a) for a in ("model_types", "module_groups", "capture"))):
         raise TypeError(f"@register_adapter expects a VLMAdapter subclass, got {cls!r}.")
     if not cls.model_types:
         raise ValueError(f"{cls.__name__}.model_types is empty; list the config.model_type values it handles.")

@@ -7,36 +7,9 @@ True
 from __future__ import annotations
 
 from lightning_tlq.methods.base import GPTQSolve, Method, ModuleStats, SmoothingRecipe
-
-_REGISTRY: dict[str, Method] = {}
-
-
-def register_method(cls: type[Method]) -> type[Method]:
-    """Class decorator: make ``cls`` the handler of ``quant.method=<cls.name>``."""
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} needs a non-empty class attribute `name`.")
-    if cls.name in _REGISTRY and type(_REGISTRY[cls.name]) is not cls:
-        raise ValueError(f"A method named {cls.name!r} is registered already ({type(_REGISTRY[cls.name]).__name__}).")
-    _REGISTRY[cls.name] = cls()
-    return cls
-
-
-def get_method(name: str) -> Method:
-    """The handler of method ``name``; ``ValueError`` naming ``--quant.method`` and the choices otherwise."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(
-            f"quant.method={name!r} is not supported; choose one of {', '.join(method_names())}."
-        ) from None
-
-
-def method_names() -> tuple[str, ...]:
-    """Registered method names, in registration order."""
-    return tuple(_REGISTRY)
-
+from lightning_tlq.methods.registry import get_method, method_names, register_method
 
 # The built-in methods register themselves on import, in the order shown to users.
-from lightning_tlq.methods import rtn, gptq, tlq, awq, smoothquant, mbq  # noqa: E402, F401  # isort: skip
+from lightning_tlq.methods import rtn, gptq, tlq, awq, smoothquant, mbq  # noqa: F401  # isort: skip
 
 __all__ = ["GPTQSolve", "Method", "ModuleStats", "SmoothingRecipe", "get_method", "method_names", "register_method"]

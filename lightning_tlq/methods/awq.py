@@ -1,8 +1,8 @@
 """``awq``: activation-aware scales ``s = mean|x|^alpha`` searched on the layer's output MSE over an alpha grid,
 folded into the producing op, then round to nearest (optionally AWQ's clip search, ``quant.awq_clip``)."""
 
-from lightning_tlq.methods import register_method
 from lightning_tlq.methods.base import Method, SmoothingRecipe
+from lightning_tlq.methods.registry import register_method
 
 
 @register_method

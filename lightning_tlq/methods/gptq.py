@@ -1,7 +1,7 @@
 """``gptq``: GPTQ on ``H = sum_t x_t x_t^T`` over every real calibration token (uniform token weights)."""
 
-from lightning_tlq.methods import register_method
 from lightning_tlq.methods.base import GPTQSolve
+from lightning_tlq.methods.registry import register_method
 
 
 @register_method

@@ -13,8 +13,8 @@ from torch import Tensor
 
 from lightning_tlq.core.importance import modality_sums, vision_weight
 from lightning_tlq.core.smoothing import floor_at_median
-from lightning_tlq.methods import register_method
 from lightning_tlq.methods.base import Method, SmoothingRecipe
+from lightning_tlq.methods.registry import register_method
 
 if TYPE_CHECKING:
     from lightning_tlq.config import ImportanceArgs

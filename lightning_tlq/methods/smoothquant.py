@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from lightning_tlq.methods import register_method
 from lightning_tlq.methods.base import Method, SmoothingRecipe
+from lightning_tlq.methods.registry import register_method
 
 if TYPE_CHECKING:
     from lightning_tlq.config import QuantArgs

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from lightning_tlq.methods import register_method
 from lightning_tlq.methods.base import GPTQSolve
+from lightning_tlq.methods.registry import register_method
 
 if TYPE_CHECKING:
     from lightning_tlq.config import ImportanceArgs

@@ -1,4 +1,5 @@
-"""The checkpoint shipped inside the package: its name ``scenes-llava`` and where it lives.
+"""The built-in model names: the checkpoint shipped inside the package (``scenes-llava``, and where it lives) and
+the random tiny models built from configs (``tiny-llava``, ``tiny-qwen2_vl``).
 
 Kept apart from :mod:`lightning_tlq.models.scenes` (how that model is built and trained) so that model loading
 (:func:`lightning_tlq.models.tiny.resolve_model`, :mod:`lightning_tlq.preflight`) can resolve the name without
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+TINY_MODELS: dict[str, str] = {"tiny-llava": "llava", "tiny-qwen2_vl": "qwen2_vl"}
+"""Built-in random tiny models (name -> family), built by :func:`lightning_tlq.models.tiny.build_tiny_vlm`."""
 SCENES_MODEL = "scenes-llava"
 """Name of the embedded trained model (the package's default model)."""
 CHECKPOINT_DIR = Path(__file__).resolve().parent.parent / "checkpoints" / SCENES_MODEL

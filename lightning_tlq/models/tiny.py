@@ -33,11 +33,10 @@ from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
 from transformers.utils import is_torchvision_available
 
 from lightning_tlq.data import SYNTHETIC_WORDS
-from lightning_tlq.models.embedded import SCENES_MODEL
+from lightning_tlq.models.embedded import SCENES_MODEL, TINY_MODELS
 
 Family = Literal["llava", "qwen2_vl"]
 FAMILIES: tuple[str, ...] = get_args(Family)
-TINY_MODELS: dict[str, Family] = {"tiny-llava": "llava", "tiny-qwen2_vl": "qwen2_vl"}
 DEFAULT_MODEL = SCENES_MODEL  # the embedded trained model (lightning_tlq.models.scenes)
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
