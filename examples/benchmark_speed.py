@@ -180,7 +180,7 @@ def floor_seconds(model, records: list[dict], tokens: int, samples: int, seq: in
 
 
 def main(fabric, args) -> dict | None:
-    from lightning_tlq import CalibrationLoop, ImportanceArgs, QuantArgs, TLQModule, TokenSetArgs
+    from lightning_tlq import CalibrationLoop, CalibrationSettings, QuantArgs, TLQModule
     from lightning_tlq.config import MemoryArgs
     from lightning_tlq.distributed import shard_range
 
@@ -196,8 +196,7 @@ def main(fabric, args) -> dict | None:
     batches = build_batches(args.samples, args.image_tokens, args.text_tokens, args.batch_size, shard)
     quant = QuantArgs(method=args.method, bits=4, group_size=128, kernel=args.kernel)
     memory = MemoryArgs(layerwise=True, offload_activations=args.offload_activations, pin_layers=args.pin_layers)
-    loop = CalibrationLoop(fabric, module, quant, ImportanceArgs(), TokenSetArgs(), memory=memory,
-                           metrics=args.metrics)  # fmt: skip
+    loop = CalibrationLoop(fabric, module, CalibrationSettings(quant, memory=memory, metrics=args.metrics))
     if cuda:
         torch.cuda.reset_peak_memory_stats(fabric.device)
     fabric.barrier()
@@ -324,10 +323,7 @@ if __name__ == "__main__":
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     from lightning.fabric import Fabric
 
-    from lightning_tlq.importance import TokenImportance
-
     args = parse()
     accelerator = "cuda" if torch.cuda.is_available() else "cpu"
-    fabric = Fabric(accelerator=accelerator, devices=args.devices, strategy="ddp" if args.devices > 1 else "auto",
-                    callbacks=[TokenImportance()])  # fmt: skip
+    fabric = Fabric(accelerator=accelerator, devices=args.devices, strategy="ddp" if args.devices > 1 else "auto")
     fabric.launch(main, args)
