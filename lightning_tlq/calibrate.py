@@ -37,7 +37,14 @@ from lightning_tlq.preflight import (
     resolve_max_length,
 )
 from lightning_tlq.progress import CalibrationProgress
-from lightning_tlq.report import atomic_output_dir, check_output_dir, format_summary, summarize, write_report
+from lightning_tlq.report import (
+    atomic_output_dir,
+    check_output_dir,
+    default_output_dir,
+    format_summary,
+    summarize,
+    write_report,
+)
 from lightning_tlq.resume import LayerCheckpoint, partial_dir, prepare_partial_dir
 
 
@@ -48,7 +55,7 @@ def calibrate(
     importance: ImportanceArgs = ImportanceArgs(),
     token_set: TokenSetArgs = TokenSetArgs(),
     memory: MemoryArgs = MemoryArgs(),
-    output_dir: str = "tlq_out",
+    output_dir: str | None = None,
     overwrite: bool = False,
     resume: bool = False,
     checkpoint: bool = True,
@@ -79,8 +86,10 @@ def calibrate(
         importance: token importance settings.
         token_set: token-level calibration set settings.
         memory: where weights and activations live (layer-wise offload, activation offload, GPU memory cap).
-        output_dir: where the quantized model (``from_pretrained``-loadable) and ``tlq_report.json`` go.
-        overwrite: replace ``output_dir`` (and discard the checkpoint of an interrupted run) if it exists.
+        output_dir: where the quantized model (``from_pretrained``-loadable) and ``tlq_report.json`` go; default
+            ``tlq_out/<model>-<method>-w<bits>a<act bits>-g<group>`` (:func:`~lightning_tlq.report.run_name`).
+        overwrite: replace ``output_dir`` (and discard the checkpoint of an interrupted run) if it exists and is a
+            lightning-tlq output; any other directory is left alone.
         resume: continue an interrupted run from its checkpoint ``<output_dir>.partial/`` (same settings).
         checkpoint: after every layer, save the loop state to ``<output_dir>.partial/`` so that ``resume`` can
             continue after a crash; removed once the output is written.
@@ -99,6 +108,7 @@ def calibrate(
     Returns:
         The report (also written to ``output_dir/tlq_report.json``).
     """
+    output_dir = output_dir or default_output_dir(model, quant)
     check_output_dir(output_dir, overwrite)
     importance = importance_for(quant, importance)
     if export:  # fail before calibrating if the format cannot hold these settings

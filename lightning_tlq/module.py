@@ -21,12 +21,16 @@ class TLQModule(pl.LightningModule):
         model_name_or_path: a local Hugging Face model directory, the embedded trained ``scenes-llava`` (default),
             or a built-in random tiny model (``tiny-llava``, ``tiny-qwen2_vl``).
         dtype: ``float32``, ``bfloat16`` or ``float16``.
+        allow_pickle: Load pickle weight files (``pytorch_model.bin``) when a directory has no safetensors;
+            refused by default because unpickling can run code (see :func:`lightning_tlq.errors.check_weight_files`).
 
     The model is built in :meth:`configure_model` (once), all weights have ``requires_grad=False``, and
     :meth:`sft_loss` makes activation gradients available for importance collection.
     """
 
-    def __init__(self, model_name_or_path: str = DEFAULT_MODEL, dtype: str = "float32") -> None:
+    def __init__(
+        self, model_name_or_path: str = DEFAULT_MODEL, dtype: str = "float32", allow_pickle: bool = False
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model: Any = None
