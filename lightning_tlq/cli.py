@@ -98,7 +98,12 @@ def configure_logging(quiet: bool) -> None:
 
 def quiet_lightning() -> None:
     """Silence Lightning's informational start-up lines (banner, tips) on every rank."""
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+    for name in (
+        "lightning.pytorch.utilities.rank_zero",
+        "lightning.fabric.utilities.rank_zero",
+        "lightning.fabric.utilities.seed",
+        "lightning.pytorch.utilities.seed",
+    ):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
@@ -167,6 +172,7 @@ def _run(args: list[str], threads: int | None) -> None:
     with warnings.catch_warnings():
         # main(argv) from Python (tests, notebooks) is meant to ignore sys.argv; LightningCLI warns about that.
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        warnings.filterwarnings("ignore", message="The `TLQTrainer` class does not expose the `callbacks`")
         TLQCLI(
             TLQModule,
             CalibrationDataModule,

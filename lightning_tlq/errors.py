@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import struct
 import sys
 import tempfile
@@ -99,9 +100,27 @@ def _chain(err: BaseException) -> list[BaseException]:
     return seen
 
 
+def _flag_names() -> list[str]:
+    """``quant.bits``, ``data.num_samples``, ...: the settings that messages name, as the CLI spells them."""
+    from dataclasses import fields
+
+    from lightning_tlq.config import DataArgs, ImportanceArgs, MemoryArgs, QuantArgs, TokenSetArgs
+
+    groups = {"quant": QuantArgs, "importance": ImportanceArgs, "token_set": TokenSetArgs, "memory": MemoryArgs}
+    names = [f"{group}.{f.name}" for group, cls in {**groups, "data": DataArgs}.items() for f in fields(cls)]
+    return sorted(names, key=len, reverse=True)
+
+
+def name_flags(text: str) -> str:
+    """Spell settings as flags: ``quant.bits=9 is ...`` -> ``--quant.bits 9 is ...``."""
+    pattern = "|".join(re.escape(name) for name in _flag_names())
+    return re.sub(rf"(?<![\w.-])({pattern})\b(=)?", lambda m: f"--{m.group(1)}" + (" " if m.group(2) else ""), text)
+
+
 def error_message(err: BaseException) -> str:
-    """The message shown for ``err``: ours as it is; library text rewritten where it gives unusable advice."""
-    text = str(err).strip() or type(err).__name__
+    """The message shown for ``err``: ours with settings spelled as flags; library text rewritten where it gives
+    unusable advice."""
+    text = name_flags(str(err).strip()) or type(err).__name__
     for link in _chain(err):
         name = type(link).__name__
         if name == "UnpicklingError" or "weights_only" in str(link):
