@@ -46,6 +46,7 @@ from lightning_tlq.report import (
     write_report,
 )
 from lightning_tlq.resume import LayerCheckpoint, partial_dir, prepare_partial_dir
+from lightning_tlq.savedtype import cast_for_save
 
 
 def calibrate(
@@ -69,6 +70,7 @@ def calibrate(
     seed: int = 0,
     quiet: bool = False,
     export: bool = False,
+    save_dtype: str | None = None,
 ) -> dict[str, Any]:
     """Calibrate a VLM's language model (with ``quant.vision`` also its vision tower) with TLQ and save it.
 
@@ -104,6 +106,8 @@ def calibrate(
         quiet: no progress bars and no summary.
         export: also write the compressed-tensors checkpoint (what ``lightning-tlq export`` writes) to
             ``output_dir/packed``, in the same atomic step.
+        save_dtype: save the model in this dtype (codes kept, scales rounded to it, weights re-derived from the
+            codes: :func:`lightning_tlq.savedtype.cast_for_save`); None = in ``dtype``.
 
     Returns:
         The report (also written to ``output_dir/tlq_report.json``).
@@ -121,8 +125,8 @@ def calibrate(
     fabric = build_fabric(accelerator, devices, num_nodes, strategy, loggers, callbacks)
     args = (model, data, quant, importance, token_set, memory, output_dir, overwrite, dtype, metrics, seed, quiet)
     if os.environ.get("LT_CLI_USED"):  # under `fabric run` the processes already exist
-        return _main(fabric, *args, export=export)
-    return fabric.launch(_main, *args, export=export)
+        return _main(fabric, *args, export=export, save_dtype=save_dtype)
+    return fabric.launch(_main, *args, export=export, save_dtype=save_dtype)
 
 
 def build_fabric(
@@ -154,6 +158,7 @@ def _main(
     seed: int,
     quiet: bool,
     export: bool = False,
+    save_dtype: str | None = None,
 ) -> dict[str, Any]:
     start = time.perf_counter()
     fabric.seed_everything(seed, verbose=False)
@@ -184,6 +189,8 @@ def _main(
             checkpoint.on_failure(fabric, err)
         raise
     module.model.to("cpu")
+    if save_dtype is not None:  # computed in `dtype` (float32), saved in the checkpoint's dtype
+        cast_for_save(module.model, module.adapter, loop.results, quant.spec, save_dtype)
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     targets = module.adapter.target_module_names()
     if quant.vision:
@@ -200,6 +207,7 @@ def _main(
             "data": asdict(data),
             "memory": asdict(memory),
             "dtype": dtype,
+            "save_dtype": save_dtype or dtype,
             "world_size": fabric.world_size,
             "device": str(fabric.device),
         },

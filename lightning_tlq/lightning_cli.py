@@ -82,9 +82,12 @@ class TLQTrainer(pl.Trainer):
             The report (also written to ``output_dir/tlq_report.json``).
         """
         from lightning_tlq.calibrate import calibrate
+        from lightning_tlq.savedtype import resolve_dtypes
 
+        source = _model_source(model)
+        dtype, save_dtype = resolve_dtypes(model.hparams.dtype, source)
         return calibrate(
-            model=_model_source(model),
+            model=source,
             data=(datamodule or CalibrationDataModule()).args,
             quant=quant,
             importance=importance,
@@ -94,7 +97,8 @@ class TLQTrainer(pl.Trainer):
             overwrite=overwrite,
             resume=resume,
             checkpoint=checkpoint,
-            dtype=model.hparams.dtype,
+            dtype=dtype,
+            save_dtype=save_dtype,
             metrics=metrics,
             seed=_global_seed(),
             quiet=quiet,
@@ -142,7 +146,7 @@ class TLQTrainer(pl.Trainer):
             output_dir=output_dir,
             overwrite=overwrite,
             max_new_tokens=max_new_tokens,
-            dtype=model.hparams.dtype,
+            dtype="float32" if model.hparams.dtype == "auto" else model.hparams.dtype,
             reference_model=reference_model,
             exact_match=exact_match,
             seed=_global_seed(),
@@ -274,6 +278,8 @@ class TLQCLI(LightningCLI):
         parser.set_defaults({"trainer." + k: v for k, v in self.trainer_defaults.items() if k in TRAINER_OPTIONS})
         parser.add_lightning_class_args(self._model_class, "model")
         parser.add_lightning_class_args(self._datamodule_class, "data")
+        # auto: compute in float32, save in the checkpoint's dtype (lightning_tlq.savedtype)
+        parser.set_defaults({"model.dtype": "auto"})
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         """Our help formatter (subcommand parsers inherit it) and the program's name."""

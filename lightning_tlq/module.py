@@ -20,7 +20,8 @@ class TLQModule(pl.LightningModule):
     Args:
         model_name_or_path: a local Hugging Face model directory, the embedded trained ``scenes-llava`` (default),
             or a built-in random tiny model (``tiny-llava``, ``tiny-qwen2_vl``).
-        dtype: ``float32``, ``bfloat16`` or ``float16``.
+        dtype: ``float32``, ``bfloat16`` or ``float16`` (the command line's default ``auto`` computes in float32 and
+            saves in the checkpoint's dtype, see :mod:`lightning_tlq.savedtype`).
         allow_pickle: Load pickle weight files (``pytorch_model.bin``) when a directory has no safetensors;
             refused by default because unpickling can run code (see :func:`lightning_tlq.errors.check_weight_files`).
 
