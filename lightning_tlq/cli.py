@@ -127,8 +127,17 @@ def _pop_threads(args: list[str]) -> int | None:
     return None
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of the ``lightning-tlq`` console script."""
+def main(argv: Sequence[str] | None = None, *, report_errors: bool | None = None) -> None:
+    """Entry point of the ``lightning-tlq`` console script.
+
+    Args:
+        argv: The arguments after ``lightning-tlq`` (default: ``sys.argv[1:]``).
+        report_errors: Turn an error into one message plus a traceback log file and exit 1 (see
+            :func:`lightning_tlq.errors.report_error`); default: only for the console script (``argv`` None), so
+            that Python callers and tests get the exception itself.
+    """
+    if report_errors is None:
+        report_errors = argv is None
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
         print(top_level_help(), end="")
@@ -149,6 +158,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (SystemExit, KeyboardInterrupt):
         raise
     except BaseException as err:
+        if not report_errors:
+            raise
         raise SystemExit(report_error(err, subcommand or "lightning-tlq", verbose)) from None
 
 

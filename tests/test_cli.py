@@ -83,7 +83,7 @@ def test_subcommand_help_describes_every_option_and_hides_training_options(subco
 def test_errors_name_flags_and_point_to_a_traceback_log(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TLQ_LOG_DIR", str(tmp_path / "logs"))
     with pytest.raises(SystemExit) as exit_:
-        main(["calibrate", "--model.model_name_or_path", "tiny-llava", "--quant.bits", "9"])
+        main(["calibrate", "--model.model_name_or_path", "tiny-llava", "--quant.bits", "9"], report_errors=True)
     assert exit_.value.code == 1
     err = capsys.readouterr().err
     assert "error: --quant.bits must be an integer in 2..8, got 9." in err
@@ -93,7 +93,10 @@ def test_errors_name_flags_and_point_to_a_traceback_log(tmp_path, monkeypatch, c
     assert log.parent == tmp_path / "logs"
     assert "Traceback" in log.read_text()
     with pytest.raises(SystemExit):
-        main(["--verbose", "calibrate", "--model.model_name_or_path", "tiny-llava", "--quant.bits", "9"])
+        main(
+            ["--verbose", "calibrate", "--model.model_name_or_path", "tiny-llava", "--quant.bits", "9"],
+            report_errors=True,
+        )
     assert "Traceback" in capsys.readouterr().err
 
 
