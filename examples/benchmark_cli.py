@@ -7,7 +7,8 @@
 Each command runs ``--repeat`` times (the minimum and all runs are reported) in a temporary directory, with
 ``HF_HUB_OFFLINE=1``; ``auto`` lets lightning-tlq choose the CPU thread count (:mod:`lightning_tlq.threads`), a
 number sets ``OMP_NUM_THREADS``. The 1-minute load average before each run is recorded: on a shared machine it
-explains most of the spread. ``--json FILE`` appends one record per run.
+explains most of the spread, and the CPU time (user + system of the child) is what the command would take on an
+idle core. ``--json FILE`` appends one record per run.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -31,14 +33,24 @@ def run(name: str, args: list[str], threads: str, cwd: Path) -> dict:
     if threads != "auto":
         env["OMP_NUM_THREADS"] = threads
     load = os.getloadavg()[0]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "lightning_tlq", *args], cwd=cwd, env=env, capture_output=True, text=True
     )
     seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if proc.returncode not in (0,):
         raise SystemExit(f"{name} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
-    return {"command": name, "args": args, "threads": threads, "seconds": round(seconds, 2), "load_1min": load}
+    return {
+        "command": name,
+        "args": args,
+        "threads": threads,
+        "seconds": round(seconds, 2),
+        "cpu_seconds": round(cpu, 2),
+        "load_1min": load,
+    }
 
 
 def main() -> None:
@@ -65,8 +77,9 @@ def main() -> None:
             runs = [run(name, argv, threads, cwd) for _ in range(args.repeat)]
             best = min(r["seconds"] for r in runs)
             loads = ", ".join(f"{r['load_1min']:.1f}" for r in runs)
+            cpu = [r["cpu_seconds"] for r in runs]
             print(f"{name:<40} threads={threads:<5} min {best:7.2f} s  runs {[r['seconds'] for r in runs]}  "
-                  f"load {loads}")  # fmt: skip
+                  f"CPU s {cpu}  load {loads}")  # fmt: skip
             records += [{**r, **machine, "date": time.strftime("%Y-%m-%d")} for r in runs]
     if args.json is not None:
         with args.json.open("a") as file:

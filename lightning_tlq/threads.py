@@ -1,20 +1,16 @@
 """How many intra-op threads torch uses on the CPU for one ``lightning-tlq`` process.
 
 torch starts one thread per core it sees. On a machine that other work keeps busy (or with several processes per
-node) that oversubscribes the cores, and the threads mostly wait for each other: on the 2-core dev box with a load
-of about 2, ``evaluate`` of 64 samples took 190 s with torch's default of 2 threads and 17 s with 1. So the default
-is ``min(torch's default, cores this process may run on / local processes, idle cores)``, where the idle cores
-are the usable cores minus the 1-minute load average (at least 1). ``OMP_NUM_THREADS`` (read by torch itself) or
-``lightning-tlq --threads N <subcommand>`` choose the count instead.
+node) that oversubscribes the cores and the threads mostly wait for each other (measurements on the 2-core dev box:
+``docs/cli_benchmark.md``). So the default is ``min(torch's default, cores this process may run on / local
+processes, idle cores)``, where the idle cores are the usable cores minus the 1-minute load average (at least 1).
+``OMP_NUM_THREADS`` (read by torch itself) or ``lightning-tlq --threads N <subcommand>`` choose the count instead.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Sequence
-
-log = logging.getLogger("lightning_tlq.threads")
 
 
 def usable_cores() -> int:
