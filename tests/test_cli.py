@@ -102,7 +102,7 @@ def test_errors_name_flags_and_point_to_a_traceback_log(tmp_path, monkeypatch, c
 
 def test_print_config_has_the_lightning_groups_and_the_method_arguments(capsys):
     cfg = _printed(capsys, "calibrate")
-    assert cfg["model"] == {"model_name_or_path": "scenes-llava", "dtype": "float32", "allow_pickle": False}
+    assert cfg["model"] == {"model_name_or_path": "scenes-llava", "dtype": "auto", "allow_pickle": False}
     assert cfg["data"]["num_samples"] == 64
     assert cfg["trainer"]["logger"] is False
     assert cfg["seed_everything"] == 0
