@@ -121,7 +121,7 @@ class TLQTrainer(pl.Trainer):
         """Score a (quantized) VLM: exact match per question type, answer-token NLL, KL to a full-precision model.
 
         Args:
-            model: The model to evaluate, e.g. ``--model.model_name_or_path tlq_out``.
+            model: The model to evaluate, e.g. ``--model.model_name_or_path tlq_out/scenes-llava-tlq-w4a16-g128``.
             datamodule: Evaluation data (use held-out samples: another JSONL or another ``--data.seed``); JSONL
                 records may carry a ``kind`` (question type) for per-type metrics.
             output_dir: Where ``metrics.json`` goes (default: beside the model, ``<model dir>-eval-<data>``).
