@@ -76,8 +76,11 @@ def _args(run: dict, calib_n: int):
     for section, values in ABLATIONS.get(run["variant"], {}).items():
         sections[section].update(values)
     data = DataArgs(num_samples=calib_n, batch_size=8, seed=run["seed"], split="calibration")
-    return data, QuantArgs(**sections["quant"]), ImportanceArgs(**sections["importance"]), TokenSetArgs(
-        **sections["token_set"]
+    return (
+        data,
+        QuantArgs(**sections["quant"]),
+        ImportanceArgs(**sections["importance"]),
+        TokenSetArgs(**sections["token_set"]),
     )
 
 

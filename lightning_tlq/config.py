@@ -128,7 +128,7 @@ class QuantArgs:
         try:
             return QuantSpec(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric)
         except ValueError as err:
-            raise ValueError(f"quant: {err}") from err
+            raise ValueError(str(err).replace("QuantSpec.", "quant.")) from err
 
 
 @dataclass

@@ -202,11 +202,20 @@ def _load_image(path: Path, where: str) -> Image.Image:
         raise ValueError(f"{where}: cannot read image {path} ({err}); is the file a valid image?") from err
 
 
+def shorten(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to about ``limit`` characters for error messages (a 100 kB question stays one line)."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(str(value))} characters)"
+
+
 def _parse_record(line: str, where: str, image_root: Path) -> Sample | ChatSample:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{where}: invalid JSON ({err.msg} at column {err.colno}).") from err
+        what = err.msg.removesuffix(" at").removesuffix(" starting")  # "Unterminated string starting at"
+        raise ValueError(f"{where}: invalid JSON at column {err.colno}: {what}.") from err
     if not isinstance(record, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}.")
     if "messages" in record or "conversations" in record:
@@ -215,7 +224,7 @@ def _parse_record(line: str, where: str, image_root: Path) -> Sample | ChatSampl
         if key not in record:
             raise ValueError(f"{where}: missing key {key!r}; each line needs 'image', 'question' and 'answer'.")
         if not isinstance(record[key], str) or not record[key].strip():
-            raise ValueError(f"{where}: {key!r} must be a non-empty string, got {record[key]!r}.")
+            raise ValueError(f"{where}: {key!r} must be a non-empty string, got {shorten(record[key])}.")
     image_path = Path(record["image"]).expanduser()
     if not image_path.is_absolute():
         image_path = image_root / image_path
@@ -325,7 +334,7 @@ def encode_sample(
         from lightning_tlq.chat import encode_chat
 
         return encode_chat(processor, sample, max_length, name=name)
-    label = name or f"sample {sample.question!r}"
+    label = name or f"sample {shorten(sample.question)}"
     if not sample.answer.strip():
         raise ValueError(f"{label}: the answer is empty; every sample needs a non-empty answer to supervise.")
     tokenizer = tokenizer_of(processor)
@@ -335,7 +344,7 @@ def encode_sample(
     ids = full["input_ids"][0]
     start = _common_prefix(prompt_ids, ids)
     if start >= ids.numel():
-        raise ValueError(f"{label}: answer {sample.answer!r} produced no tokens after the prompt.")
+        raise ValueError(f"{label}: answer {shorten(sample.answer)} produced no tokens after the prompt.")
     limit = length_limit(processor, max_length)
     if limit is not None and ids.numel() > limit:
         raise ValueError(

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_tlq.chat import ChatSample, one_turn, read_template
 from lightning_tlq.config import DataArgs
-from lightning_tlq.data import Sample, collate, encode_sample, load_jsonl, synthetic_samples
+from lightning_tlq.data import Sample, collate, encode_sample, load_jsonl, shorten, synthetic_samples
 
 
 def load_samples(data: DataArgs, task: str | None = None, default_split: str = "calibration") -> list[Any]:
@@ -83,7 +83,7 @@ def encode_samples(
     if not samples:
         raise ValueError("The dataset is empty: there is nothing to calibrate or evaluate on.")
     return [
-        encode_sample(processor, s, max_length=max_length, name=f"sample {i} ({s.question!r})")
+        encode_sample(processor, s, max_length=max_length, name=f"sample {i} ({shorten(s.question)})")
         for i, s in enumerate(samples)
     ]
 

@@ -54,17 +54,15 @@ from lightning_tlq.harness import (
 from lightning_tlq.models.scenes import model_task
 from lightning_tlq.models.tiny import DEFAULT_MODEL
 from lightning_tlq.preflight import load_processor_for, model_max_length, model_on_meta, resolve_max_length
-from lightning_tlq.report import atomic_output_dir, check_output_dir
+from lightning_tlq.report import METRICS_NAME, atomic_output_dir, check_output_dir, eval_output_dir
 
 __all__ = ["METRICS_NAME", "evaluate", "normalize_answer"]
-
-METRICS_NAME = "metrics.json"
 
 
 def evaluate(
     model: str = DEFAULT_MODEL,
     data: DataArgs = DataArgs(),
-    output_dir: str = "tlq_eval",
+    output_dir: str | None = None,
     overwrite: bool = False,
     max_new_tokens: int = 8,
     dtype: str = "float32",
@@ -89,8 +87,9 @@ def evaluate(
         data: evaluation data: a JSONL, or (``data.path`` None) the ``test`` split of the task the model was
             trained on unless ``data.split`` says otherwise (tiny models: the shapes set, held out by another
             ``data.seed``); ``data.batch_size`` samples per forward and per ``generate`` call.
-        output_dir: where ``metrics.json`` goes.
-        overwrite: replace ``output_dir`` if it exists.
+        output_dir: where ``metrics.json`` goes; default beside the model
+            (:func:`~lightning_tlq.report.eval_output_dir`: ``<model dir>-eval-<data>[-vs-<reference>]``).
+        overwrite: replace ``output_dir`` if it exists and is a lightning-tlq output.
         max_new_tokens: greedy generation length per answer.
         dtype: dtype both models run in.
         reference_model: the full-precision model (same tokenizer and vocabulary) for ``kl_to_reference``.
@@ -114,6 +113,7 @@ def evaluate(
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1.")
     if exact_match not in ("greedy", "teacher_forced"):
         raise ValueError(f"exact_match={exact_match!r} is not supported; choose one of greedy, teacher_forced.")
+    output_dir = output_dir or eval_output_dir(model, data, reference_model, exact_match)
     check_output_dir(output_dir, overwrite)
     model_source = (model, revision, trust_remote_code)
     reference = (reference_model, reference_revision, trust_remote_code) if reference_model is not None else None
@@ -197,7 +197,7 @@ def _main(
             "revision": revision,
             "trust_remote_code": trust_remote_code,
             "reference_revision": reference_source[1] if reference_source else None,
-        },
+        },  # fmt: skip
         "examples": _first_records(fabric, shard.records, NUM_EXAMPLES),
     }
     fabric.log_dict(_logged(result))

@@ -390,7 +390,13 @@ def evaluate_shard(
     indices = list(range(len(samples)) if indices is None else indices)
     device, pad = _device(module), _pad_id(module)
     result = ShardResult(AnswerMetrics(kinds, reference is not None, device), [], {"forward": 0.0, "generate": 0.0})
-    bar = tqdm(total=len(samples), desc="evaluate", unit="sample", disable=not progress, file=sys.stderr)
+    bar = tqdm(
+        total=len(samples),
+        desc="evaluate",
+        unit="sample",
+        disable=not progress or not sys.stderr.isatty(),
+        file=sys.stderr,
+    )
     for start in range(0, len(samples), batch_size):
         stop = min(start + batch_size, len(samples))
         items, batch_samples = encoded[start:stop], samples[start:stop]

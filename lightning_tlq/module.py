@@ -21,9 +21,12 @@ class TLQModule(pl.LightningModule):
         model_name_or_path: the embedded trained ``scenes-llava`` (default), a built-in random tiny model
             (``tiny-llava``, ``tiny-qwen2_vl``), a local Hugging Face model directory or a hub id (``org/name``,
             through the Hugging Face cache as ``from_pretrained``: :mod:`lightning_tlq.hub`).
-        dtype: ``float32``, ``bfloat16`` or ``float16``.
+        dtype: ``float32``, ``bfloat16`` or ``float16`` (the command line's default ``auto`` computes in float32 and
+            saves in the checkpoint's dtype, see :mod:`lightning_tlq.savedtype`).
         revision: branch, tag or commit of a hub id (default ``main``).
         trust_remote_code: run the model repository's own code, as ``from_pretrained(trust_remote_code=True)``.
+        allow_pickle: Load pickle weight files (``pytorch_model.bin``) when a directory has no safetensors;
+            refused by default because unpickling can run code (see :func:`lightning_tlq.errors.check_weight_files`).
 
     The model is built in :meth:`configure_model` (once), all weights have ``requires_grad=False``, and
     :meth:`sft_loss` makes activation gradients available for importance collection.
@@ -35,6 +38,7 @@ class TLQModule(pl.LightningModule):
         dtype: str = "float32",
         revision: str | None = None,
         trust_remote_code: bool = False,
+        allow_pickle: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()

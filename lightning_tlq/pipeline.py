@@ -23,6 +23,7 @@ from lightning_tlq.module import TLQModule
 from lightning_tlq.preflight import check_batches
 from lightning_tlq.report import atomic_output_dir, format_summary, summarize, write_report
 from lightning_tlq.resume import LayerCheckpoint
+from lightning_tlq.savedtype import cast_for_save
 from lightning_tlq.settings import CalibrationSettings
 
 
@@ -37,6 +38,8 @@ class Calibration:
         export: also write the compressed-tensors checkpoint to ``output_dir/packed`` in the same atomic step.
         checkpoint: makes the run resumable; it must also be one of the Fabric's callbacks (it observes layers).
         quiet: print no summary table (rank 0 prints it otherwise).
+        save_dtype: write the model in this dtype (codes kept, scales rounded to it, weights re-derived from the
+            codes: :func:`~lightning_tlq.savedtype.cast_for_save`); None keeps the compute dtype.
 
     Attributes (after :meth:`run`): ``records`` (per decoder layer), ``results`` (``"<layer>.<module>"`` -> codes,
     scales and zero points), ``report`` and ``loop``.
@@ -51,9 +54,10 @@ class Calibration:
         export: bool = False,
         checkpoint: LayerCheckpoint | None = None,
         quiet: bool = False,
+        save_dtype: str | None = None,
     ) -> None:
         self.settings, self.output_dir, self.overwrite, self.export = settings, output_dir, overwrite, export
-        self.checkpoint, self.quiet = checkpoint, quiet
+        self.checkpoint, self.quiet, self.save_dtype = checkpoint, quiet, save_dtype
         self.records: list[dict[str, Any]] = []
         self.results: dict[str, Any] = {}
         self.report: dict[str, Any] = {}
@@ -83,6 +87,8 @@ class Calibration:
             finally:
                 model.to(device)  # where the caller had it (layer-wise placement moves pieces around)
         self.results = loop.results
+        if self.save_dtype is not None:  # computed in float32, saved in the checkpoint's dtype
+            cast_for_save(model, module.adapter, self.results, self.settings.quant.spec, self.save_dtype)
         quant = self.settings.quant
         targets = module.adapter.target_module_names()
         if quant.vision:

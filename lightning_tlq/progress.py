@@ -2,9 +2,11 @@
 
 :class:`CalibrationProgress` listens to the events of :class:`~lightning_tlq.loop.CalibrationLoop`:
 
-- a bar over this rank's calibration samples during the importance pass (times the number of layers when the
-  backward runs layer by layer), and a bar over the decoder layers (rank 0, on stderr, only when ``enabled``);
-- one ``INFO`` line per layer on the ``lightning_tlq.progress`` logger: errors, damping, seconds, memory;
+- a bar over this rank's calibration samples during the importance pass (a layer-wise backward advances it by
+  a share of each batch per layer), and a bar over the decoder layers (rank 0, on stderr, only when ``enabled``
+  and stderr is a terminal: in a log file bars would mix with the log lines);
+- one ``INFO`` line per layer on the ``lightning_tlq.progress`` logger: errors, damping, seconds, memory; layers
+  are numbered from 0 as in the summary table and the report (``layer 3 (4/8)``);
 - ``fabric.log_dict`` of the same numbers (prefix ``tlq/``, step = layer index), so every logger given to
   ``Fabric(loggers=...)`` (or the Trainer's loggers, through :class:`~lightning_tlq.callbacks.TLQCallback`)
   receives them. Loggers are flushed (``save()``) when calibration ends.
@@ -83,7 +85,8 @@ class CalibrationProgress(CalibrationObserver):
         self._layer_start = 0.0
 
     def _bar(self, fabric: Any, **kwargs: Any) -> Any:
-        return tqdm(disable=not (self.enabled and fabric.is_global_zero), file=sys.stderr, dynamic_ncols=True, **kwargs)
+        show = self.enabled and fabric.is_global_zero and sys.stderr.isatty()
+        return tqdm(disable=not show, file=sys.stderr, dynamic_ncols=True, **kwargs)
 
     def on_calibration_start(
         self,
@@ -99,15 +102,16 @@ class CalibrationProgress(CalibrationObserver):
         self._layers = self._bar(fabric, total=num_layers, initial=start_layer, desc="TLQ layers", unit="layer")
 
     def on_importance_start(self, fabric: Any, **_: Any) -> None:
-        """Open the bar of the importance pass: samples x backward passes (one per layer when layer-wise)."""
-        total = sum(self._batch_sizes) * self._passes or None
-        self._samples = self._bar(fabric, total=total, desc="importance", unit="sample", leave=False)
+        """Open the bar of the importance pass over this rank's samples."""
+        total = sum(self._batch_sizes) or None
+        bar_format = "{l_bar}{bar}| {n:.0f}/{total_fmt} samples [{elapsed}<{remaining}]"
+        self._samples = self._bar(fabric, total=total, desc="importance", leave=False, bar_format=bar_format)
 
     def on_importance_batch_end(self, fabric: Any, batch_idx: int = 0, **_: Any) -> None:
-        """Advance the importance bar by the batch's samples."""
+        """Advance the importance bar by the batch's samples (a share of them per layer when layer-wise)."""
         if self._samples is not None:
             size = self._batch_sizes[batch_idx] if batch_idx < len(self._batch_sizes) else 1
-            self._samples.update(size)
+            self._samples.update(size / max(self._passes, 1))
 
     def on_importance_end(self, fabric: Any = None, **_: Any) -> None:
         """Close the sample bar."""
@@ -129,9 +133,9 @@ class CalibrationProgress(CalibrationObserver):
         if fabric.is_global_zero:
             kept = f"{int(metrics['tokens_kept'])}/" if "tokens_kept" in metrics else ""
             log.info(
-                "layer %d/%d: %d modules, tokens %s%d, weighted err %.3e, plain err %.3e, max damp %.2g "
+                "layer %d (%d/%d): %d modules, tokens %s%d, weighted err %.3e, plain err %.3e, max damp %.2g "
                 "(%d retries), %.2f s, %s %.2f GiB",
-                index + 1, self.num_layers, len(record["modules"]), kept, int(metrics["tokens_total"]),
+                index, index + 1, self.num_layers, len(record["modules"]), kept, int(metrics["tokens_total"]),
                 metrics["weighted_rel_error"], metrics["rel_error"], metrics["max_damp"],
                 int(metrics["damp_retries"]), metrics["seconds"], kind, metrics["memory_gib"],
             )  # fmt: skip

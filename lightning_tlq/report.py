@@ -1,4 +1,10 @@
-"""The calibration report (``tlq_report.json``), its summary table, and atomic output directories."""
+"""The calibration report (``tlq_report.json``), its summary table, output names and atomic output directories.
+
+Output names: without ``--output_dir`` every run writes a directory of its own under ``tlq_out/``, named by what
+it did (:func:`run_name`: model, method, scheme), and ``evaluate`` writes beside the model it scores
+(:func:`eval_output_dir`). ``overwrite`` replaces only such a directory of ours (:func:`check_output_dir`): never a
+folder holding other runs, a model that was not written here, or anything else.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +20,78 @@ from pathlib import Path
 from typing import Any
 
 REPORT_NAME = "tlq_report.json"
+METRICS_NAME = "metrics.json"
+OUTPUT_ROOT = "tlq_out"
+"""Parent of the default output directories (``.gitignore`` lists it)."""
+
+
+def model_tag(model: str | os.PathLike) -> str:
+    """A short name of a model source: the last path component (``/ckpt/llava-7b/`` -> ``llava-7b``)."""
+    text = str(model).rstrip("/\\")
+    return Path(text).name or text or "model"
+
+
+def run_name(model: str | os.PathLike, quant: Any) -> str:
+    """The default name of a calibration's output: model, method and scheme, e.g. ``scenes-llava-tlq-w4a16-g128``.
+
+    ``quant`` is a :class:`~lightning_tlq.config.QuantArgs`; settings that change the result beyond method and
+    scheme add a suffix (``-asym``, ``-vision``, ``-clip``, ``-fptarget``), so two runs that differ in them never
+    share a directory.
+    """
+    group = "ch" if quant.group_size == -1 else str(quant.group_size)
+    name = f"{model_tag(model)}-{quant.method}-w{quant.bits}a{quant.act_bits or 16}-g{group}"
+    suffixes = (
+        ("-asym", not quant.symmetric),
+        ("-vision", quant.vision),
+        ("-clip", getattr(quant, "awq_clip", False)),
+        ("-fptarget", getattr(quant, "target", "quantized") == "fp"),
+    )
+    return name + "".join(suffix for suffix, on in suffixes if on)
+
+
+def default_output_dir(model: str | os.PathLike, quant: Any) -> str:
+    """``tlq_out/<run_name>``: where ``calibrate`` writes when no ``output_dir`` is given."""
+    return f"{OUTPUT_ROOT}/{run_name(model, quant)}"
+
+
+def eval_output_dir(
+    model: str | os.PathLike,
+    data: Any,
+    reference_model: str | None = None,
+    exact_match: str = "greedy",
+    split: str = "test",
+) -> str:
+    """Where ``evaluate`` writes when no ``output_dir`` is given: beside the model it scores.
+
+    ``<model dir>-eval-<data>[-vs-<reference>][-tf]`` for a local directory (``tlq_out/scenes-llava-tlq-w4a16-g128``
+    -> ``tlq_out/scenes-llava-tlq-w4a16-g128-eval-test``), ``tlq_out/<name>-eval-...`` for a built-in model name.
+    ``<data>`` is the JSONL's stem or the built-in task's split, so evaluations on other data, against another
+    reference or with the other exact-match mode never share a directory.
+    """
+    source = Path(str(model).rstrip("/\\"))
+    parent = source.parent if source.is_dir() else Path(OUTPUT_ROOT)
+    what = Path(data.path).stem if getattr(data, "path", None) else (getattr(data, "split", None) or split)
+    name = f"{model_tag(model)}-eval-{what}"
+    if reference_model is not None:
+        name += f"-vs-{model_tag(reference_model)}"
+    if exact_match != "greedy":
+        name += "-tf"
+    return str(parent / name)
+
+
+def is_own_output(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an empty directory or one that lightning-tlq wrote (a calibrated model with
+    ``tlq_report.json``, an evaluation with ``metrics.json``, or an exported compressed-tensors checkpoint)."""
+    path = Path(path)
+    if not path.is_dir() or not any(path.iterdir()):
+        return path.is_dir()
+    if (path / REPORT_NAME).is_file() or (path / METRICS_NAME).is_file():
+        return True
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "quantization_config" in config and "tlq_quantization" in config
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -94,12 +172,21 @@ def write_report(report: dict[str, Any], directory: Path) -> Path:
 
 
 def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Fail before any work if ``path`` exists and ``overwrite`` is not set."""
+    """Fail before any work if ``path`` exists and ``overwrite`` is not set, or if ``overwrite`` would replace a
+    directory that is not a lightning-tlq output (see :func:`is_own_output`)."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"Output directory {path} already exists; pass --overwrite true or choose another path.")
     if path.exists() and not path.is_dir():
-        raise NotADirectoryError(f"Output path {path} exists and is not a directory.")
+        raise NotADirectoryError(f"Output path {path} exists and is not a directory; choose another --output_dir.")
+    if path.exists() and not overwrite:
+        raise FileExistsError(
+            f"Output directory {path} already exists; pass --overwrite true to replace it or choose another "
+            "--output_dir."
+        )
+    if path.exists() and not is_own_output(path):
+        raise FileExistsError(
+            f"--overwrite true would replace {path}, which is not the output of one lightning-tlq run (no "
+            f"{REPORT_NAME} or {METRICS_NAME} in it); it is left alone. Choose another --output_dir."
+        )
     return path
 
 

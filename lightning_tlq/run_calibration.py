@@ -30,7 +30,7 @@ from lightning_tlq.preflight import (
     resolve_max_length,
 )
 from lightning_tlq.progress import CalibrationProgress
-from lightning_tlq.report import check_output_dir
+from lightning_tlq.report import check_output_dir, default_output_dir
 from lightning_tlq.resume import LayerCheckpoint, partial_dir, prepare_partial_dir
 from lightning_tlq.settings import CalibrationSettings
 
@@ -42,7 +42,7 @@ def calibrate(
     importance: ImportanceArgs = ImportanceArgs(),
     token_set: TokenSetArgs = TokenSetArgs(),
     memory: MemoryArgs = MemoryArgs(),
-    output_dir: str = "tlq_out",
+    output_dir: str | None = None,
     overwrite: bool = False,
     resume: bool = False,
     checkpoint: bool = True,
@@ -60,6 +60,7 @@ def calibrate(
     callbacks: Sequence[Any] = (),
     revision: str | None = None,
     trust_remote_code: bool = False,
+    save_dtype: str | None = None,
 ) -> dict[str, Any]:
     """Calibrate a VLM's language model (with ``quant.vision`` also its vision tower) and save it.
 
@@ -73,8 +74,10 @@ def calibrate(
             task for ``scenes-llava``, the synthetic shapes set for the tiny models).
         quant, importance, token_set, memory, metrics, weighted_metrics: the
             :class:`~lightning_tlq.settings.CalibrationSettings` of the run.
-        output_dir: where the quantized model (``from_pretrained``-loadable) and ``tlq_report.json`` go.
-        overwrite: replace ``output_dir`` (and discard the checkpoint of an interrupted run) if it exists.
+        output_dir: where the quantized model (``from_pretrained``-loadable) and ``tlq_report.json`` go; default
+            ``tlq_out/<model>-<method>-w<bits>a<act bits>-g<group>`` (:func:`~lightning_tlq.report.run_name`).
+        overwrite: replace ``output_dir`` (and discard the checkpoint of an interrupted run) if it exists and is a
+            lightning-tlq output; any other directory is left alone.
         resume: continue an interrupted run from its checkpoint ``<output_dir>.partial/`` (same settings).
         checkpoint: after every layer, save the loop state to ``<output_dir>.partial/`` so that ``resume`` can
             continue after a crash; removed once the output is written.
@@ -92,10 +95,13 @@ def calibrate(
             (:class:`~lightning_tlq.observers.CalibrationObserver` hooks).
         revision: branch, tag or commit of a hub id (default ``main``).
         trust_remote_code: run the model repository's own code (``from_pretrained``'s flag).
+        save_dtype: save the model in this dtype (codes kept, scales rounded to it, weights re-derived from the
+            codes: :func:`lightning_tlq.savedtype.cast_for_save`); None = in ``dtype``.
 
     Returns:
         The report (also written to ``output_dir/tlq_report.json``).
     """
+    output_dir = output_dir or default_output_dir(model, quant)
     check_output_dir(output_dir, overwrite)
     settings = CalibrationSettings(quant, importance, token_set, memory, metrics, weighted_metrics)
     if export:  # fail before calibrating if the format cannot hold these settings
@@ -111,7 +117,13 @@ def calibrate(
     observers = [CalibrationProgress(not quiet), *([layer_checkpoint] if layer_checkpoint else []), *callbacks]
     fabric = build_fabric(accelerator, devices, num_nodes, strategy, loggers, observers)
     pipeline = Calibration(
-        settings, output_dir=output_dir, overwrite=overwrite, export=export, checkpoint=layer_checkpoint, quiet=quiet
+        settings,
+        output_dir=output_dir,
+        overwrite=overwrite,
+        export=export,
+        checkpoint=layer_checkpoint,
+        quiet=quiet,
+        save_dtype=save_dtype,
     )
     source = (model, revision, trust_remote_code)
     return run_on_ranks(fabric, _main, pipeline, source, data, dtype, seed)
@@ -138,6 +150,7 @@ def _main(
         encoded_batch = collate([encoded[i] for i in ids], module.adapter.pad_token_id)
         batches.append({**encoded_batch, "sample_id": torch.tensor(list(ids))})
     extra = {"data": asdict(data), "dtype": dtype, "revision": revision, "trust_remote_code": trust_remote_code}
+    extra["save_dtype"] = pipeline.save_dtype or dtype
     report = pipeline.run(fabric, module, batches, model_name=model, extra_settings=extra)
     for logger in fabric.loggers:
         logger.finalize("success")

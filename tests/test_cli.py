@@ -2,14 +2,17 @@
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from lightning_tlq.cli import main
+from lightning_tlq.cli import SUBCOMMANDS, main
 from lightning_tlq.config import ImportanceArgs, MemoryArgs, QuantArgs, TokenSetArgs
 from lightning_tlq.datamodule import CalibrationDataModule
+from lightning_tlq.lightning_cli import TLQTrainer
 from lightning_tlq.models import TINY_MODELS
 from lightning_tlq.preflight import check_quantizable, model_on_meta
 from lightning_tlq.report import REPORT_NAME
@@ -36,21 +39,79 @@ def _printed(capsys, *args):
 
 
 def test_help_lists_the_subcommands(capsys):
-    with pytest.raises(SystemExit):
-        main(["--help"])
+    main(["--help"])
     out = capsys.readouterr().out
-    assert "calibrate" in out
-    assert "evaluate" in out
-    assert "export" in out
+    for name, text in SUBCOMMANDS.items():
+        assert f"{name}   " in out
+        assert text in out.replace("\n", " ")
+
+
+def test_top_level_help_matches_the_trainer_methods():
+    """The fast top-level help (no Lightning import) states what each subcommand's own help says."""
+    for name, text in SUBCOMMANDS.items():
+        assert getattr(TLQTrainer, name).__doc__.split("\n")[0] == text
+
+
+def test_top_level_help_imports_neither_torch_nor_lightning():
+    code = "import sys; from lightning_tlq.cli import main; main(['--help']); print(sorted(sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    loaded = out.strip().splitlines()[-1]
+    for heavy in ("'torch'", "'lightning'", "'transformers'", "'jsonargparse'"):
+        assert heavy not in loaded
+
+
+@pytest.mark.parametrize("subcommand", ["calibrate", "evaluate", "export"])
+def test_subcommand_help_describes_every_option_and_hides_training_options(subcommand, capsys):
+    with pytest.raises(SystemExit):
+        main([subcommand, "--help"])
+    out = capsys.readouterr().out
+    options = re.findall(r"^  (--[\w.]+)", out, flags=re.M)
+    assert options
+    for flag in ("--trainer.max_epochs", "--trainer.gradient_clip_val", "--trainer.precision", "ENV:"):
+        assert flag not in out
+    blocks = re.split(r"\n  (?=--)", out)
+    for block in blocks[1:]:  # every option has a description besides its default
+        described = re.sub(r"\(default: .*?\)", "", block.split(None, 1)[1] if " " in block.strip() else "")
+        assert re.search(r"[A-Za-z]{3}", described.split("\n\n")[0]), block
+    if subcommand == "calibrate":
+        assert out.index("--quant.bits") < out.index("--trainer.devices") < out.index("--importance.score")
+        assert "Weight bit width, 2..8." in out
+        for method in ("rtn", "gptq", "tlq", "awq", "smoothquant", "mbq"):
+            assert method in out.split("\n\n")[1]  # the subcommand's description names every method
+        assert out[: out.index("expert:")].count("\n") < 120
+    if subcommand == "export":
+        assert "--model." not in out
+        assert "--data." not in out
+
+
+def test_errors_name_flags_and_point_to_a_traceback_log(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TLQ_LOG_DIR", str(tmp_path / "logs"))
+    with pytest.raises(SystemExit) as exit_:
+        main(["calibrate", "--model.model_name_or_path", "tiny-llava", "--quant.bits", "9"], report_errors=True)
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert "error: --quant.bits must be an integer in 2..8, got 9." in err
+    assert "QuantSpec" not in err
+    assert "Traceback" not in err
+    log = Path(re.search(r"traceback: (\S+)", err).group(1))
+    assert log.parent == tmp_path / "logs"
+    assert "Traceback" in log.read_text()
+    with pytest.raises(SystemExit):
+        main(
+            ["--verbose", "calibrate", "--model.model_name_or_path", "tiny-llava", "--quant.bits", "9"],
+            report_errors=True,
+        )
+    assert "Traceback" in capsys.readouterr().err
 
 
 def test_print_config_has_the_lightning_groups_and_the_method_arguments(capsys):
     cfg = _printed(capsys, "calibrate")
     assert cfg["model"] == {
         "model_name_or_path": "scenes-llava",
-        "dtype": "float32",
+        "dtype": "auto",
         "revision": None,
         "trust_remote_code": False,
+        "allow_pickle": False,
     }
     assert cfg["data"]["num_samples"] == 64
     assert cfg["trainer"]["logger"] is False
@@ -90,7 +151,7 @@ def test_environment_variables_reach_the_run(tmp_path, monkeypatch, calibrate_cl
 def test_readme_first_command(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     main(["calibrate", "--overwrite", "true"])  # README: lightning-tlq calibrate --overwrite true
-    report = json.loads((tmp_path / "tlq_out" / REPORT_NAME).read_text())
+    report = json.loads((tmp_path / "tlq_out" / "scenes-llava-tlq-w4a16-g128" / REPORT_NAME).read_text())
     assert report["model"] == "scenes-llava"
     assert report["data"]["samples"] == 64
     assert len(report["layers"]) == 8
@@ -120,7 +181,8 @@ def test_recipe_parses_and_its_values_are_valid(path, capsys):
     assert cfg["quant"]["vision"] is bool(vision)
     if group is not None:
         assert cfg["quant"]["group_size"] == int(group)
-    assert cfg["output_dir"].startswith("tlq_out/")
+    assert cfg["output_dir"] is None  # named by its settings: tlq_out/<model>-<method>-w<b>a<a>-g<g>
+    assert cfg["overwrite"] is False
     quant = QuantArgs(**cfg["quant"])
     ImportanceArgs(**cfg["importance"])
     TokenSetArgs(**cfg["token_set"])

@@ -2,6 +2,7 @@
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -199,9 +200,11 @@ def test_a_reference_with_another_tokenizer_is_refused(quantized, tmp_path):
     assert leftovers(out) == []
 
 
-def test_progress_bar_and_summary_unless_quiet(quantized, tmp_path, capsys):
+def test_progress_bar_and_summary_unless_quiet(quantized, tmp_path, capsys, monkeypatch):
     flags = [f for f in EVAL if f not in ("--quiet", "true")]
-    main(["evaluate", "--model.model_name_or_path", str(quantized), *flags, "--output_dir", str(tmp_path / "a")])
+    with monkeypatch.context() as patch:
+        patch.setattr(sys.stderr, "isatty", lambda: True, raising=False)  # bars only on a terminal
+        main(["evaluate", "--model.model_name_or_path", str(quantized), *flags, "--output_dir", str(tmp_path / "a")])
     captured = capsys.readouterr()
     assert "evaluate: 100%" in captured.err
     assert "5/5" in captured.err
@@ -210,6 +213,25 @@ def test_progress_bar_and_summary_unless_quiet(quantized, tmp_path, capsys):
     captured = capsys.readouterr()
     assert "evaluate:" not in captured.err
     assert "lightning-tlq evaluate" not in captured.out
+    main(["evaluate", "--model.model_name_or_path", str(quantized), *flags, "--output_dir", str(tmp_path / "c")])
+    captured = capsys.readouterr()  # stderr is not a terminal: no bar (a log file gets no carriage returns)
+    assert "\r" not in captured.err
+    assert "exact match" in captured.out
+
+
+def test_default_output_is_beside_the_model_and_overwrite_replaces_only_it(quantized, tmp_path, capsys):
+    model = tmp_path / "w4"
+    model.symlink_to(quantized, target_is_directory=True)
+    main(["evaluate", "--model.model_name_or_path", str(model), *EVAL])
+    out = tmp_path / "w4-eval-test"
+    assert json.loads((out / METRICS_NAME).read_text())["model"] == str(model)
+    with pytest.raises(FileExistsError, match="--overwrite true"):
+        main(["evaluate", "--model.model_name_or_path", str(model), *EVAL])
+    main(["evaluate", "--model.model_name_or_path", str(model), *EVAL, "--overwrite", "true"])
+    with pytest.raises(FileExistsError, match="not the output of one lightning-tlq run"):
+        main(["evaluate", "--model.model_name_or_path", str(model), *EVAL, "--output_dir", str(tmp_path),
+              "--overwrite", "true"])  # fmt: skip
+    assert (model / "config.json").is_file()  # nothing of the model was touched
 
 
 def test_a_w4a8_checkpoint_is_evaluated_with_its_activation_quantization(tmp_path):

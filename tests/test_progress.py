@@ -3,6 +3,7 @@
 import csv
 import logging
 import re
+import sys
 
 import pytest
 from conftest import SMALL
@@ -25,22 +26,35 @@ def test_csv_logger_receives_per_layer_metrics(tmp_path, calibrate_cli):
         assert float(row["tlq/layer/memory_gib"]) > 0
 
 
-def test_log_lines_and_progress_bars(tmp_path, caplog, capsys):
+def test_log_lines_and_progress_bars(tmp_path, caplog, capsys, monkeypatch):
     flags = [f for f in SMALL if f not in ("--quiet", "true")]
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)  # bars are for terminals
     with caplog.at_level(logging.INFO, logger="lightning_tlq"):
         main(["calibrate", *flags, "--output_dir", str(tmp_path / "out")])
     lines = [r.getMessage() for r in caplog.records if r.name == "lightning_tlq.progress"]
     assert len(lines) == 2
-    for i, line in enumerate(lines, start=1):
+    for i, line in enumerate(lines):  # numbered from 0, as in the table and the report
         pattern = (
-            rf"layer {i}/2: 7 modules, tokens \d+/\d+, weighted err \S+, plain err \S+, max damp 0.01 \(0 retries\), "
-            r"\d+\.\d\d s, RSS \d+\.\d\d GiB"
+            rf"layer {i} \({i + 1}/2\): 7 modules, tokens \d+/\d+, weighted err \S+, plain err \S+, max damp 0.01 "
+            r"\(0 retries\), \d+\.\d\d s, RSS \d+\.\d\d GiB"
         )
         assert re.fullmatch(pattern, line), line
     captured = capsys.readouterr()
     assert "TLQ layers" in captured.err
-    assert "importance:   0%|          | 0/16" in captured.err  # 8 samples x 2 layer-wise backward passes
-    assert "mean relative output error" in captured.out  # the summary table
+    assert "importance:   0%|          | 0/8 samples" in captured.err  # samples, not samples x layers
+    table = captured.out.splitlines()
+    assert [row.split()[0] for row in table[2:4]] == ["0", "1"]
+
+
+def test_no_bars_when_stderr_is_not_a_terminal(tmp_path, caplog, capsys):
+    flags = [f for f in SMALL if f not in ("--quiet", "true")]
+    with caplog.at_level(logging.INFO, logger="lightning_tlq"):
+        main(["calibrate", *flags, "--output_dir", str(tmp_path / "out")])
+    captured = capsys.readouterr()
+    assert "\r" not in captured.err
+    assert "TLQ layers" not in captured.err
+    assert len([r for r in caplog.records if r.name == "lightning_tlq.progress"]) == 2
+    assert "mean relative output error" in captured.out
 
 
 def test_quiet_silences_bars_lines_and_summary(tmp_path, caplog, capsys):
@@ -50,3 +64,5 @@ def test_quiet_silences_bars_lines_and_summary(tmp_path, caplog, capsys):
     captured = capsys.readouterr()
     assert "TLQ layers" not in captured.err
     assert "mean relative output error" not in captured.out
+    for banner in ("GPU available", "TPU available", "Tip:", "Seed set"):
+        assert banner not in captured.out + captured.err
