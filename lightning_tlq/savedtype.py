@@ -31,7 +31,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def checkpoint_dtype(model: str) -> str | None:
     """The dtype a model's weights are stored in (``float32``, ``bfloat16``, ``float16``), or None if unknown."""
-    from lightning_tlq.models.scenes import SCENES_MODEL, embedded_path
+    from lightning_tlq.models.embedded import SCENES_MODEL, embedded_path
 
     path = Path(embedded_path(model) if model == SCENES_MODEL else model)
     try:
