@@ -21,11 +21,12 @@ defaults < environment variables < ``--config`` files and flags, in command-line
 
 from __future__ import annotations
 
-import os
 import sys
 import warnings
 from collections.abc import Sequence
 from typing import Any
+
+from lightning_tlq import environment
 
 ENV_PREFIX = "TLQ"
 
@@ -106,7 +107,7 @@ def main(argv: Sequence[str] | None = None, *, report_errors: bool | None = None
         if not args:
             raise SystemExit(2)
         return
-    verbose = _pop_flag(args, "--verbose") or os.environ.get("TLQ_DEBUG", "") not in ("", "0")
+    verbose = _pop_flag(args, "--verbose") or environment.flag("TLQ_DEBUG")
     subcommand = next((a for a in args if a in SUBCOMMANDS), None)
     try:
         threads = _pop_threads(args)

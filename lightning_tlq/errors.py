@@ -20,6 +20,8 @@ import tempfile
 import traceback
 from pathlib import Path
 
+from lightning_tlq import environment
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 _USER_ERRORS = (
@@ -138,8 +140,8 @@ def error_message(err: BaseException) -> str:
 
 def log_dir() -> Path:
     """Where tracebacks go: ``TLQ_LOG_DIR``, else ``~/.cache/lightning-tlq/logs`` (the temp dir if unwritable)."""
-    configured = os.environ.get("TLQ_LOG_DIR")
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lightning-tlq" / "logs"
+    configured = environment.get("TLQ_LOG_DIR")
+    base = Path(environment.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lightning-tlq" / "logs"
     for candidate in ([Path(configured)] if configured else []) + [base, Path(tempfile.gettempdir()) / "lightning-tlq"]:
         try:
             candidate.mkdir(parents=True, exist_ok=True)

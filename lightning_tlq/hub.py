@@ -22,6 +22,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from lightning_tlq import environment
+
 __all__ = ["ModelNotFoundError", "check_model_dir", "hub_cache_dir", "hub_offline", "is_hub_id", "model_dir"]
 
 _CONFIG_PATTERNS = ("*.json", "*.py", "*.txt", "*.model", "*.jinja", "*.tiktoken", "*.vocab", "*.spm")
@@ -40,10 +42,10 @@ class ModelNotFoundError(FileNotFoundError):
 def hub_cache_dir() -> Path:
     """The Hugging Face hub cache, by ``huggingface_hub``'s rules: ``HF_HUB_CACHE``, else ``HF_HOME/hub``, else
     ``$XDG_CACHE_HOME/huggingface/hub`` (``~/.cache/huggingface/hub``), read from the environment now."""
-    env = os.environ
-    cache = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE")
+    get = environment.get
+    cache = get("HF_HUB_CACHE") or get("HUGGINGFACE_HUB_CACHE")
     if not cache:
-        home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+        home = get("HF_HOME") or os.path.join(get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
         cache = os.path.join(os.path.expandvars(os.path.expanduser(home)), "hub")
     return Path(os.path.expandvars(os.path.expanduser(cache)))
 
@@ -53,7 +55,7 @@ def hub_offline() -> bool:
     ``huggingface_hub`` read it at import."""
     from huggingface_hub import constants
 
-    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    value = environment.get("HF_HUB_OFFLINE") or environment.get("TRANSFORMERS_OFFLINE") or ""
     return value.upper() in _TRUE or bool(constants.HF_HUB_OFFLINE)
 
 

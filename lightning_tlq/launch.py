@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
+
+from lightning_tlq import environment
 
 
 def launched_externally() -> bool:
     """Whether ``fabric run`` already started the processes (it exports ``LT_CLI_USED``); then ``launch()`` must
     not be called and the launcher's flags decide accelerator, devices and nodes."""
-    return bool(os.environ.get("LT_CLI_USED"))
+    return bool(environment.get("LT_CLI_USED"))
 
 
 def build_fabric(

@@ -19,7 +19,6 @@ gradient clipping, ...) would have no effect and are not offered.
 from __future__ import annotations
 
 import inspect
-import os
 from typing import Any
 
 import jsonargparse
@@ -27,6 +26,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from lightning_tlq import environment
 from lightning_tlq.cli_help import HELP_EPILOG, CompactHelpFormatter, order_help_groups
 from lightning_tlq.config import ImportanceArgs, MemoryArgs, QuantArgs, TokenSetArgs
 from lightning_tlq.console import configure_logging
@@ -218,7 +218,7 @@ def _model_source(model: TLQModule) -> str:
 
 def _global_seed() -> int:
     """The seed LightningCLI passed to ``seed_everything`` (``--seed_everything``), else 0."""
-    return int(os.environ.get("PL_GLOBAL_SEED", "0"))
+    return int(environment.get("PL_GLOBAL_SEED", "0"))
 
 
 def fabric_settings(trainer: pl.Trainer) -> dict[str, Any]:
@@ -265,7 +265,7 @@ class TLQCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         """Under ``fabric run`` the Trainer takes accelerator, devices, nodes and strategy from its flags."""
-        if os.environ.get("LT_CLI_USED"):
+        if environment.get("LT_CLI_USED"):
             kwargs.update(_fabric_run_settings())
         kwargs.setdefault("enable_checkpointing", False)  # no fit: no ModelCheckpoint
         kwargs.setdefault("enable_model_summary", False)
@@ -321,7 +321,7 @@ def _fabric_run_settings() -> dict[str, Any]:
     }
     out: dict[str, Any] = {}
     for key, var in names.items():
-        value = os.environ.get(var)
+        value = environment.get(var)
         if value is not None:
             out[key] = int(value) if value.isdigit() else value
     return out

@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+from lightning_tlq import environment
+
 
 def usable_cores() -> int:
     """Cores this process may run on (its CPU affinity), else the machine's count."""
@@ -23,7 +25,7 @@ def usable_cores() -> int:
 
 def local_processes(args: Sequence[str] = ()) -> int:
     """Processes sharing this node: ``LOCAL_WORLD_SIZE`` when a launcher set it, else ``--trainer.devices N``."""
-    value = os.environ.get("LOCAL_WORLD_SIZE")
+    value = environment.get("LOCAL_WORLD_SIZE")
     if value is None:
         for flag, nxt in zip(args, [*args[1:], ""]):
             if flag == "--trainer.devices":
@@ -56,7 +58,7 @@ def configure_threads(threads: int | None = None, args: Sequence[str] = ()) -> i
             raise ValueError(f"--threads {threads}: use a positive number of threads.")
         torch.set_num_threads(threads)
         return threads
-    if os.environ.get("OMP_NUM_THREADS"):
+    if environment.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()  # the user's choice, already applied by torch
     cores = usable_cores()
     count = choose_threads(torch.get_num_threads(), cores, local_processes(args), idle_cores(cores))

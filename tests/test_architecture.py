@@ -152,3 +152,12 @@ def test_core_is_pure_torch() -> None:
             if isinstance(node, ast.ImportFrom) and node.module == "os":
                 bad = {alias.name for alias in node.names} & {"environ", "getenv"}
                 assert not bad, f"{name} imports os.{bad.pop()}"
+
+
+def test_only_the_environment_module_reads_os_environ() -> None:
+    readers = sorted(
+        name
+        for name, path in _modules().items()
+        if ("os.environ" in path.read_text() or "os.getenv" in path.read_text()) and name != "lightning_tlq.environment"
+    )
+    assert not readers, f"{readers} read the environment: declare the variable in lightning_tlq/environment.py"
