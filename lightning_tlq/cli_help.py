@@ -37,6 +37,15 @@ _TITLES = {
     "token_set": "expert: token-level calibration set (--token_set.*)",
     "memory": "expert: memory (--memory.*)",
 }
+_SHORT = {
+    "trainer.accelerator": "cpu, gpu, cuda or auto.",
+    "trainer.strategy": "auto (ddp on several processes), ddp, ddp_spawn, ddp_fork.",
+    "trainer.devices": "Processes (devices) per node: a number, a list of indices, -1 (all) or auto.",
+    "trainer.num_nodes": "Number of nodes (launch the same command on each).",
+    "trainer.logger": "Lightning logger(s) receiving per-layer metrics, e.g. CSVLogger; false: none.",
+    "seed_everything": "Global seed (true: a random one).",
+}
+"""Short descriptions for options whose own docstrings (Lightning's) run to several lines."""
 _ROLE = re.compile(r":(?:func|class|meth|mod|data|attr):`~?([^`]+)`")
 
 
@@ -65,7 +74,7 @@ class CompactHelpFormatter(DefaultHelpFormatter):
         return argparse.HelpFormatter._format_action_invocation(self, action)
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        text = (action.help or "").strip()
+        text = _SHORT.get(action.dest, action.help or "").strip()
         if text in ("", argparse.SUPPRESS) or isinstance(action, argparse._HelpAction):
             return super()._get_help_string(action) if text else text
         text = _ROLE.sub(lambda m: m.group(1).rsplit(".", 1)[-1], " ".join(text.split())).replace("``", "")

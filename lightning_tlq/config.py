@@ -44,11 +44,8 @@ class QuantArgs:
     """Weight quantization settings."""
 
     method: MethodName = "tlq"
-    """Calibration method: ``rtn`` (round to nearest), ``gptq`` (uniform token weights), ``tlq``, or the scale-search
-    baselines ``awq`` (activation-aware scales, MSE grid search), ``smoothquant`` (W-A settings: fixed-alpha
-    smoothing) and ``mbq`` (modality-balanced: AWQ/SmoothQuant scales searched on a vision/answer-weighted MAE, with
-    gradient-derived vision weights). The baselines fold their scales into the previous norm / linear and round the
-    weights to nearest; GPTQ settings (``act_order``, ``block_size``, ``damp``) do not apply to them."""
+    """Calibration method: ``tlq``, or the baselines ``rtn``, ``gptq`` (uniform token weights), ``awq``,
+    ``smoothquant`` (needs ``act_bits``) and ``mbq``; what each needs and does: docs/methods.md."""
     bits: int = 4
     """Weight bit width, 2..8."""
     group_size: int = 128
@@ -56,37 +53,31 @@ class QuantArgs:
     symmetric: bool = True
     """Symmetric (zero point 0) or asymmetric (integer zero point) quantization."""
     act_order: bool = True
-    """GPTQ: process columns in order of decreasing Hessian diagonal (static groups, no runtime g_idx)."""
+    """GPTQ: columns in order of decreasing Hessian diagonal (static groups)."""
     block_size: int = 128
     """GPTQ: columns per lazy block update."""
     damp: float = 0.01
-    """GPTQ: relative damping, added as ``damp * mean(diag H)``; raised x10 up to 3 times on failure."""
+    """GPTQ: damping ``damp * mean(diag H)`` (x10 up to 3 times on failure)."""
     kernel: Kernel = "auto"
-    """GPTQ: column loop implementation. ``auto`` runs the fused Triton block step on a CUDA device when Triton is
-    installed and ``block_size <= 128``, else the eager torch loop; ``triton`` requires the fused step (an error
-    where it cannot run); ``torch`` always runs the eager loop. Same arithmetic, so codes agree except for rare
-    one-step flips where compiled code contracts a multiply-add."""
+    """GPTQ column loop: ``auto`` (the fused Triton step on CUDA when available), ``triton`` (required), or
+    ``torch`` (the eager loop)."""
     true_sequential: bool = True
-    """Solve q,k,v -> o -> gate,up -> down in order, each group seeing the already-quantized ones before it."""
+    """Solve q,k,v -> o -> gate,up -> down in order, each after the ones before it are quantized."""
     act_bits: int | None = None
-    """Activation bits: None = weight-only; 8 = W4A8, per-token dynamic symmetric int8 on every quantized Linear's
-    input, applied during calibration (quantized path) and recorded in the saved config."""
+    """Activation bits: None = weight-only; 8 = W4A8 (per-token dynamic symmetric int8 on every quantized
+    Linear's input, during calibration and recorded in the saved config)."""
     vision: bool = False
-    """Also quantize the vision tower and projector: layer by layer on the quantized path, before the language
-    model (which is then calibrated on the quantized tower's features). Default: keep them in full precision."""
+    """Also quantize the vision tower and projector, layer by layer, before the language model (which then
+    sees the quantized tower's features). Default: keep them in full precision."""
     scale_grid: int = 20
-    """awq / mbq: number of alpha grid points searched, ``alpha in {0, 1/n, ..., (n-1)/n}`` (AWQ uses 20); 1 searches
-    only alpha = 0, which is plain round to nearest for awq and weight-only mbq."""
+    """awq / mbq: alpha grid points searched, ``{0, 1/n, ..., (n-1)/n}`` (AWQ: 20)."""
     smoothquant_alpha: float = 0.5
     """smoothquant: migration strength alpha in ``s_j = max|x_j|^alpha / max|W_:j|^(1 - alpha)``, in [0, 1]."""
     awq_clip: bool = False
-    """awq / mbq: after the scales, also search a max-abs clipping ratio per (output row, weight group) of each
-    module (AWQ's clip search: ratios 1.0, 0.95, ..., 0.55 on the output MSE; q and k projections are not clipped)."""
+    """awq / mbq: also search AWQ's max-abs clipping ratio per output row and weight group."""
     target: Target = "quantized"
-    """What each module's output is matched to: ``quantized`` minimises ``||(Q - W) X~||^2`` on the quantized path's
-    inputs ``X~``; ``fp`` (GPTAQ asymmetric calibration) minimises ``||Q X~ - W X||^2``, ``X`` the full-precision
-    model's inputs, at the cost of a second (full-precision) activation stream and a second forward per module
-    group. gptq and tlq only; not with ``vision``."""
+    """``quantized`` matches ``Q X~`` to ``W X~`` on the quantized path's inputs; ``fp`` (GPTAQ) to the
+    full-precision model's ``W X`` (a second activation stream). gptq and tlq only; not with ``vision``."""
 
     def __post_init__(self) -> None:
         handler = get_method(self.method)

@@ -77,8 +77,8 @@ class TLQTrainer(pl.Trainer):
             resume: Continue an interrupted run from ``<output_dir>.partial/`` (same settings required).
             checkpoint: Save the loop state after every layer to ``<output_dir>.partial/`` (enables ``resume``).
             metrics: Report every module's relative output error.
-            weighted_metrics: Also report importance-weighted errors for methods that need no importance (rtn,
-                gptq, awq, smoothquant; runs the importance backward for them). tlq and mbq always report them.
+            weighted_metrics: Also report importance-weighted errors for rtn, gptq, awq, smoothquant (costs their
+                importance backward; tlq and mbq report them anyway).
             quiet: No progress bars, log lines or summary.
             export: Also write the compressed-tensors checkpoint to ``output_dir/packed`` (see ``export``).
 

@@ -18,15 +18,12 @@ class TLQModule(pl.LightningModule):
     """A frozen HF vision-language model whose loss is the SFT loss on answer tokens.
 
     Args:
-        model_name_or_path: the embedded trained ``scenes-llava`` (default), a built-in random tiny model
-            (``tiny-llava``, ``tiny-qwen2_vl``), a local Hugging Face model directory or a hub id (``org/name``,
-            through the Hugging Face cache as ``from_pretrained``: :mod:`lightning_tlq.hub`).
-        dtype: ``float32``, ``bfloat16`` or ``float16`` (the command line's default ``auto`` computes in float32 and
-            saves in the checkpoint's dtype, see :mod:`lightning_tlq.savedtype`).
+        model_name_or_path: ``scenes-llava`` (the embedded model), ``tiny-llava``, ``tiny-qwen2_vl``, a local
+            model directory or a hub id (through the Hugging Face cache, as ``from_pretrained``).
+        dtype: ``float32``, ``bfloat16``, ``float16``; ``auto`` computes in float32, saves in the checkpoint's dtype.
         revision: branch, tag or commit of a hub id (default ``main``).
-        trust_remote_code: run the model repository's own code, as ``from_pretrained(trust_remote_code=True)``.
-        allow_pickle: Load pickle weight files (``pytorch_model.bin``) when a directory has no safetensors;
-            refused by default because unpickling can run code (see :func:`lightning_tlq.errors.check_weight_files`).
+        trust_remote_code: run the model repository's own code (``from_pretrained``'s flag).
+        allow_pickle: load pickle weight files (``pytorch_model.bin``; unpickling can run code).
 
     The model is built in :meth:`configure_model` (once), all weights have ``requires_grad=False``, and
     :meth:`sft_loss` makes activation gradients available for importance collection.

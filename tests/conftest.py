@@ -5,10 +5,14 @@ import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The command line picks its CPU thread count from the machine's load unless OMP_NUM_THREADS is set (see
+# lightning_tlq.threads); tests comparing exact codes of in-process CLI runs with subprocess runs need one fixed
+# count in every process, so the suite fixes it to torch's default here (children inherit it).
 # Triton decides between compiling and interpreting when a kernel is decorated, so this must precede imports.
 try:
     import torch
 
+    os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
 except ImportError:  # pragma: no cover

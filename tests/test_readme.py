@@ -20,6 +20,8 @@ README = (ROOT / "README.md").read_text()
 
 SKIPPED = {
     "--model.model_name_or_path /path/to/hf/llava": "a placeholder for the user's own model and JSONL",
+    "--model.model_name_or_path Qwen/Qwen2-VL-2B-Instruct": "a hub download (tests/test_hub.py loads hub ids from a "
+    "local cache)",
     "--trainer.devices 4 --trainer.strategy ddp": "4 processes (GPUs or a 4-core box); DDP is covered by "
     "tests/test_distributed.py",
 }
