@@ -209,6 +209,7 @@ def test_ddp_spawn_fit_two_processes(tmp_path):
     assert all(torch.equal(p, ours[n]) for n, p in saved.named_parameters())
 
 
+@pytest.mark.slow
 def test_ddp_spawn_validate_under_gloo_no_grad(tmp_path, monkeypatch):
     """Under gloo Lightning runs validation in no_grad (not inference_mode): the callback must enable gradients,
     and inference_mode=True must be refused exactly as on one process. Each rank calibrates on half of the data

@@ -220,6 +220,7 @@ def single_process_qwen_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_qwen2_vl_w4_g32(single_process_qwen_run, tmp_path):
     out = tmp_path / "two_qwen"
     proc = _run_cli(out, "--trainer.devices", "2", "--trainer.strategy", "ddp", env=_clean_env(), args=_QWEN_ARGS)
@@ -228,6 +229,7 @@ def test_two_processes_match_one_qwen2_vl_w4_g32(single_process_qwen_run, tmp_pa
     _compare(single_process_qwen_run, out, group_size=32)
 
 
+@pytest.mark.slow
 def test_two_nodes_on_localhost_match_one(single_process_run, tmp_path):
     out = tmp_path / "nodes"
     port = str(_free_port())
@@ -251,6 +253,7 @@ def test_ddp_spawn_in_process(tmp_path):
     assert (tmp_path / "spawn" / REPORT_NAME).exists()
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one(single_process_run, tmp_path):
     out = tmp_path / "torchrun"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
@@ -261,6 +264,7 @@ def test_torchrun_two_processes_match_one(single_process_run, tmp_path):
     _compare(single_process_run, out)
 
 
+@pytest.mark.slow
 def test_fabric_run_two_processes_match_one(single_process_run, tmp_path):
     pytest.importorskip("click")
     import lightning_tlq
@@ -274,6 +278,7 @@ def test_fabric_run_two_processes_match_one(single_process_run, tmp_path):
     _compare(single_process_run, out)
 
 
+@pytest.mark.slow
 def test_eight_processes_match_one(tmp_path):
     """The 8-rank code path (owners spread over 8 ranks, one whole batch per rank) on CPU with gloo."""
     args = [a if a != "10" else "16" for a in _ARGS]  # 16 samples, batch 2: 8 global batches

@@ -119,6 +119,7 @@ def _spawn_run(out, quant, devices):
     )  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(_PARITY))
 def test_two_processes_give_the_codes_of_one(tmp_path, case):
     one = _spawn_run(tmp_path / "one", _PARITY[case], 1)

@@ -137,6 +137,7 @@ def test_per_type_exact_match_from_the_jsonl_kinds(quantized, tmp_path):
     assert metrics["overall"]["correct"] == sum(c for _, c in expected.values())
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_same_metrics(quantized, tmp_path):
     """Samples are sharded without repetition (7 = 4 + 3) and the states reduced with torchmetrics; every type,
     also one that a process never sees, and the examples are those of the whole set."""

@@ -293,6 +293,7 @@ def test_scale_search_calibration_exports_through_the_cli(tmp_path, family, flag
     assert torch.equal(generated, ref.generate(**prompt, max_new_tokens=4, do_sample=False))
 
 
+@pytest.mark.slow
 def test_two_process_calibration_exports_the_broadcast_codes(tmp_path):
     """Under ddp_spawn each module is solved by its owner rank; rank 0 writes codes that reproduce its weights."""
     out = tmp_path / "spawn"

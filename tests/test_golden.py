@@ -10,7 +10,7 @@ import pytest
 from golden import GOLDEN, RUNS, run
 
 
-@pytest.mark.parametrize("name", list(RUNS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n.endswith("-2p") else n for n in RUNS])
 def test_golden_run_is_unchanged(name, tmp_path):
     expected = json.loads(GOLDEN.read_text())[name]
     got = run(name, tmp_path / "out")

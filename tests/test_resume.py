@@ -151,6 +151,7 @@ def test_no_checkpoint_when_disabled(tmp_path, calibrate_cli, monkeypatch):
     assert leftovers(out) == ["out"]
 
 
+@pytest.mark.slow
 def test_two_process_run_resumes_bit_identical(tiny4_dir, tmp_path):
     """Each rank checkpoints its own shard of activations; a killed 2-process run resumes exactly."""
     from lightning_tlq.cli import main

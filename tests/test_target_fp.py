@@ -272,6 +272,7 @@ def test_resume_without_the_full_precision_stream_is_refused(tiny4_dir, tmp_path
         calibrate_cli(tmp_path / "out", *flags, "--resume", "true")
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_with_fp_target(tmp_path) -> None:
     """The cross terms are reduced to each module's owner like the Hessians: 1 vs 2 gloo processes."""
     args = [*_cli_args(), "--quant.target", "fp"]

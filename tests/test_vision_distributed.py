@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -28,6 +29,7 @@ def _run(out, *extra):
     return json.loads((out / REPORT_NAME).read_text())
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_with_vision(tmp_path):
     one = _run(tmp_path / "one")
     two = _run(tmp_path / "two", "--trainer.devices", "2", "--trainer.strategy", "ddp")
