@@ -14,7 +14,6 @@ from PIL import Image
 
 from lightning_tlq.data import (
     IGNORE_INDEX,
-    KINDS,
     SYNTHETIC_WORDS,
     Sample,
     collate,
@@ -25,6 +24,7 @@ from lightning_tlq.data import (
     token_masks,
 )
 from lightning_tlq.models import build_tiny_vlm
+from lightning_tlq.tasks.shapes import KINDS
 
 FAMILIES = ["llava", "qwen2_vl"]
 
