@@ -25,6 +25,12 @@ VARIABLES: dict[str, str] = {
     "HUGGINGFACE_HUB_CACHE": "the hub cache, older name",
     "HF_HUB_OFFLINE": "no downloads: hub ids must be in the cache",
     "TRANSFORMERS_OFFLINE": "no downloads, transformers' name",
+    "RANK": "global rank, set by torchrun / Lightning launchers (only rank 0 locks the output)",
+    "LOCAL_RANK": "rank on this node, set by launchers (only rank 0 locks the output)",
+    "NODE_RANK": "node index, set by launchers (only rank 0 locks the output)",
+    "GROUP_RANK": "node index, torchrun's name (only rank 0 locks the output)",
+    "SLURM_PROCID": "global rank under SLURM (only rank 0 locks the output)",
+    "LIGHTNING_TLQ_OUTPUT_LOCK": "`<pid>:<lock path>` of the output lock the process that started this one holds",
 }
 
 
@@ -33,6 +39,16 @@ def get(name: str, default: str | None = None) -> str | None:
     if name not in VARIABLES:
         raise KeyError(f"{name} is not a declared environment variable of lightning_tlq; declare it in VARIABLES.")
     return os.environ.get(name, default)
+
+
+def put(name: str, value: str | None) -> None:
+    """Set the variable for this process and the processes it starts (None: unset it)."""
+    if name not in VARIABLES:
+        raise KeyError(f"{name} is not a declared environment variable of lightning_tlq; declare it in VARIABLES.")
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
 
 
 def flag(name: str) -> bool:

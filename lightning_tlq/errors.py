@@ -123,6 +123,8 @@ def error_message(err: BaseException) -> str:
     """The message shown for ``err``: ours with settings spelled as flags; library text rewritten where it gives
     unusable advice."""
     text = name_flags(str(err).strip()) or type(err).__name__
+    if type(err).__name__ == "OutputWriteError":  # one line naming the file; its cause is the writer's raw text
+        return text
     for link in _chain(err):
         name = type(link).__name__
         if name == "UnpicklingError" or "weights_only" in str(link):

@@ -1,9 +1,10 @@
 """Up-front checks, so that bad input fails in seconds and before any model weights are loaded or calibrated.
 
-Order used by ``lightning-tlq calibrate``: settings (dataclass ``__post_init__``) -> output directory ->
+Order used by ``lightning-tlq calibrate``: settings (dataclass ``__post_init__``) -> output directory (its lock
+``<output_dir>.lock`` taken, which also proves the location writable; see :mod:`lightning_tlq.output_lock`) ->
 model structure on the ``meta`` device (architecture supported, every target module's ``in_features`` divisible
-by the group size) -> data (images readable, answers present, lengths within the model's limit) -> weights
-(finite) -> calibration.
+by the group size) -> data (images readable, answers present, lengths within the model's limit) -> free space for
+the output and checkpoint (:func:`check_output_space`) -> weights (finite) -> calibration.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from lightning_tlq.data import IGNORE_INDEX
 __all__ = [
     "check_batches",
     "check_finite_weights",
+    "check_output_space",
     "check_quantizable",
     "load_processor_for",
     "model_max_length",
@@ -187,3 +189,23 @@ def check_batches(batches: Sequence[dict[str, Tensor]], vision: bool = False) ->
                 f"Calibration batch {i}, sample(s) {empty}: no answer tokens (every label is -100). TLQ's importance "
                 "comes from the loss on the answer; give every sample a non-empty answer."
             )
+
+
+def check_output_space(
+    fabric: Any, output_dir: str, structure: nn.Module, quant: QuantArgs, dtype: str, encoded: Sequence[dict],
+    batch_size: int, export: bool = False,
+) -> int:  # fmt: skip
+    """Fail (:class:`~lightning_tlq.outputs.OutputWriteError`, ENOSPC) before the weights load if the output's
+    filesystem clearly lacks room for the output, the checkpoint (if this run keeps one) and the export.
+
+    Returns the estimated bytes still needed.
+    """
+    from lightning_tlq.outputs import check_free_space, estimate_bytes
+    from lightning_tlq.resume import LayerCheckpoint
+
+    checkpoint = next((c for c in getattr(fabric, "_callbacks", []) if isinstance(c, LayerCheckpoint)), None)
+    lengths = [int(item["input_ids"].shape[-1]) for item in encoded]
+    needs = estimate_bytes(
+        structure, quant, dtype, lengths, batch_size, checkpoint=checkpoint is not None, export=export
+    )
+    return check_free_space(output_dir, needs, resume=checkpoint is not None and checkpoint.resume)

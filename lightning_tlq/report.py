@@ -9,15 +9,18 @@ folder holding other runs, a model that was not written here, or anything else.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import json
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from lightning_tlq.output_lock import OutputLock, make_temp_dir, temp_name
+from lightning_tlq.outputs import wrap_write_error, write_error
 
 REPORT_NAME = "tlq_report.json"
 METRICS_NAME = "metrics.json"
@@ -192,31 +195,66 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
 
 @contextlib.contextmanager
 def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory beside ``path``; rename it to ``path`` only if the block succeeds.
+    """Yield a temporary directory beside ``path``; put it at ``path`` only if the block succeeds.
 
-    Nothing half-written is ever left at ``path``: on error the temporary directory is removed.
+    Nothing half-written is ever left at ``path``: on error the temporary directory is removed, and an existing
+    ``path`` is swapped with the new one atomically (``renameat2(RENAME_EXCHANGE)`` on Linux). The output's
+    :class:`~lightning_tlq.output_lock.OutputLock` is held meanwhile (re-entrant: ``calibrate`` already holds it), and
+    the temporary directory, named after this process, follows the umask.
+
+    Raises:
+        OutputWriteError: If the filesystem fails the write (full, quota, read-only, permissions), with a one-line
+            message; any other error of the block propagates unchanged.
     """
-    path = check_output_dir(path, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    path = Path(os.path.abspath(check_output_dir(path, overwrite)))
+    with OutputLock(path):
+        tmp: Path | None = None
         try:
+            tmp = make_temp_dir(path)
             yield tmp
-        except OSError as err:
-            if err.errno != errno.ENOSPC:
+            _swap_into(tmp, path)
+        except BaseException as err:
+            code = write_error(err, tmp or path)  # probed while the partial copy still occupies the disk
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if code is None:
                 raise
-            raise OSError(
-                errno.ENOSPC,
-                f"Disk full while writing the output to {path}: nothing was written there (the partial copy was "
-                f"removed). Free space on {path.parent.resolve()} or choose another output_dir, then rerun.",
-            ) from err
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+            partial = path.with_name(path.name + ".partial")
+            hint = (
+                f"nothing was written there; the checkpoint {partial} is kept: rerun with --resume true"
+                if (partial.is_dir())
+                else "nothing was written there (the partial copy was removed)"
+            )
+            raise wrap_write_error(err, path, "the output", hint, code) from err  # type: ignore[misc]
+        finally:
+            if tmp is not None and tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap_into(tmp: Path, path: Path) -> None:
+    """Move the finished ``tmp`` to ``path``; an existing ``path`` ends up at ``tmp`` (removed by the caller)."""
+    if not path.exists():
+        tmp.rename(path)
+        return
+    if _exchange(tmp, path):
+        return
+    old = temp_name(path, "old")  # without an atomic exchange: a kill in between leaves `old`, restored later
+    path.rename(old)
+    tmp.rename(path)
+    old.rename(tmp)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically exchange two paths with Linux's ``renameat2(RENAME_EXCHANGE)``; False where unavailable."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):  # kernel or filesystem without it
+        return False
+    raise OSError(code, os.strerror(code), str(b))

@@ -23,11 +23,10 @@ be on a shared filesystem.
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import json
 import logging
 import os
-import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,14 +37,17 @@ from torch import Tensor, nn
 
 from lightning_tlq.module_stats import ModuleResult
 from lightning_tlq.observers import CalibrationObserver
+from lightning_tlq.output_lock import discard_dir, remove_dead_temp_files
+from lightning_tlq.outputs import wrap_write_error, write_error
 
 log = logging.getLogger(__name__)
 
 STATE_NAME = "state.json"
 _VERSION = 1
-# Errors after which the checkpoint is worth keeping (the same run can succeed later); after any other error the
-# checkpoint this run created is removed, since resuming would only repeat the failure.
-_TRANSIENT = (OSError, KeyboardInterrupt, MemoryError, torch.OutOfMemoryError)
+# Errors that a rerun with the same settings would repeat (bad settings or data, NaN/Inf): only after these is the
+# checkpoint this run created removed. Every other error -- a filesystem failure (whatever type the writer raised
+# it as), out of memory, an interrupt, anything unknown -- keeps it, since rerunning may then succeed.
+_PERMANENT = (ValueError, ArithmeticError, TypeError, NotImplementedError)
 
 
 def partial_dir(output_dir: str | os.PathLike) -> Path:
@@ -107,19 +109,18 @@ def _atomic_save(obj: Any, path: Path, *, what: str) -> None:
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        if err.errno == errno.ENOSPC:
-            raise OSError(
-                errno.ENOSPC,
-                f"Disk full while writing the calibration checkpoint {path} ({what}). Free space on "
-                f"{path.parent}, then rerun with --resume true to continue from the last finished layer, or pass "
-                "--checkpoint false to calibrate without checkpoints.",
-            ) from err
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    except BaseException as err:
+        code = write_error(err, tmp)  # probed while the partial file still occupies the disk
+        with contextlib.suppress(OSError):  # e.g. read-only: there is no partial file
+            tmp.unlink(missing_ok=True)
+        hint = (
+            "the checkpoint is kept: fix that, then rerun with --resume true to continue from the last finished layer "
+            "(or pass --checkpoint false)"
+        )
+        wrapped = wrap_write_error(err, path, f"the calibration checkpoint ({what})", hint, code)
+        if wrapped is None:
+            raise
+        raise wrapped from err
 
 
 def _flatten(prefix: str, value: Any) -> dict[str, Any]:
@@ -165,6 +166,8 @@ class LayerCheckpoint(CalibrationObserver):
             self._start_fresh(fabric)
             return None
         state = json.loads(state_file.read_text())
+        if fabric.is_global_zero:
+            remove_dead_temp_files(self.directory)  # `.<file>.tmp-<pid>` of a run killed while saving
         self._check_compatible(state, fabric.world_size, len(layers))
         rank, next_layer = fabric.global_rank, int(state["next_layer"])
         records: list[dict[str, Any]] = []
@@ -206,7 +209,7 @@ class LayerCheckpoint(CalibrationObserver):
 
     def _start_fresh(self, fabric: Any) -> None:
         if fabric.is_global_zero and self.directory.exists():
-            shutil.rmtree(self.directory)
+            discard_dir(self.directory)
         fabric.barrier()
 
     def _check_compatible(self, state: Mapping[str, Any], world_size: int, num_layers: int) -> None:
@@ -247,7 +250,10 @@ class LayerCheckpoint(CalibrationObserver):
         """Save this rank's post-processed importance (raw vision scores, the method's per-run values such as mbq's
         vision weights), then commit ``next_layer = 0``."""
         if fabric.is_global_zero:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise wrap_write_error(err, self.directory, "the calibration checkpoint") or err
         fabric.barrier()
         self._created = True
         saved = {
@@ -335,13 +341,24 @@ class LayerCheckpoint(CalibrationObserver):
     def remove(self, fabric: Any) -> None:
         """Delete the checkpoint (after the final output was written)."""
         if fabric.is_global_zero and self.directory.exists():
-            shutil.rmtree(self.directory)
+            discard_dir(self.directory)
 
     def on_failure(self, fabric: Any, error: BaseException) -> None:
-        """After an error: keep the checkpoint if rerunning may succeed (I/O, memory, interrupt), else remove it."""
+        """After an error: remove the checkpoint this run made only if a rerun would repeat the error (bad settings,
+        NaN); keep it after anything else (filesystem, memory, interrupt, unknown)."""
         if not self.directory.exists() or not fabric.is_global_zero:
             return
-        if isinstance(error, _TRANSIENT):
+        if self._created and discards_checkpoint(error):
+            discard_dir(self.directory)
+        else:
             log.warning("Calibration failed; its checkpoint is kept in %s (rerun with --resume true).", self.directory)
-        elif self._created:  # a checkpoint this run made would only reproduce the error
-            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def discards_checkpoint(error: BaseException) -> bool:
+    """Whether rerunning after ``error`` would only repeat it, so that its checkpoint is useless.
+
+    True only for errors of the settings or data (``ValueError`` & co., NaN/Inf) that no filesystem failure is
+    behind; write errors in any disguise (``SafetensorError``, torch's ``RuntimeError``), out of memory,
+    interrupts and unknown errors keep the checkpoint.
+    """
+    return isinstance(error, _PERMANENT) and write_error(error) is None

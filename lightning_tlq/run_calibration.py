@@ -20,9 +20,11 @@ from lightning_tlq.launch import build_fabric, run_on_ranks
 from lightning_tlq.models.scenes import model_task
 from lightning_tlq.models.tiny import DEFAULT_MODEL
 from lightning_tlq.module import TLQModule
+from lightning_tlq.output_lock import locks_output_dir
 from lightning_tlq.pipeline import Calibration
 from lightning_tlq.preflight import (
     check_finite_weights,
+    check_output_space,
     check_quantizable,
     load_processor_for,
     model_max_length,
@@ -35,6 +37,7 @@ from lightning_tlq.resume import LayerCheckpoint, partial_dir, prepare_partial_d
 from lightning_tlq.settings import CalibrationSettings
 
 
+@locks_output_dir(lambda args: args["output_dir"] or default_output_dir(args["model"], args["quant"]))
 def calibrate(
     model: str = DEFAULT_MODEL,
     data: DataArgs = DataArgs(),
@@ -142,6 +145,8 @@ def _main(
     samples = load_samples(data, model_task(structure.config))
     # Every rank validates every sample: a bad one then fails all ranks alike instead of leaving the others waiting.
     encoded = encode_samples(load_processor_for(*source), samples, limit)
+    quant, out = pipeline.settings.quant, pipeline.output_dir  # room for output and checkpoint, before the weights
+    check_output_space(fabric, out, structure, quant, dtype, encoded, data.batch_size, pipeline.export)
     module = TLQModule(model, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code)
     module.configure_model()
     check_finite_weights(module.model)

@@ -67,7 +67,7 @@ def test_killed_run_resumes_bit_identical(tiny4_dir, tmp_path, reference, calibr
     proc = _crash_at_layer(2, tiny4_dir, out)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     partial = tmp_path / "out.partial"
-    assert leftovers(out) == ["out.partial"]
+    assert leftovers(out) == ["out.lock", "out.partial"], "the lock file of a killed run stays (taken over next)"
     state = json.loads((partial / STATE_NAME).read_text())
     assert state["next_layer"] == 2
     assert state["num_layers"] == 4
@@ -131,7 +131,8 @@ def test_disk_full_while_checkpointing(tiny4_dir, tmp_path, calibrate_cli, monke
         real_save(obj, file, *args, **kwargs)
 
     monkeypatch.setattr(resume_mod.torch, "save", save)
-    with pytest.raises(OSError, match=r"Disk full while writing the calibration checkpoint .*layer_0002.pt.*--resume"):
+    full = r"disk full while writing the calibration checkpoint \(after layer 2\) .*layer_0002.pt.*--resume"
+    with pytest.raises(OSError, match=full):
         calibrate_cli(out, *flags)
     monkeypatch.undo()
     partial = tmp_path / "out.partial"
