@@ -50,7 +50,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_tlq.answer_metrics import AnswerMetrics
-from lightning_tlq.data import IGNORE_INDEX, Sample, collate, prompt_inputs
+from lightning_tlq.data import Sample, collate
+from lightning_tlq.eval_forward import ReferenceLogits as ReferenceLogits  # re-exported
+from lightning_tlq.eval_forward import _answer_counts, _answer_logits, _check_lengths, _check_module, _encode
+from lightning_tlq.eval_forward import greedy_answers as greedy_answers  # re-exported
+from lightning_tlq.eval_forward import reference_logits as reference_logits  # re-exported
+from lightning_tlq.eval_models import _device, _pad_id
+from lightning_tlq.eval_models import activation_bits as activation_bits  # re-exported
+from lightning_tlq.eval_models import check_reference as check_reference  # re-exported
+from lightning_tlq.eval_models import load_module as load_module  # re-exported
+from lightning_tlq.eval_models import output_vocab_size as output_vocab_size  # re-exported
 from lightning_tlq.module import TLQModule
 
 __all__ = [
@@ -76,209 +85,6 @@ def normalize_answer(text: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
 
 
-@dataclass
-class ReferenceLogits:
-    """A reference model's logits at every answer position of a list of samples (teacher-forced).
-
-    Attributes:
-        logits: Per sample, ``[answer_tokens, vocab]`` float32 logits at the positions that predict its answer
-            tokens, in order (CPU).
-        model: What the reference is, for reports (e.g. its path).
-    """
-
-    logits: list[Tensor]
-    model: str | None = None
-
-    @property
-    def vocab_size(self) -> int:
-        """Number of logits per position."""
-        return int(self.logits[0].shape[-1])
-
-
-# --------------------------------------------------------------------------------------------- models
-
-
-def load_module(
-    name_or_path: str,
-    dtype: str = "float32",
-    device: torch.device | str | None = None,
-    revision: str | None = None,
-    trust_remote_code: bool = False,
-) -> TLQModule:
-    """Build a model for evaluation: weights checked for NaN/Inf, a saved W4A8 activation scheme applied.
-
-    Args:
-        name_or_path: A local Hugging Face directory (e.g. ``calibrate``'s output), a built-in model or a hub id.
-        dtype: ``float32``, ``bfloat16`` or ``float16``.
-        device: Where to put it (default: stays on the CPU).
-        revision: Branch, tag or commit of a hub id.
-        trust_remote_code: Run the model repository's own code.
-    """
-    from lightning_tlq.preflight import check_finite_weights
-
-    module = TLQModule(name_or_path, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code)
-    module.configure_model()
-    check_finite_weights(module.model)
-    if _has_saved_scheme(module.model):
-        from lightning_tlq.actquant import apply_saved_activation_quant
-
-        apply_saved_activation_quant(module.model)  # forward pre-hooks, kept for the module's lifetime
-    if device is not None:
-        module.model.to(device)
-    return module
-
-
-def _has_saved_scheme(model: Any) -> bool:
-    from lightning_tlq.actquant import CONFIG_KEY
-
-    return getattr(model.config, CONFIG_KEY, None) is not None
-
-
-def activation_bits(model: Any) -> int | None:
-    """Activation bits recorded in a lightning-tlq checkpoint's config (None: weight-only or not ours)."""
-    if not _has_saved_scheme(model):
-        return None
-    from lightning_tlq.actquant import saved_quantization_config
-
-    activations = saved_quantization_config(model).get("input_activations")
-    return int(activations["num_bits"]) if activations else None
-
-
-def _device(module: TLQModule) -> torch.device:
-    return next(module.model.parameters()).device
-
-
-def _pad_id(module: TLQModule) -> int:
-    """The model's pad id, else the tokenizer's, else its eos (padding is masked out either way)."""
-    tokenizer = module.processor.tokenizer
-    for value in (module.adapter.pad_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if value is not None:
-            return int(value)
-    raise ValueError("The model and its tokenizer define neither a pad nor an eos token id; set `pad_token_id`.")
-
-
-def output_vocab_size(model: Any) -> int:
-    """Logits per position: the output embedding's rows (works on the ``meta`` device)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is not None and getattr(head, "weight", None) is not None:
-        return int(head.weight.shape[0])
-    return int(model.config.get_text_config().vocab_size)
-
-
-def check_reference(
-    model: Any, processor: Any, reference: Any, reference_processor: Any, *, names: tuple[str, str] = ("", "")
-) -> None:
-    """Raise unless the reference scores the same token sequences over the same vocabulary as the model.
-
-    Works on full models and on their ``meta``-device structure (no weights needed).
-
-    Raises:
-        ValueError: If the logit counts or the tokenizers' vocabularies differ.
-    """
-    what = f"reference_model {names[1]!r}" if names[1] else "the reference"
-    mine = f"model {names[0]!r}" if names[0] else "the model"
-    ours, theirs = output_vocab_size(model), output_vocab_size(reference)
-    if ours != theirs:
-        raise ValueError(
-            f"{what} has {theirs} logits per position, {mine} {ours}: the KL needs one vocabulary. Use the "
-            "full-precision version of the evaluated model as the reference."
-        )
-    vocab, ref_vocab = processor.tokenizer.get_vocab(), reference_processor.tokenizer.get_vocab()
-    if vocab != ref_vocab:
-        differ = sorted(set(vocab.items()) ^ set(ref_vocab.items()), key=str)[:3]
-        raise ValueError(
-            f"{what} has a different tokenizer than {mine} ({len(ref_vocab)} vs {len(vocab)} tokens; e.g. "
-            f"{differ} differ): both models must read the same token ids."
-        )
-
-
-# --------------------------------------------------------------------------------------------- forward passes
-
-
-def _to(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
-    return {key: value.to(device) for key, value in batch.items()}
-
-
-def _answer_logits(module: TLQModule, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """Teacher-forced float32 logits at the answer positions of a right-padded batch.
-
-    Returns:
-        ``logits [N, V]`` (sample 0's answer tokens in order, then sample 1's, ...), their ``targets [N]`` and
-        the batch row of each ``[N]``, on the module's device.
-    """
-    batch = _to(batch, _device(module))
-    targets = batch["labels"][:, 1:]  # position t predicts token t + 1
-    keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().flatten()
-    logits = module.model(**module.adapter.forward_inputs(batch), logits_to_keep=keep).logits
-    if logits.shape[1] == batch["input_ids"].shape[1]:  # a model that ignores logits_to_keep
-        logits = logits[:, keep]
-    targets = targets[:, keep]
-    mask = targets != IGNORE_INDEX
-    return logits[mask].float(), targets[mask], mask.nonzero()[:, 0]
-
-
-def _answer_counts(encoded: Sequence[dict[str, Tensor]]) -> list[int]:
-    return [int((item["labels"][:, 1:] != IGNORE_INDEX).sum()) for item in encoded]
-
-
-def _encode(module: TLQModule, samples: Sequence[Sample]) -> list[dict[str, Tensor]]:
-    from lightning_tlq.datamodule import encode_samples
-    from lightning_tlq.preflight import model_max_length
-
-    return encode_samples(module.processor, samples, model_max_length(module.model))
-
-
-@torch.no_grad()
-def reference_logits(
-    reference: TLQModule,
-    samples: Sequence[Sample],
-    *,
-    encoded: Sequence[dict[str, Tensor]] | None = None,
-    batch_size: int = 8,
-    name: str | None = None,
-) -> ReferenceLogits:
-    """Run the reference model once over the samples and keep its logits at the answer positions.
-
-    Args:
-        reference: The full-precision model (e.g. :func:`load_module`).
-        samples: The evaluation samples.
-        encoded: Their encodings (default: encoded with ``reference.processor``).
-        batch_size: Samples per forward.
-        name: What the reference is, for reports.
-
-    Returns:
-        Per-sample ``[answer_tokens, vocab]`` float32 logits on the CPU, for :func:`evaluate_model`.
-    """
-    _check_module(reference)
-    encoded = list(encoded) if encoded is not None else _encode(reference, samples)
-    _check_lengths(samples, encoded, batch_size)
-    pad, out = _pad_id(reference), []
-    for start in range(0, len(encoded), batch_size):
-        items = encoded[start : start + batch_size]
-        logits, _, _ = _answer_logits(reference, collate(items, pad))
-        out += list(logits.cpu().split(_answer_counts(items)))
-    return ReferenceLogits(out, name or str(reference.hparams.model_name_or_path))
-
-
-@torch.no_grad()
-def greedy_answers(module: TLQModule, encoded: Sequence[dict[str, Tensor]], max_new_tokens: int = 8) -> list[str]:
-    """Greedy answers of encoded samples in one ``generate`` call on their left-padded prompts.
-
-    The same tokens as one ``generate`` call per sample (left padding keeps every prompt's positions: the
-    attention mask gives the position ids, M-RoPE included); generation stops at the first eos.
-    """
-    tokenizer, pad = module.processor.tokenizer, _pad_id(module)
-    batch = _to(collate([prompt_inputs(item) for item in encoded], pad, padding_side="left"), _device(module))
-    out = module.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad)
-    eos = module.model.generation_config.eos_token_id
-    eos = {tokenizer.eos_token_id} if eos is None else set(eos if isinstance(eos, list) else [eos])
-    answers = []
-    for row in out[:, batch["input_ids"].shape[1] :].tolist():
-        end = next((i + 1 for i, token in enumerate(row) if token in eos), len(row))
-        answers.append(tokenizer.decode(row[:end], skip_special_tokens=True).strip())
-    return answers
-
-
 # --------------------------------------------------------------------------------------------- the loop
 
 
@@ -295,20 +101,6 @@ class ShardResult:
     metrics: AnswerMetrics
     records: list[dict[str, Any]]
     seconds: dict[str, float] = field(default_factory=dict)
-
-
-def _check_module(module: Any) -> None:
-    if not isinstance(module, TLQModule) or module.model is None:
-        raise TypeError("Pass a TLQModule holding a model: TLQModule().attach(model, processor) or load_module(path).")
-
-
-def _check_lengths(samples: Sequence[Sample], encoded: Sequence[Any], batch_size: int) -> None:
-    if not samples:
-        raise ValueError("No samples: there is nothing to evaluate.")
-    if len(encoded) != len(samples):
-        raise ValueError(f"Got {len(samples)} samples but {len(encoded)} encodings; pass one encoding per sample.")
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1.")
 
 
 def _check_inputs(
