@@ -40,7 +40,7 @@ def _crash_at_layer(layer, model_dir, out, **settings):
     kwargs = {"model": str(model_dir), "data": {"num_samples": 8, "batch_size": 4}, "accelerator": "cpu",
               "quiet": True, "quant": {"bits": 3, "group_size": 64}, "output_dir": str(out), **settings}  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
-    env.update({"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "GLOO_SOCKET_IFNAME": "lo"})
+    env.update({"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"})
     script = Path(__file__).with_name("crash_callback.py")
     return subprocess.run(
         [sys.executable, str(script), str(layer), json.dumps(kwargs)],
@@ -50,6 +50,16 @@ def _crash_at_layer(layer, model_dir, out, **settings):
 
 def _strip_times(records):
     return [{**r, "seconds": 0, "modules": {n: {**m, "seconds": 0} for n, m in r["modules"].items()}} for r in records]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread_everywhere():
+    """Every run of this module (in process, and the crashing subprocesses) on one intra-op thread: bit-identical
+    comparisons need one thread count, whatever the machine's default or an earlier test left."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
