@@ -163,7 +163,8 @@ def test_no_checkpoint_when_disabled(tmp_path, calibrate_cli, monkeypatch):
 
 
 @pytest.mark.slow
-def test_two_process_run_resumes_bit_identical(tiny4_dir, tmp_path):
+def test_two_process_run_resumes_bit_identical(tiny4_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the spawned reference ranks: one thread, as the crashing run
     """Each rank checkpoints its own shard of activations; a killed 2-process run resumes exactly."""
     from lightning_tlq.cli import main
 
