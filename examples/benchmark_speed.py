@@ -108,7 +108,7 @@ def measure_ceilings(device, widths: list[int]) -> dict:
     """This GPU's rates for the kinds of work calibration does, measured now: matmuls (bf16 for layer forwards,
     TF32 for Hessians, fp32 for GPTQ's lazy updates), host<->device copies, and the inverse-Hessian factor
     (one Cholesky + one triangular inverse, the solver's own routine) at each module input width."""
-    from lightning_tlq.core.gptq import _inverse_upper_factor
+    from lightning_tlq.core.factor import inverse_upper_factor as _inverse_upper_factor
 
     out: dict = {}
     n = 8192

@@ -334,7 +334,7 @@ def test_bad_shapes_raise() -> None:
 
 @pytest.mark.parametrize("n", [1, 7, 130])
 def test_inverse_upper_factor_is_the_upper_cholesky_factor_of_the_inverse(n):
-    from lightning_tlq.core.gptq import _inverse_upper_factor
+    from lightning_tlq.core.factor import inverse_upper_factor as _inverse_upper_factor
 
     g = torch.Generator().manual_seed(n)
     A = torch.randn(n, 2 * n, generator=g, dtype=torch.float64)
@@ -411,7 +411,8 @@ def test_zero_cross_term_is_plain_gptq_bit_for_bit() -> None:
 
 def test_cross_term_solve_is_the_gptq_loop_on_the_damped_target() -> None:
     """The column loop runs on W* = W + W C H_d^-1 (the loop's own damped factor), on the static grid of W."""
-    from lightning_tlq.core.gptq import _quantize_columns, _upper_inverse_cholesky, asymmetric_target
+    from lightning_tlq.core.factor import damped_inverse_factor as _upper_inverse_cholesky
+    from lightning_tlq.core.gptq import _quantize_columns, asymmetric_target
 
     x_q, x, w, W64 = _asymmetric_case()
     H, C = _gram(x_q, x, w)

@@ -76,7 +76,7 @@ def test_early_stopped_passes_give_identical_results_with_fewer_layer_runs(monke
 
 
 def test_blocked_triangular_inverse_matches_the_direct_solve() -> None:
-    from lightning_tlq.core.gptq import lower_triangular_inverse
+    from lightning_tlq.core.factor import lower_triangular_inverse
 
     g = torch.Generator().manual_seed(0)
     for n in (7, 50, 129):

@@ -39,18 +39,17 @@ from typing import Literal, get_args
 import torch
 
 from lightning_tlq.core import gptq_triton
+from lightning_tlq.core.factor import GPTQError, damped_inverse_factor
+from lightning_tlq.core.factor import label as _label
 from lightning_tlq.core.quantizer import QuantSpec, codes_to_values, compute_qparams, dequantize, round_to_grid
 
 logger = logging.getLogger(__name__)
+__all__ = ["GPTQError", "GPTQResult", "KERNELS", "Kernel", "asymmetric_target", "gptq_quantize"]
 
 Kernel = Literal["auto", "triton", "torch"]
 """The GPTQ column loop: ``triton`` the fused block step (:mod:`lightning_tlq.core.gptq_triton`, CUDA tensors,
 ``block_size <= 128``), ``torch`` the eager loop (any device), ``auto`` the fused step where it applies, else torch."""
 KERNELS: tuple[str, ...] = get_args(Kernel)
-
-
-class GPTQError(RuntimeError):
-    """Raised when GPTQ cannot factorise the (damped) Hessian of a module."""
 
 
 @dataclass
@@ -85,10 +84,6 @@ class _BlockSolve:
     damp: float
     retries: int
     perm: torch.Tensor | None
-
-
-def _label(name: str) -> str:
-    return name or "<unnamed>"
 
 
 def _validate(
@@ -134,82 +129,6 @@ def _check_cross(cross: torch.Tensor, H: torch.Tensor, name: str) -> torch.Tenso
             f"Module {_label(name)}: the cross term contains NaN or Inf. Check the full-precision activations."
         )
     return cross.detach()
-
-
-def lower_triangular_inverse(L: torch.Tensor, leaf: int = 2048) -> torch.Tensor:
-    """Inverse of a lower-triangular ``L`` by 2 x 2 block recursion down to ``leaf`` columns.
-
-    ``[[A, 0], [C, B]]^-1 = [[A^-1, 0], [-B^-1 C A^-1, B^-1]]``: about ``n^3/3`` multiply-adds, nearly all in plain
-    matrix products (TF32 kept off), where a triangular solve against the identity does ``n^3``. Blocks of at
-    most ``leaf`` columns are solved directly, so matrices up to ``leaf`` take exactly that path.
-    """
-    n = L.shape[0]
-    if n <= leaf:
-        return torch.linalg.solve_triangular(L, torch.eye(n, dtype=L.dtype, device=L.device), upper=False)
-    h = n // 2
-    out = torch.zeros_like(L)
-    out[:h, :h] = lower_triangular_inverse(L[:h, :h], leaf)
-    out[h:, h:] = lower_triangular_inverse(L[h:, h:], leaf)
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        out[h:, :h] = -(out[h:, h:] @ (L[h:, :h] @ out[:h, :h]))
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
-    return out
-
-
-def _inverse_upper_factor(H: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """Upper-triangular ``U`` with ``U^T U = H^-1``, from one Cholesky and one triangular inverse.
-
-    With ``J`` the index reversal and ``J H J = L L^T``: ``H^-1 = (J L^-1 J)^T (J L^-1 J)`` and ``J L^-1 J`` is upper
-    triangular. That is ``2n^3/3`` flops instead of ``5n^3/3`` for factor -> ``cholesky_inverse`` -> factor again.
-    On a GPU the triangular inverse is blocked (:func:`lower_triangular_inverse`, mostly matrix products); on the
-    CPU it is one triangular solve against the identity (the blocked form's ``leaf``-sized case).
-    Returns ``(U, ok)``; ``ok`` is False (and ``U`` meaningless) when ``H`` is not numerically positive definite.
-    """
-    L, info = torch.linalg.cholesky_ex(H.flip(0, 1))
-    if int(info) != 0:
-        return H, False
-    if H.is_cuda:
-        U = lower_triangular_inverse(L).flip(0, 1)
-    else:
-        eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-        U = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
-    return U, bool(torch.isfinite(U).all())
-
-
-def _upper_inverse_cholesky(
-    H: torch.Tensor, damp: float, max_retries: int, name: str
-) -> tuple[torch.Tensor, float, int]:
-    """Return ``(U, damp_used, retries)`` with ``U`` the upper Cholesky factor of ``(H + d I)^-1``.
-
-    Raises:
-        GPTQError: If factorisation fails after ``max_retries`` tenfold damping increases.
-    """
-    mean_diag = float(torch.diagonal(H).mean())
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    rel = damp
-    for attempt in range(max_retries + 1):
-        U, ok = _inverse_upper_factor(H + (rel * mean_diag) * eye)
-        if ok:
-            return U, rel, attempt
-        if attempt < max_retries:
-            logger.warning(
-                "GPTQ module %s: Cholesky factorisation failed with relative damping %g; "
-                "retrying with %g (retry %d/%d).",
-                _label(name),
-                rel,
-                rel * 10,
-                attempt + 1,
-                max_retries,
-            )
-            rel *= 10
-    raise GPTQError(
-        f"Module {_label(name)}: Hessian is not positive definite even with relative damping {rel:g} after "
-        f"{max_retries} retries. Check the calibration data (NaN/Inf activations, too few tokens, all-zero token "
-        f"weights), or raise `damp` / `max_retries`. GPTQ does not fall back to round-to-nearest."
-    )
 
 
 def _use_triton(kernel: str, W: torch.Tensor, block_size: int, name: str) -> bool:
@@ -316,7 +235,7 @@ def _solve_block(
     if perm is not None:
         W, H, group_of_col, dead = W[:, perm], H[perm][:, perm], group_of_col[perm], dead[perm]
     with torch.profiler.record_function("gptq.factor"):
-        U, used, retries = _upper_inverse_cholesky(H, damp, max_retries, name)
+        U, used, retries = damped_inverse_factor(H, damp, max_retries, name)
     if cross is not None:
         W = asymmetric_target(W, cross[perm][:, perm] if perm is not None else cross, U)
         W[:, dead] = 0.0  # the quantized path never feeds these inputs

@@ -1,0 +1,96 @@
+"""Factorisations behind GPTQ: the upper Cholesky factor of a damped inverse Hessian.
+
+``damped_inverse_factor`` returns ``U`` with ``U^T U = (H + d I)^-1``, raising the damping tenfold on failure;
+``inverse_upper_factor`` computes it from one Cholesky and one triangular inverse, and
+``lower_triangular_inverse`` is that inverse by block recursion (mostly matrix products on a GPU).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+logger = logging.getLogger("lightning_tlq.core.gptq")
+
+
+class GPTQError(RuntimeError):
+    """Raised when GPTQ cannot factorise the (damped) Hessian of a module."""
+
+
+def label(name: str) -> str:
+    return name or "<unnamed>"
+
+
+def lower_triangular_inverse(L: torch.Tensor, leaf: int = 2048) -> torch.Tensor:
+    """Inverse of a lower-triangular ``L`` by 2 x 2 block recursion down to ``leaf`` columns.
+
+    ``[[A, 0], [C, B]]^-1 = [[A^-1, 0], [-B^-1 C A^-1, B^-1]]``: about ``n^3/3`` multiply-adds, nearly all in plain
+    matrix products (TF32 kept off), where a triangular solve against the identity does ``n^3``. Blocks of at
+    most ``leaf`` columns are solved directly, so matrices up to ``leaf`` take exactly that path.
+    """
+    n = L.shape[0]
+    if n <= leaf:
+        return torch.linalg.solve_triangular(L, torch.eye(n, dtype=L.dtype, device=L.device), upper=False)
+    h = n // 2
+    out = torch.zeros_like(L)
+    out[:h, :h] = lower_triangular_inverse(L[:h, :h], leaf)
+    out[h:, h:] = lower_triangular_inverse(L[h:, h:], leaf)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        out[h:, :h] = -(out[h:, h:] @ (L[h:, :h] @ out[:h, :h]))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    return out
+
+
+def inverse_upper_factor(H: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Upper-triangular ``U`` with ``U^T U = H^-1``, from one Cholesky and one triangular inverse.
+
+    With ``J`` the index reversal and ``J H J = L L^T``: ``H^-1 = (J L^-1 J)^T (J L^-1 J)`` and ``J L^-1 J`` is upper
+    triangular. That is ``2n^3/3`` flops instead of ``5n^3/3`` for factor -> ``cholesky_inverse`` -> factor again.
+    On a GPU the triangular inverse is blocked (:func:`lower_triangular_inverse`, mostly matrix products); on the
+    CPU it is one triangular solve against the identity (the blocked form's ``leaf``-sized case).
+    Returns ``(U, ok)``; ``ok`` is False (and ``U`` meaningless) when ``H`` is not numerically positive definite.
+    """
+    L, info = torch.linalg.cholesky_ex(H.flip(0, 1))
+    if int(info) != 0:
+        return H, False
+    if H.is_cuda:
+        U = lower_triangular_inverse(L).flip(0, 1)
+    else:
+        eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+        U = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
+    return U, bool(torch.isfinite(U).all())
+
+
+def damped_inverse_factor(H: torch.Tensor, damp: float, max_retries: int, name: str) -> tuple[torch.Tensor, float, int]:
+    """Return ``(U, damp_used, retries)`` with ``U`` the upper Cholesky factor of ``(H + d I)^-1``.
+
+    Raises:
+        GPTQError: If factorisation fails after ``max_retries`` tenfold damping increases.
+    """
+    mean_diag = float(torch.diagonal(H).mean())
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    rel = damp
+    for attempt in range(max_retries + 1):
+        U, ok = inverse_upper_factor(H + (rel * mean_diag) * eye)
+        if ok:
+            return U, rel, attempt
+        if attempt < max_retries:
+            logger.warning(
+                "GPTQ module %s: Cholesky factorisation failed with relative damping %g; "
+                "retrying with %g (retry %d/%d).",
+                label(name),
+                rel,
+                rel * 10,
+                attempt + 1,
+                max_retries,
+            )
+            rel *= 10
+    raise GPTQError(
+        f"Module {label(name)}: Hessian is not positive definite even with relative damping {rel:g} after "
+        f"{max_retries} retries. Check the calibration data (NaN/Inf activations, too few tokens, all-zero token "
+        f"weights), or raise `damp` / `max_retries`. GPTQ does not fall back to round-to-nearest."
+    )
