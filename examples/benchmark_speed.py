@@ -181,7 +181,7 @@ def floor_seconds(model, records: list[dict], tokens: int, samples: int, seq: in
 
 def main(fabric, args) -> dict | None:
     from lightning_tlq import CalibrationLoop, CalibrationSettings, QuantArgs, TLQModule
-    from lightning_tlq.config import MemoryArgs
+    from lightning_tlq.config import ImportanceArgs, MemoryArgs
     from lightning_tlq.distributed import shard_range
 
     cuda = fabric.device.type == "cuda"
@@ -196,7 +196,9 @@ def main(fabric, args) -> dict | None:
     batches = build_batches(args.samples, args.image_tokens, args.text_tokens, args.batch_size, shard)
     quant = QuantArgs(method=args.method, bits=4, group_size=128, kernel=args.kernel)
     memory = MemoryArgs(layerwise=True, offload_activations=args.offload_activations, pin_layers=args.pin_layers)
-    loop = CalibrationLoop(fabric, module, CalibrationSettings(quant, memory=memory, metrics=args.metrics))
+    importance = ImportanceArgs(granularity=args.importance_granularity)
+    settings = CalibrationSettings(quant, importance, memory=memory, metrics=args.metrics)
+    loop = CalibrationLoop(fabric, module, settings)
     if cuda:
         torch.cuda.reset_peak_memory_stats(fabric.device)
     fabric.barrier()
@@ -228,7 +230,7 @@ def main(fabric, args) -> dict | None:
         "phases_s_rank0": loop.phase_seconds, "peak_gib_per_rank": [round(p, 2) for p in peaks],
         "mean_weighted_rel_error": sum(r["modules"][m]["weighted_rel_error"] or 0 for r in records
                                        for m in r["modules"]) / sum(len(r["modules"]) for r in records),
-        "kernel": args.kernel, "pin_layers": args.pin_layers,
+        "kernel": args.kernel, "pin_layers": args.pin_layers, "importance_granularity": args.importance_granularity,
         "torch": torch.__version__, "placement_s_rank0": loop.placement.seconds,
         "registered_gib_rank0": loop.placement.registered_bytes / 2**30,
         "solve_s_by_module": _by_module(records, "seconds"), "codes_digest": codes_digest(loop.results),
@@ -284,6 +286,8 @@ def parse(argv=None):
     p.add_argument("--max-gpu-memory-gib", type=float, default=None)
     p.add_argument("--kernel", choices=["auto", "triton", "torch"], default="auto", help="quant.kernel (GPTQ loop)")
     p.add_argument("--pin-layers", action=argparse.BooleanOptionalAction, default=True, help="memory.pin_layers")
+    p.add_argument("--importance-granularity", choices=["module", "input"], default="module",
+                   help="importance.granularity (input: one Hessian per distinct input)")
     p.add_argument("--floor", action="store_true", help="also measure the GPU's ceilings and the floor for the work")
     p.add_argument("--json", default=None, help="append the result as one JSON line to this file")
     p.add_argument("--trace", default=None, help="profile rank 0's calibration into this Chrome trace (.json.gz ok)")
@@ -312,6 +316,8 @@ def _non_default(r: dict) -> str:
     if "env" in r:
         return r["env"]
     out = [f"quant.kernel={r['kernel']}"] if r.get("kernel", "auto") != "auto" else []
+    if r.get("importance_granularity", "module") != "module":
+        out.append(f"importance.granularity={r['importance_granularity']}")
     return " ".join(out + (["memory.pin_layers=false"] if r.get("pin_layers") is False else []))
 
 

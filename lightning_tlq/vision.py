@@ -32,7 +32,7 @@ from lightning_tlq.distributed import Collective
 from lightning_tlq.importance import enable_activation_grads
 from lightning_tlq.module_stats import ModuleResult
 from lightning_tlq.stage import LayerStage
-from lightning_tlq.tokenweights import TokenWeights, select_token_set, stage_scores
+from lightning_tlq.tokenweights import TokenWeights, input_weights, select_token_set, stage_scores
 
 __all__ = ["VisionCalibration", "is_vision_key"]
 
@@ -169,6 +169,9 @@ class VisionCalibration:
         start = time.perf_counter()
         names = [n for g in groups for n in g]
         token_weights, set_record = self._token_weights(name, key, names, batches, sample_ids, weights)
+        if self.importance_args.granularity == "input":  # after the token set, chosen from the modules' own weights
+            for tw in token_weights:
+                tw.importance = input_weights(tw.importance, groups) if tw.importance else tw.importance
         stage = LayerStage(
             name,
             layer,
