@@ -286,8 +286,9 @@ def parse(argv=None):
     p.add_argument("--max-gpu-memory-gib", type=float, default=None)
     p.add_argument("--kernel", choices=["auto", "triton", "torch"], default="auto", help="quant.kernel (GPTQ loop)")
     p.add_argument("--pin-layers", action=argparse.BooleanOptionalAction, default=True, help="memory.pin_layers")
-    p.add_argument("--importance-granularity", choices=["module", "input"], default="module",
-                   help="importance.granularity (input: one Hessian per distinct input)")
+    p.add_argument(
+        "--importance-granularity", choices=["module", "input"], default="module", help="importance.granularity"
+    )
     p.add_argument("--floor", action="store_true", help="also measure the GPU's ceilings and the floor for the work")
     p.add_argument("--json", default=None, help="append the result as one JSON line to this file")
     p.add_argument("--trace", default=None, help="profile rank 0's calibration into this Chrome trace (.json.gz ok)")
