@@ -148,9 +148,10 @@ def floor_seconds(model, records: list[dict], tokens: int, samples: int, seq: in
     Work counted per decoder layer, with T = all calibration tokens: the importance pass (forward, recomputed
     forward, input-gradient backward: 3 forwards), the statistics passes (each true-sequential group's forward
     stops after its modules: 4 x qkv + 3 x (attention + o) + 2 x (gate + up) + down), one TF32 Hessian ``X^T W X``
-    per module over its kept tokens, one inverse factor per module (measured at that width) plus GPTQ's fp32 lazy
-    updates (``out x in^2`` multiply-adds), one propagation forward, and the weights copied 3 times to the device
-    and once back.
+    per distinct statistic over its kept tokens and one inverse factor per distinct statistic (measured at that
+    width): modules solved together on one Hessian (the record's ``shared``: q/k/v and gate/up under gptq or
+    ``importance.granularity=input``) count once; plus GPTQ's fp32 lazy updates (``out x in^2`` multiply-adds) per
+    module, one propagation forward, and the weights copied 3 times to the device and once back.
     """
     layers = model.model.language_model.layers
     tf = 1e12
@@ -167,9 +168,9 @@ def floor_seconds(model, records: list[dict], tokens: int, samples: int, seq: in
         out["importance"] += 3 * forward
         stats = (4 * qkv + 3 * (attn + o) + 2 * gate_up + down) / (ceilings["matmul_bf16_tflops"] * tf)
         for n, m in lin.items():
-            kept = record["modules"][n]["tokens"]
-            stats += 2 * m.in_features**2 * kept / (ceilings["matmul_tf32_tflops"] * tf)
-            out["solve"] += ceilings[f"factor_s_{m.in_features}"]
+            kept, shared = record["modules"][n]["tokens"], record["modules"][n].get("shared") or 1
+            stats += 2 * m.in_features**2 * kept / (ceilings["matmul_tf32_tflops"] * tf) / shared
+            out["solve"] += ceilings[f"factor_s_{m.in_features}"] / shared
             out["solve"] += 2 * m.out_features * m.in_features**2 / 2 / (ceilings["matmul_fp32_tflops"] * tf)
         out["accumulate"] += stats
         out["propagate"] += forward

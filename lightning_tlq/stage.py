@@ -157,6 +157,7 @@ class LayerStage:
         inputs). With ``fp_inputs`` each batch first runs on the full-precision path (up to the last module of
         ``names``), whose module inputs are then paired with the quantized path's for the cross terms.
         """
+        self._stats = None  # the previous pass's statistics are solved: free them before allocating these
         stats = self._stats = LayerStatistics(
             self.modules, names, self.module_groups, self.quant, self.metrics, self.groups, weights,
             self.method.selects_tokens, self._row_cache,
@@ -263,6 +264,8 @@ class LayerStage:
             module.weight.data.copy_(res.weight)
             host = self.staging.to_host
             self.results[name] = ModuleResult(None, host(res.codes), host(res.scale), host(res.zero), record)
+            self._stats.stats.pop(name)  # its Hessians go once every module reading them is solved
+        self._stats = None
 
     def _solve_together(self, names: list[str]) -> dict[str, tuple[ModuleResult, dict[str, Any]]]:
         """Solve modules sharing one solve statistic (one factorisation); their results and records."""

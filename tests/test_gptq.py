@@ -484,11 +484,10 @@ def test_cross_term_of_grouped_hessian_splits_rows() -> None:
 
 @pytest.mark.parametrize("concat", [True, False], ids=["one-loop", "per-weight"])
 @pytest.mark.parametrize(("groups", "cross", "act_order"), [(1, False, True), (2, False, False), (1, True, True)])
-def test_shared_hessian_solve_equals_each_weight_alone(one_thread, monkeypatch, concat, groups, cross, act_order):
+def test_shared_hessian_solve_equals_each_weight_alone(one_thread, concat, groups, cross, act_order):
     """q/k/v-like weights of different heights against one Hessian (one factor, one column loop when rows are
     concatenated) give exactly the codes, scales and weights of solving each alone; dead inputs, grouped Hessians
     and a GPTAQ cross term included."""
-    monkeypatch.setattr(gptq, "_CONCAT_ROWS", concat)
     x = _correlated_inputs(300, 64, seed=1)
     x[:, 5] = 0.0  # a dead input
     H = torch.stack([_hessian(x, torch.rand(300, generator=_gen(g))) for g in range(groups)]).squeeze(0)
@@ -496,7 +495,7 @@ def test_shared_hessian_solve_equals_each_weight_alone(one_thread, monkeypatch, 
     weights = [torch.randn(rows, 64, generator=_gen(rows)) for rows in (64, 16, 32)]
     spec = QuantSpec(bits=3, group_size=32)
     kw = {"cross": C, "act_order": act_order, "block_size": 16}
-    shared = gptq.gptq_quantize_shared(weights, H, spec, names=["q", "k", "v"], **kw)
+    shared = gptq.gptq_quantize_shared(weights, H, spec, names=["q", "k", "v"], concat_rows=concat, **kw)
     for W, got in zip(weights, shared):
         alone = gptq_quantize(W, H, spec, **kw)
         for field in ("codes", "scale", "zero", "weight"):

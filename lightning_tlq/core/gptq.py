@@ -47,9 +47,6 @@ from lightning_tlq.core.quantizer import QuantSpec, codes_to_values, compute_qpa
 logger = logging.getLogger(__name__)
 __all__ = ["GPTQError", "GPTQResult", "KERNELS", "Kernel", "asymmetric_target", "gptq_quantize", "gptq_quantize_shared"]
 
-_CONCAT_ROWS = True
-"""Weights sharing a Hessian run through one column loop (rows concatenated): fewer, larger launches."""
-
 
 @dataclass
 class GPTQResult:
@@ -275,12 +272,15 @@ def gptq_quantize_shared(
     names: Sequence[str] | None = None,
     cross: torch.Tensor | None = None,
     kernel: Kernel = "auto",
+    concat_rows: bool = True,
 ) -> list[GPTQResult]:
     """:func:`gptq_quantize` for several weights that read one input and so share one Hessian (q/k/v, gate/up).
 
-    GPTQ's rows are independent given ``H``: each Hessian (group) is factorised once for all of them, and their
-    rows run through one column loop (``_CONCAT_ROWS``). The results are those of :func:`gptq_quantize` on each
-    weight alone (same codes, scales and zero points).
+    GPTQ's rows are independent given ``H``: each Hessian (group) is factorised once for all of them, and with
+    ``concat_rows`` their rows run through one column loop (fewer, larger launches). The results are those of
+    :func:`gptq_quantize` on each weight alone (same codes, scales and zero points) where the lazy update's matrix
+    product rounds each row alike for any number of rows (the CPU's does, ``tests/test_gptq.py``); ``concat_rows=False``
+    runs one loop per weight.
 
     Args:
         weights: the weights ``[out_i, in]``, one dtype and device.
@@ -307,7 +307,7 @@ def gptq_quantize_shared(
         blocks = [Wf[g * r : (g + 1) * r] for Wf, r in zip(Wfs, rows)]
         kw = {"block_size": block_size, "scale_dtype": weights[0].dtype, "fused": fused}
         kw["cross"] = None if Cg is None else Cg[g]
-        if _CONCAT_ROWS and len(blocks) > 1:
+        if concat_rows and len(blocks) > 1:
             s = _solve_rows(torch.cat(blocks), f, spec, name=joint + tag, **kw)
             parts = zip(s.codes.split(rows), s.scale.split(rows), s.zero.split(rows))
             for out, (c, sc, z) in zip(solves, parts):
