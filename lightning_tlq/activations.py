@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -26,12 +27,34 @@ class LayerReplay:
 
     def __init__(self, adapter: Any, device: torch.device, offload: bool = False) -> None:
         self.adapter, self.device, self.offload = adapter, device, offload
+        self._finite: dict[int, Tensor] = {}  # id of a stored host copy -> its "all finite" flag on the device
 
     def store(self, t: Tensor) -> Tensor:
-        """``t`` where calibration activations are kept: as is, or copied to pinned host memory."""
+        """``t`` where calibration activations are kept: as is, or copied to pinned host memory.
+
+        The copy does not wait for the device: whatever reads the host copy goes through the device stream
+        (``.to(device)``) or :meth:`check_finite` first, which waits for it. Its finiteness is computed on the
+        device before the copy (a host scan of every layer's activations would cost seconds per run).
+        """
         if not self.offload or t.device.type != "cuda":
             return t
-        return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        flag = torch.isfinite(t).all()
+        host.copy_(t, non_blocking=True)
+        key = id(host)
+        self._finite[key] = flag
+        weakref.finalize(host, self._finite.pop, key, None)
+        return host
+
+    def check_finite(self, index: int, hidden: Sequence[Tensor], path: str = "quantized") -> None:
+        """:func:`check_finite` that reads the device flags of copies made by :meth:`store` (one wait for the
+        device, which also completes those copies) and scans only what it has no flag for (or a failing layer)."""
+        flags = [self._finite.get(id(h)) for h in hidden]
+        known = [f for f in flags if f is not None]
+        good = bool(torch.stack(known).all()) if known else False  # waits for the stream: the copies have landed
+        for b, (h, flag) in enumerate(zip(hidden, flags)):
+            if not (good and flag is not None) and not torch.isfinite(h).all():
+                _non_finite(index, b, path)
 
     def capture(
         self,
@@ -67,12 +90,16 @@ def check_finite(index: int, hidden: Sequence[Tensor], path: str = "quantized") 
     """Raise ``FloatingPointError`` naming the layer if any batch's activations hold NaN/Inf."""
     for b, h in enumerate(hidden):
         if not torch.isfinite(h).all():
-            where = f"Decoder layer {index}" if index >= 0 else "The embeddings (input of decoder layer 0)"
-            raise FloatingPointError(
-                f"{where} produced NaN/Inf activations on calibration batch {b} on the {path} path. Check "
-                "the model's weights and inputs; in float16/bfloat16, try dtype float32; with very low bit "
-                "widths, try more bits or a smaller group size."
-            )
+            _non_finite(index, b, path)
+
+
+def _non_finite(index: int, b: int, path: str) -> None:
+    where = f"Decoder layer {index}" if index >= 0 else "The embeddings (input of decoder layer 0)"
+    raise FloatingPointError(
+        f"{where} produced NaN/Inf activations on calibration batch {b} on the {path} path. Check "
+        "the model's weights and inputs; in float16/bfloat16, try dtype float32; with very low bit "
+        "widths, try more bits or a smaller group size."
+    )
 
 
 def check_loss(loss: Tensor, batch_idx: int) -> None:

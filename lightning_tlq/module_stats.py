@@ -85,9 +85,10 @@ class ModuleStatistics:
         unique = {id(a): a for a in (self.plain, self.weighted, self.solve, self.cross) if a is not None}
         return list(unique.values())
 
-    def for_solve(self) -> ModuleStats:
-        """What the method's solve reads."""
+    def for_solve(self, lean: bool = False) -> ModuleStats:
+        """What the method's solve reads (``lean``: solved with the least memory, same result)."""
         solve = self.solve
         if solve is None:
             return ModuleStats(None)
-        return ModuleStats(solve.H, solve.tokens, solve.weight_sum, self.cross.H if self.cross is not None else None)
+        cross = self.cross.H if self.cross is not None else None
+        return ModuleStats(solve.H, solve.tokens, solve.weight_sum, cross, lean=lean)

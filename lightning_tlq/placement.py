@@ -123,9 +123,10 @@ class LayerPlacement:
         :meth:`unpark` (or the end of ``rest_on_device``) brings them back.
 
         The weights go back to their original host tensors: copied into them if they were ``modified`` on the
-        device (a calibrated vision tower), else simply pointed at again. No-op unless layers move.
+        device (a calibrated vision tower), else simply pointed at again. No-op unless layers move. A later call
+        parks more (what is parked already stays parked).
         """
-        if not self._moves or self._parked:
+        if not self._moves:
             return
         kept = {id(t) for module in keep for t in _tensors(module)}
         for module, slot, name, host in self._rest:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from torch import Tensor
 
 from lightning_tlq.core.gptq import gptq_quantize
+from lightning_tlq.core.gptq_lean import gptq_quantize_lean
 from lightning_tlq.core.quantizer import QuantResult, rtn
 
 if TYPE_CHECKING:
@@ -61,6 +62,8 @@ class ModuleStats:
     weight_sum: float = 0.0
     cross: Tensor | None = None
     """``quant.target = fp``: the GPTAQ cross term paired with ``H``."""
+    lean: bool = False
+    """Solve with the least memory (``memory.profile=low``; same result: :mod:`lightning_tlq.core.gptq_lean`)."""
 
 
 class Method:
@@ -125,7 +128,8 @@ class GPTQSolve(Method):
     ) -> QuantResult:
         if stats.H is None or stats.tokens == 0 or stats.weight_sum == 0:
             raise RuntimeError(f"{where[0].upper()}{where[1:]}: no calibration token reached this module.")
-        return gptq_quantize(
+        solve = gptq_quantize_lean if stats.lean else gptq_quantize
+        return solve(
             weight,
             stats.H,
             quant.spec,

@@ -1,0 +1,222 @@
+"""GPTQ with the least solver memory, same codes: :func:`gptq_quantize_lean` (``memory.profile=low``).
+
+:func:`~lightning_tlq.core.gptq.gptq_quantize` converts the whole Hessian to float32, clones it, permutes it
+(two more copies), adds ``d I`` (an identity and a sum) and flips it before the Cholesky factorisation, then flips
+the inverse: up to eight ``in x in`` float32 matrices beside the caller's float64 ``H`` (for the 7B shape's
+``down_proj``, 18944^2, that is 8 x 1.34 GiB). This path computes the same IEEE operations on the same values in
+the same layouts and keeps at most three:
+
+* the act-order permuted float32 Hessian ``A`` is gathered from ``H`` (float64 or float32, never modified) in
+  row chunks: conversion commutes with the gather, so ``A`` equals ``H.float()[perm][:, perm]`` bit for bit;
+* dead inputs and the damping are written into ``A`` in place (``A + 0.0`` off the diagonal, ``A_ii + d`` on it,
+  exactly what ``A + d * I`` computes), ``A`` is flipped in place for the factorisation and freed once its
+  Cholesky factor ``L`` exists (rebuilt from ``H`` if a retry needs it);
+* ``L^-1`` is flipped in place into ``U``.
+
+Peak beyond the caller's ``H``: ``A`` + ``L`` during the factorisation, then ``L`` + ``L^-1`` (+ the blocked
+inverse's ``n^2 / 2`` of temporaries), then ``U`` and the ``[out, in]`` float32 working copies of GPTQ's column
+loop. ``tests/test_lowmem.py`` checks equality with :func:`gptq_quantize` on the CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+
+from lightning_tlq.core.factor import GPTQError, label, lower_triangular_inverse
+from lightning_tlq.core.gptq import (
+    GPTQResult,
+    Kernel,
+    _assemble,
+    _BlockSolve,
+    _check_cross,
+    _quantize_columns,
+    _use_triton,
+    _validate,
+    asymmetric_target,
+)
+from lightning_tlq.core.quantizer import QuantSpec, compute_qparams
+
+logger = logging.getLogger("lightning_tlq.core.gptq")
+__all__ = ["CHUNK_BYTES", "flip_", "gathered", "gptq_quantize_lean"]
+
+CHUNK_BYTES = 64 << 20
+"""Temporaries of the chunked gathers and flips are at most about this many bytes."""
+
+
+def _rows_per_chunk(n: int, itemsize: int) -> int:
+    return max(1, CHUNK_BYTES // max(1, n * itemsize))
+
+
+def gathered(source: torch.Tensor, order: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``source.float()[order][:, order]`` on ``device``, built in row chunks (``source`` is not modified)."""
+    n = order.numel()
+    out = torch.empty(n, n, dtype=torch.float32, device=device)
+    order_src = order.to(source.device)
+    step = _rows_per_chunk(n, source.element_size())
+    for r0 in range(0, n, step):
+        rows = source.index_select(0, order_src[r0 : r0 + step]).index_select(1, order_src)
+        out[r0 : r0 + step].copy_(rows)  # float64 -> float32 rounding, elementwise as in .float()
+    return out
+
+
+def flip_(m: torch.Tensor) -> torch.Tensor:
+    """``m.flip(0, 1)`` written into the square ``m`` itself, in row chunks; returns ``m``."""
+    n = m.shape[0]
+    step = _rows_per_chunk(n, m.element_size())
+    i = 0
+    while (c := min(step, (n - 2 * i) // 2)) > 0:
+        top, bottom = m[i : i + c], m[n - i - c : n - i]
+        upper = top.flip(0, 1)  # a copy
+        top.copy_(bottom.flip(0, 1))
+        bottom.copy_(upper)
+        i += c
+    if n - 2 * i == 1:
+        m[i].copy_(m[i].flip(0))
+    return m
+
+
+def _factor(
+    A: torch.Tensor | None,
+    build: Callable[[], torch.Tensor],
+    n: int,
+    mean_diag: float,
+    damp: float,
+    max_retries: int,
+    name: str,
+) -> tuple[torch.Tensor, float, int]:
+    """:func:`~lightning_tlq.core.factor.damped_inverse_factor` on ``A``, the flipped (``J A J``), undamped,
+    permuted Hessian, damped in place and freed as soon as its Cholesky factor exists (``build()`` makes it again
+    if a retry needs it)."""
+    assert A is not None
+    undamped = A.diagonal().clone()
+    A.add_(0.0)  # what adding d * I does off the diagonal (-0.0 becomes +0.0)
+    rel = damp
+    for attempt in range(max_retries + 1):
+        if A is None:  # freed after a factorisation whose inverse was not finite: gather it again
+            A = build()
+            A.add_(0.0)
+        A.diagonal().copy_(undamped).add_(rel * mean_diag)
+        L, info = torch.linalg.cholesky_ex(A)
+        ok = int(info) == 0
+        if ok:
+            A = None  # freed: only L is needed from here on
+            if L.is_cuda:
+                inverse = lower_triangular_inverse(L)
+            else:
+                inverse = torch.linalg.solve_triangular(L, torch.eye(n, dtype=L.dtype, device=L.device), upper=False)
+            del L
+            U = flip_(inverse)
+            if bool(torch.isfinite(U).all()):
+                return U, rel, attempt
+            del U, inverse
+        else:
+            del L
+        if attempt < max_retries:
+            logger.warning(
+                "GPTQ module %s: Cholesky factorisation failed with relative damping %g; "
+                "retrying with %g (retry %d/%d).",
+                label(name),
+                rel,
+                rel * 10,
+                attempt + 1,
+                max_retries,
+            )
+            rel *= 10
+    raise GPTQError(
+        f"Module {label(name)}: Hessian is not positive definite even with relative damping {rel:g} after "
+        f"{max_retries} retries. Check the calibration data (NaN/Inf activations, too few tokens, all-zero token "
+        f"weights), or raise `damp` / `max_retries`. GPTQ does not fall back to round-to-nearest."
+    )
+
+
+def _solve_block_lean(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    spec: QuantSpec,
+    *,
+    block_size: int,
+    damp: float,
+    act_order: bool,
+    max_retries: int,
+    name: str,
+    scale_dtype: torch.dtype,
+    cross: torch.Tensor | None,
+    fused: bool,
+) -> _BlockSolve:
+    """``core.gptq._solve_block`` with ``H`` (any float dtype, any device, read only) gathered in chunks."""
+    n = W.shape[1]
+    diag = torch.diagonal(H).to(device=W.device, dtype=torch.float32, copy=True)
+    dead = diag == 0
+    diag[dead] = 1.0
+    W[:, dead] = 0.0
+    scale, zero = compute_qparams(W, spec, name, scale_dtype=scale_dtype)
+    group_of_col = torch.arange(n, device=W.device) // spec.group_len(n)
+    perm = torch.argsort(diag, descending=True, stable=True) if act_order else None
+    order = perm if perm is not None else torch.arange(n, device=W.device)
+    if perm is not None:
+        W, group_of_col, dead = W[:, perm], group_of_col[perm], dead[perm]
+
+    def build() -> torch.Tensor:  # the permuted Hessian, dead inputs' H_ii := 1
+        A = gathered(H, order, W.device)
+        A.diagonal().copy_(diag.index_select(0, order))
+        return A
+
+    with torch.profiler.record_function("gptq.factor"):
+        A = build()
+        # the damping's mean, read as the fast path reads it (a reduction over the same strided view)
+        mean_diag = float(torch.diagonal(A).mean())
+        U, used, retries = _factor(flip_(A), lambda: flip_(build()), n, mean_diag, damp, max_retries, name)
+    if cross is not None:
+        W = asymmetric_target(W, gathered(cross, order, W.device), U)
+        W[:, dead] = 0.0  # the quantized path never feeds these inputs
+    with torch.profiler.record_function("gptq.columns"):
+        codes = _quantize_columns(W, U, scale[:, group_of_col], zero[:, group_of_col], spec, block_size, fused)
+    del U
+    if perm is not None:
+        codes = codes[:, torch.argsort(perm)]
+    return _BlockSolve(codes.to(spec.code_dtype), scale, zero, used, retries, perm)
+
+
+def gptq_quantize_lean(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    spec: QuantSpec,
+    *,
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = True,
+    max_retries: int = 3,
+    name: str = "",
+    cross: torch.Tensor | None = None,
+    kernel: Kernel = "auto",
+) -> GPTQResult:
+    """:func:`~lightning_tlq.core.gptq.gptq_quantize` (same arguments, same result) with the least memory.
+
+    ``H`` (and ``cross``) are read, never modified or converted as a whole; see the module docstring.
+    """
+    groups = _validate(W, H, spec, block_size, damp, max_retries, name)
+    fused = _use_triton(kernel, W, block_size, name)
+    Wf = W.detach().to(torch.float32).clone()
+    Hg = H.detach().reshape(groups, W.shape[1], W.shape[1])
+    Cg = None if cross is None else _check_cross(cross, H, name).reshape(Hg.shape)
+    rows = W.shape[0] // groups
+    solves = [
+        _solve_block_lean(
+            Wf[g * rows : (g + 1) * rows],
+            Hg[g],
+            spec,
+            block_size=block_size,
+            damp=damp,
+            act_order=act_order,
+            max_retries=max_retries,
+            name=name if groups == 1 else f"{label(name)}[group {g}]",
+            scale_dtype=W.dtype,
+            cross=None if Cg is None else Cg[g],
+            fused=fused,
+        )
+        for g in range(groups)
+    ]
+    return _assemble(solves, spec, W.dtype)
