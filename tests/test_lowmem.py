@@ -42,11 +42,10 @@ def test_chunked_flip_and_gather_are_exact(monkeypatch) -> None:
         assert torch.equal(gathered(m, order, m.device), m.float()[order][:, order]), n
 
 
-@pytest.mark.parametrize("chunk", [3 * 8 * 32, 64 << 20])
-def test_lean_gptq_equals_gptq(monkeypatch, chunk: int) -> None:
-    monkeypatch.setattr(gptq_lean, "CHUNK_BYTES", chunk)
+def test_lean_gptq_equals_gptq(monkeypatch) -> None:
+    monkeypatch.setattr(gptq_lean, "CHUNK_BYTES", 3 * 8 * 32)  # several chunks per gather and flip
     g = torch.Generator().manual_seed(1)
-    cases = itertools.product((96, 128), (1, 2), (True, False), (False, True), (torch.float64, torch.float32))
+    cases = itertools.product((96,), (1, 2), (True, False), (False, True), (torch.float64, torch.float32))
     for in_f, groups, act_order, cross, dtype in cases:
         W = torch.randn(64, in_f, generator=g).to(torch.bfloat16)
         X = torch.randn(300, in_f, generator=g)
