@@ -26,9 +26,10 @@ DIMS = {  # hidden, MLP, layers, attention heads, KV heads, vocabulary (Qwen2-VL
 VISION_PARAMS = 32 * (4 * 1280 * 1280 + 2 * 1280 * 5120) + 1280 * 3 * 2 * 14 * 14  # blocks + patch embedding
 
 
-def shape_bytes(shape: str) -> dict[str, float]:
-    """Bytes of the model's parts (bf16)."""
-    d, m, layers, heads, kv, vocab = DIMS[shape]
+def shape_bytes(shape: str, layers: int | None = None) -> dict[str, float]:
+    """Bytes of the model's parts (bf16); ``layers`` overrides the shape's decoder layer count."""
+    d, m, n_layers, heads, kv, vocab = DIMS[shape]
+    layers = layers or n_layers
     kvd = d // heads * kv
     layer = 2 * (2 * d * d + 2 * d * kvd + 3 * d * m + d + 2 * kvd + 2 * d)
     merger = 2 * (4 * 1280 * 4 * 1280 + 4 * 1280 * d)
@@ -44,10 +45,13 @@ def predict(
     text_tokens: int = 256,
     batch: int = 8,
     method: str = "tlq",
+    layers: int | None = None,
 ) -> dict[str, float]:
-    """Predicted peak GiB per phase (``capture``, ``importance``, ``accumulate``, ``solve``) and ``peak``."""
-    d, m, layers, heads, kv, vocab = DIMS[shape]
-    part = shape_bytes(shape)
+    """Predicted peak GiB per phase (``capture``, ``importance``, ``accumulate``, ``solve``) and ``peak``; the
+    host's activations (low profile) and weights. ``layers`` overrides the shape's decoder layer count."""
+    d, m, n_layers, heads, kv, vocab = DIMS[shape]
+    layers = layers or n_layers
+    part = shape_bytes(shape, layers)
     seq = image_tokens + text_tokens + 2
     tokens, batch_tokens = samples * seq, batch * seq
     act, act_b = 2 * tokens * d, 2 * batch_tokens * d  # all stored activations, one batch's
