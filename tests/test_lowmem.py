@@ -55,12 +55,14 @@ def test_lean_gptq_equals_gptq(monkeypatch) -> None:
             H = torch.stack([H, 2 * H + torch.eye(in_f, dtype=dtype)])
         C = 0.01 * torch.randn(H.shape, generator=g, dtype=dtype) if cross else None
         H_before = H.clone()
-        kw = dict(act_order=act_order, cross=C, block_size=32)
+        kw = {"act_order": act_order, "cross": C, "block_size": 32}
         spec = QuantSpec(bits=3, group_size=32)
         fast, lean = gptq_quantize(W, H, spec, **kw), gptq_quantize_lean(W, H, spec, **kw)
         case = (in_f, groups, act_order, cross, dtype)
-        assert torch.equal(fast.codes, lean.codes) and torch.equal(fast.scale, lean.scale), case
-        assert torch.equal(fast.weight, lean.weight) and (fast.damp, fast.retries) == (lean.damp, lean.retries), case
+        assert torch.equal(fast.codes, lean.codes), case
+        assert torch.equal(fast.scale, lean.scale), case
+        assert torch.equal(fast.weight, lean.weight), case
+        assert (fast.damp, fast.retries) == (lean.damp, lean.retries), case
         assert torch.equal(H, H_before)  # read only
 
 
@@ -72,7 +74,8 @@ def test_lean_gptq_retries_like_gptq(caplog) -> None:
     spec = QuantSpec(bits=4, group_size=32)
     fast = gptq_quantize(W, H, spec, block_size=16)
     lean = gptq_quantize_lean(W, H, spec, block_size=16)
-    assert fast.retries == lean.retries > 0 and fast.damp == lean.damp
+    assert fast.retries == lean.retries > 0
+    assert fast.damp == lean.damp
     assert torch.equal(fast.codes, lean.codes)
     assert sum("retrying" in r.message for r in caplog.records) == 2 * fast.retries
 
@@ -98,7 +101,8 @@ def test_low_profile_gives_the_fast_profiles_codes(method: str, target: str) -> 
     low, low_records = _codes("low", method, target)
     assert fast.keys() == low.keys()
     for name, (codes, scale) in fast.items():
-        assert torch.equal(codes, low[name][0]) and torch.equal(scale, low[name][1]), name
+        assert torch.equal(codes, low[name][0]), name
+        assert torch.equal(scale, low[name][1]), name
     assert fast_records == low_records  # tokens, damping, errors
 
 
@@ -131,3 +135,14 @@ def test_low_profile_lowers_the_cuda_peak() -> None:
         _codes(profile, "tlq")
         peaks[profile] = torch.cuda.max_memory_allocated()
     assert peaks["low"] < peaks["fast"]
+
+
+def test_layers_are_page_locked_within_the_budget() -> None:
+    from lightning_tlq.placement import lock_budget, within_budget
+
+    groups = [[torch.zeros(250, dtype=torch.uint8), torch.zeros(50, dtype=torch.uint8)] for _ in range(4)]
+    assert within_budget(groups, 10**6) == groups
+    assert within_budget(groups, 600) == groups[:2]
+    assert within_budget(groups, 599) == groups[:1]
+    assert within_budget(groups, 0) == []
+    assert lock_budget() > 0
