@@ -128,7 +128,7 @@ class ImportancePass:
             self.placement.offload(index)
         grads, last = [], inputs.pop()
         for b in range(len(last)):
-            h = last[b].to(device).detach().requires_grad_(True)
+            h = last[b].to(device, non_blocking=True).detach().requires_grad_(True)  # from page-locked host memory
             last[b] = None  # type: ignore[call-overload]  # each batch's gradient replaces its output
             with torch.enable_grad():
                 loss = answer_loss_from_hidden(self.adapter.head, h, batches[b]["labels"])
@@ -144,7 +144,7 @@ class ImportancePass:
             layer_inputs = inputs.pop()
             for b in range(len(batches)):
                 self._batch(b, start=True)
-                h = layer_inputs[b].to(device).detach().requires_grad_(True)
+                h = layer_inputs[b].to(device, non_blocking=True).detach().requires_grad_(True)
                 with torch.enable_grad():
                     out = self.adapter.run_layer(index, h, captured[b].layer_kwargs[index])
                     out.backward(grads[b])
