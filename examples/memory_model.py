@@ -72,12 +72,13 @@ def predict(
     hessian = 8 * m * m
     rows = batch_tokens * m * (2 + 2 + 2 + 4 + (4 if method == "tlq" else 0))
     accumulate = hessian + 4 * m * m + rows
-    # solve of down_proj beside its float64 H and the float32 weight: fast holds float32 H, its permuted copy, I,
-    # H + dI, L, L^-1, U (7 n^2 floats, core/gptq.py); lean L, L^-1 and the blocked inverse's temporaries (3/4 n^2),
-    # then U and the column loop's 4 [out, in] float32 tensors
-    factor = 4 * 7 * m * m if not low else 4 * (2 + 0.75) * m * m
-    loop = 4 * m * m * (4 if not low else 1) + 4 * 4 * d * m
-    solve = hessian + 4 * d * m + max(factor, loop)
+    # solve of down_proj beside its float64 H and the float32 weight (and its permuted copy): fast holds float32 H,
+    # its permuted copy, I, H + dI, L, L^-1, U (7 n^2 floats, core/gptq.py); lean (core/gptq_lean.py, reuse_h: L
+    # and L^-1 in the float64 H's storage) the permuted A and the blocked inverse's temporaries (1/2 n^2); then
+    # U and the column loop's 3 [out, in] float32 tensors
+    factor = 4 * 7 * m * m if not low else 4 * (1 + 0.5) * m * m
+    loop = 4 * m * m * (3 if not low else 0) + 3 * 4 * d * m
+    solve = hessian + 2 * 4 * d * m + max(factor, loop)
     if low:
         layer_fixed = fixed + part["layer"] + 2 * act_b
     else:
@@ -91,6 +92,37 @@ def predict(
     return out
 
 
+def check_solve(n: int, out: int = 512, repeats: int = 2) -> None:
+    """Measure the solve terms on the CPU: the resident set above the float64 ``H`` while ``gptq_quantize`` and
+    ``gptq_quantize_lean`` run (sampled every 0.5 ms), in ``n^2`` bytes. The model counts 28 (fast) and 6 (lean,
+    blocked CUDA inverse) plus the ``[out, in]`` float32 tensors; the CPU inverse adds an identity and a fresh
+    result (8 bytes per n^2)."""
+    import gc
+    from functools import partial
+
+    import torch
+    from bench_probes import HostPeak, rss_bytes
+
+    from lightning_tlq.core import gptq_lean
+    from lightning_tlq.core.gptq import gptq_quantize
+    from lightning_tlq.core.quantizer import QuantSpec
+
+    gptq_lean.CHUNK_BYTES = max(1 << 20, (64 << 20) * n // 18944)  # chunks in the 7B down_proj's proportion
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2 * n, n, generator=g)
+    H, W = (x.T @ x).double(), torch.randn(out, n, generator=g).bfloat16()
+    del x
+    lean = partial(gptq_lean.gptq_quantize_lean, reuse_h=True)
+    for name, fn in [("gptq_quantize", gptq_quantize), ("gptq_quantize_lean(reuse_h=True)", lean)] * repeats:
+        h = H.clone()
+        gc.collect()
+        probe = HostPeak(interval_s=0.0005).start()
+        base = probe.peak = rss_bytes()
+        fn(W, h, QuantSpec(bits=4, group_size=128))
+        extra = probe.stop() * GIB - base
+        print(f"{name}: {extra / n**2:.1f} n^2 bytes above H (n={n}, out={out})")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(DIMS), default="7b")
@@ -100,7 +132,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--text-tokens", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--method", choices=["tlq", "gptq"], default="tlq")
+    p.add_argument("--check-solve", type=int, default=None, metavar="N", help="measure the solve terms on the CPU")
     a = p.parse_args(argv)
+    if a.check_solve:
+        check_solve(a.check_solve)
+        return
     for profile in [a.profile] if a.profile else ["fast", "low"]:
         gib = predict(a.shape, profile, a.samples, a.image_tokens, a.text_tokens, a.batch_size, a.method)
         print(json.dumps({"shape": a.shape, "profile": profile, **{k: round(v, 2) for k, v in gib.items()}}))

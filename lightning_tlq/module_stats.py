@@ -70,6 +70,7 @@ class ModuleStatistics:
         self, in_features: int, groups: int, quant: QuantArgs, metrics: bool, weighted: bool, device: Any
     ) -> None:
         statistic = quant.handler.solve_statistic
+        self.metrics = metrics
         self.plain = HessianAccumulator(in_features, device=device) if (metrics or statistic == "plain") else None
         self.weighted = HessianAccumulator(in_features, groups, device=device) if (metrics and weighted) else None
         self.solve = {
@@ -86,9 +87,11 @@ class ModuleStatistics:
         return list(unique.values())
 
     def for_solve(self, lean: bool = False) -> ModuleStats:
-        """What the method's solve reads (``lean``: solved with the least memory, same result)."""
+        """What the method's solve reads (``lean``: solved with the least memory, same result; the solve may then
+        overwrite its Hessian unless the report's errors read it afterwards)."""
         solve = self.solve
         if solve is None:
             return ModuleStats(None)
         cross = self.cross.H if self.cross is not None else None
-        return ModuleStats(solve.H, solve.tokens, solve.weight_sum, cross, lean=lean)
+        reported = self.metrics and (solve is self.plain or solve is self.weighted)
+        return ModuleStats(solve.H, solve.tokens, solve.weight_sum, cross, lean=lean, reuse_h=lean and not reported)

@@ -57,13 +57,17 @@ def test_lean_gptq_equals_gptq(monkeypatch) -> None:
         H_before = H.clone()
         kw = {"act_order": act_order, "cross": C, "block_size": 32}
         spec = QuantSpec(bits=3, group_size=32)
-        fast, lean = gptq_quantize(W, H, spec, **kw), gptq_quantize_lean(W, H, spec, **kw)
-        case = (in_f, groups, act_order, cross, dtype)
-        assert torch.equal(fast.codes, lean.codes), case
-        assert torch.equal(fast.scale, lean.scale), case
-        assert torch.equal(fast.weight, lean.weight), case
-        assert (fast.damp, fast.retries) == (lean.damp, lean.retries), case
-        assert torch.equal(H, H_before)  # read only
+        fast = gptq_quantize(W, H, spec, **kw)
+        for reuse in (False, True):
+            lean = gptq_quantize_lean(W, H, spec, **kw, reuse_h=reuse)
+            case = (in_f, groups, act_order, cross, dtype, reuse)
+            assert torch.equal(fast.codes, lean.codes), case
+            assert torch.equal(fast.scale, lean.scale), case
+            assert torch.equal(fast.weight, lean.weight), case
+            assert (fast.damp, fast.retries) == (lean.damp, lean.retries), case
+            # read only unless reused (then a float64 H holds the factorisation)
+            assert torch.equal(H, H_before) != (reuse and dtype == torch.float64), case
+            H.copy_(H_before)
 
 
 def test_lean_gptq_retries_like_gptq(caplog) -> None:
@@ -73,11 +77,12 @@ def test_lean_gptq_retries_like_gptq(caplog) -> None:
     W = torch.randn(16, 64, generator=g)
     spec = QuantSpec(bits=4, group_size=32)
     fast = gptq_quantize(W, H, spec, block_size=16)
-    lean = gptq_quantize_lean(W, H, spec, block_size=16)
-    assert fast.retries == lean.retries > 0
-    assert fast.damp == lean.damp
-    assert torch.equal(fast.codes, lean.codes)
-    assert sum("retrying" in r.message for r in caplog.records) == 2 * fast.retries
+    for reuse in (False, True):
+        lean = gptq_quantize_lean(W, H.clone(), spec, block_size=16, reuse_h=reuse)
+        assert fast.retries == lean.retries > 0
+        assert fast.damp == lean.damp
+        assert torch.equal(fast.codes, lean.codes)
+    assert sum("retrying" in r.message for r in caplog.records) == 3 * fast.retries
 
 
 def _codes(profile: str, method: str, target: str = "quantized") -> tuple[dict, list]:

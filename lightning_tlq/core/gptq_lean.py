@@ -6,16 +6,20 @@ the inverse: up to eight ``in x in`` float32 matrices beside the caller's float6
 ``down_proj``, 18944^2, that is 8 x 1.34 GiB). This path computes the same IEEE operations on the same values in
 the same layouts and keeps at most three:
 
-* the act-order permuted float32 Hessian ``A`` is gathered from ``H`` (float64 or float32, never modified) in
-  row chunks: conversion commutes with the gather, so ``A`` equals ``H.float()[perm][:, perm]`` bit for bit;
+* the act-order permuted float32 Hessian ``A`` is gathered from ``H`` (float64 or float32) in row chunks:
+  conversion commutes with the gather, so ``A`` equals ``H.float()[perm][:, perm]`` bit for bit;
 * dead inputs and the damping are written into ``A`` in place (``A + 0.0`` off the diagonal, ``A_ii + d`` on it,
-  exactly what ``A + d * I`` computes), ``A`` is flipped in place for the factorisation and freed once its
-  Cholesky factor ``L`` exists (rebuilt from ``H`` if a retry needs it);
-* ``L^-1`` is flipped in place into ``U``.
+  exactly what ``A + d * I`` computes) and ``A`` is flipped in place for the factorisation;
+* ``L^-1`` is flipped in place into ``U``;
+* by default ``H`` is only read, and ``A`` is freed once its Cholesky factor ``L`` exists (gathered again if a
+  retry needs it); with ``reuse_h=True`` (the caller never reads ``H`` again) ``L`` and ``L^-1`` are written into
+  the storage of the float64 ``H`` once ``A`` is gathered (two float32 ``n x n`` fill it exactly), and ``A`` is
+  kept for retries.
 
-Peak beyond the caller's ``H``: ``A`` + ``L`` during the factorisation, then ``L`` + ``L^-1`` (+ the blocked
-inverse's ``n^2 / 2`` of temporaries), then ``U`` and the ``[out, in]`` float32 working copies of GPTQ's column
-loop. ``tests/test_lowmem.py`` checks equality with :func:`gptq_quantize` on the CPU.
+Peak beyond the caller's ``H``, in ``n^2`` floats: with ``reuse_h``, ``A`` and the blocked inverse's temporaries
+(1 + 1/2 at most); without, ``L``, ``L^-1`` and those temporaries (2 + 1/2). Then ``U`` and the ``[out, in]`` float32
+working copies of GPTQ's column loop. ``tests/test_lowmem.py`` checks equality with :func:`gptq_quantize` on the
+CPU.
 """
 
 from __future__ import annotations
@@ -78,40 +82,74 @@ def flip_(m: torch.Tensor) -> torch.Tensor:
     return m
 
 
+def _workspace(H: torch.Tensor, n: int, reuse: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Two column-major ``n x n`` float32 matrices in the storage of a float64 ``H`` (exactly its size), for the
+    Cholesky factor and its inverse, when the caller lets the solve overwrite ``H``; else None."""
+    if not (reuse and H.dtype == torch.float64 and H.is_contiguous() and H.shape[-2:] == (n, n)):
+        return None
+    if (n * n * 4) % 256:  # the inverse's half would start off the 256-byte alignment a fresh tensor has
+        return None
+    flat = H.view(-1).view(torch.float32)
+    return flat[: n * n].view(n, n).mT, flat[n * n :].view(n, n).mT  # the strides cholesky_ex gives its result
+
+
+def _inverse_into(L: torch.Tensor, out: torch.Tensor | None, leaf: int = 2048) -> torch.Tensor:
+    """:func:`~lightning_tlq.core.factor.lower_triangular_inverse` (CUDA) or the triangular solve (CPU) that
+    ``core.factor.inverse_upper_factor`` uses, written into ``out`` (None: a new tensor) with the same operations."""
+    n = L.shape[0]
+    if not L.is_cuda or n <= leaf:
+        eye = torch.eye(n, dtype=L.dtype, device=L.device)
+        inverse = torch.linalg.solve_triangular(L, eye, upper=False)
+        return inverse if out is None else out.copy_(inverse)
+    out = torch.zeros_like(L) if out is None else out.zero_()
+    h = n // 2
+    out[:h, :h] = lower_triangular_inverse(L[:h, :h], leaf)
+    out[h:, h:] = lower_triangular_inverse(L[h:, h:], leaf)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        out[h:, :h] = -(out[h:, h:] @ (L[h:, :h] @ out[:h, :h]))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    return out
+
+
 def _factor(
-    A: torch.Tensor | None,
-    build: Callable[[], torch.Tensor],
+    given: list[torch.Tensor],
+    rebuild: Callable[[], torch.Tensor],
+    workspace: tuple[torch.Tensor, torch.Tensor] | None,
     n: int,
     mean_diag: float,
     damp: float,
     max_retries: int,
     name: str,
 ) -> tuple[torch.Tensor, float, int]:
-    """:func:`~lightning_tlq.core.factor.damped_inverse_factor` on ``A``, the flipped (``J A J``), undamped,
-    permuted Hessian, damped in place and freed as soon as its Cholesky factor exists (``build()`` makes it again
-    if a retry needs it)."""
+    """:func:`~lightning_tlq.core.factor.damped_inverse_factor` on ``A = given.pop()`` (its only reference): the
+    flipped (``J A J``), undamped, permuted Hessian, damped in place. ``workspace``: where the factor and its
+    inverse are written (:func:`_workspace`; ``A`` is then kept for retries), else new tensors (``A`` is freed
+    once factorised and ``rebuild()`` makes it again if a retry needs it)."""
+    A: torch.Tensor | None = given.pop()
     assert A is not None
     undamped = A.diagonal().clone()
-    A.add_(0.0)  # what adding d * I does off the diagonal (-0.0 becomes +0.0)
     rel = damp
     for attempt in range(max_retries + 1):
-        if A is None:  # freed after a factorisation whose inverse was not finite: gather it again
-            A = build()
-            A.add_(0.0)
+        if A is None:
+            A = rebuild()
+        A.add_(0.0)  # what adding d * I does off the diagonal (-0.0 becomes +0.0)
         A.diagonal().copy_(undamped).add_(rel * mean_diag)
-        L, info = torch.linalg.cholesky_ex(A)
-        ok = int(info) == 0
-        if ok:
-            A = None  # freed: only L is needed from here on
-            if L.is_cuda:
-                inverse = lower_triangular_inverse(L)
-            else:
-                inverse = torch.linalg.solve_triangular(L, torch.eye(n, dtype=L.dtype, device=L.device), upper=False)
+        if workspace is None:
+            L, info = torch.linalg.cholesky_ex(A)
+        else:
+            L, info = workspace[0], torch.empty((), dtype=torch.int32, device=A.device)
+            torch.linalg.cholesky_ex(A, out=(L, info))
+        if int(info) == 0:
+            if workspace is None:
+                A = None  # only L is needed from here on
+            U = flip_(_inverse_into(L, None if workspace is None else workspace[1]))
             del L
-            U = flip_(inverse)
             if bool(torch.isfinite(U).all()):
                 return U, rel, attempt
-            del U, inverse
+            del U
         else:
             del L
         if attempt < max_retries:
@@ -145,8 +183,10 @@ def _solve_block_lean(
     scale_dtype: torch.dtype,
     cross: torch.Tensor | None,
     fused: bool,
+    reuse_h: bool,
 ) -> _BlockSolve:
-    """``core.gptq._solve_block`` with ``H`` (any float dtype, any device, read only) gathered in chunks."""
+    """``core.gptq._solve_block`` with ``H`` (any float dtype, any device) gathered in chunks; read only unless
+    ``reuse_h`` (a float64 ``H``'s storage then holds the factor and its inverse once it is gathered)."""
     n = W.shape[1]
     diag = torch.diagonal(H).to(device=W.device, dtype=torch.float32, copy=True)
     dead = diag == 0
@@ -168,7 +208,11 @@ def _solve_block_lean(
         A = build()
         # the damping's mean, read as the fast path reads it (a reduction over the same strided view)
         mean_diag = float(torch.diagonal(A).mean())
-        U, used, retries = _factor(flip_(A), lambda: flip_(build()), n, mean_diag, damp, max_retries, name)
+        workspace = _workspace(H, n, reuse_h)
+        rebuild = lambda: flip_(build())  # noqa: E731
+        given = [flip_(A)]
+        del A
+        U, used, retries = _factor(given, rebuild, workspace, n, mean_diag, damp, max_retries, name)
     if cross is not None:
         W = asymmetric_target(W, gathered(cross, order, W.device), U)
         W[:, dead] = 0.0  # the quantized path never feeds these inputs
@@ -192,14 +236,17 @@ def gptq_quantize_lean(
     name: str = "",
     cross: torch.Tensor | None = None,
     kernel: Kernel = "auto",
+    reuse_h: bool = False,
 ) -> GPTQResult:
     """:func:`~lightning_tlq.core.gptq.gptq_quantize` (same arguments, same result) with the least memory.
 
-    ``H`` (and ``cross``) are read, never modified or converted as a whole; see the module docstring.
+    ``H`` (and ``cross``) are read, never modified or converted as a whole; see the module docstring. With
+    ``reuse_h`` a float64 ``H`` is overwritten (its storage holds the Cholesky factor and its inverse): for a
+    caller that never reads it again.
     """
     groups = _validate(W, H, spec, block_size, damp, max_retries, name)
     fused = _use_triton(kernel, W, block_size, name)
-    Wf = W.detach().to(torch.float32).clone()
+    Wf = W.detach().to(torch.float32, copy=True)
     Hg = H.detach().reshape(groups, W.shape[1], W.shape[1])
     Cg = None if cross is None else _check_cross(cross, H, name).reshape(Hg.shape)
     rows = W.shape[0] // groups
@@ -216,6 +263,7 @@ def gptq_quantize_lean(
             scale_dtype=W.dtype,
             cross=None if Cg is None else Cg[g],
             fused=fused,
+            reuse_h=reuse_h,
         )
         for g in range(groups)
     ]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from torch import Tensor
@@ -64,6 +65,8 @@ class ModuleStats:
     """``quant.target = fp``: the GPTAQ cross term paired with ``H``."""
     lean: bool = False
     """Solve with the least memory (``memory.profile=low``; same result: :mod:`lightning_tlq.core.gptq_lean`)."""
+    reuse_h: bool = False
+    """With ``lean``: nothing reads ``H`` after the solve, whose storage may hold the factorisation."""
 
 
 class Method:
@@ -128,7 +131,7 @@ class GPTQSolve(Method):
     ) -> QuantResult:
         if stats.H is None or stats.tokens == 0 or stats.weight_sum == 0:
             raise RuntimeError(f"{where[0].upper()}{where[1:]}: no calibration token reached this module.")
-        solve = gptq_quantize_lean if stats.lean else gptq_quantize
+        solve = partial(gptq_quantize_lean, reuse_h=stats.reuse_h) if stats.lean else gptq_quantize
         return solve(
             weight,
             stats.H,
