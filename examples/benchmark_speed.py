@@ -251,7 +251,7 @@ def main(fabric, args) -> dict | None:
         "memory_profile": args.memory_profile, "gpu_peak_gib_by_phase": by_phase,
         "image_tokens": args.image_tokens, "text_tokens": args.text_tokens,
         "host_rss_after_build_gib": round(host_after_build, 2), "host_peak_rss_calibration_gib": round(host_peak, 2),
-        "host_max_rss_gib": round(max_rss_bytes() / 2**30, 2),
+        "host_max_rss_gib": round(max_rss_bytes() / 2**30, 2), "activation_pinning_s": loop.replay.host_seconds,
     }  # fmt: skip
     result["predicted_gib"] = {k: round(v, 2) for k, v in predict(
         args.shape, args.memory_profile, args.samples, args.image_tokens, args.text_tokens, args.batch_size,

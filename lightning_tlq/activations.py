@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -33,6 +34,8 @@ class LayerReplay:
         self.adapter, self.device, self.offload = adapter, device, offload
         self._finite: dict[int, Tensor] = {}  # id of a stored host copy -> its "all finite" flag on the device
         self._arena: PinnedArena | None = None
+        self.host_seconds = 0.0
+        """Host time spent taking page-locked slabs for offloaded activations (their first use dominates)."""
 
     def store(self, t: Tensor) -> Tensor:
         """``t`` where calibration activations are kept: as is, or copied to pinned host memory.
@@ -47,7 +50,9 @@ class LayerReplay:
             return t
         if self._arena is None:
             self._arena = PinnedArena(ACTIVATION_SLAB_BYTES, pin=True)
+        start = time.perf_counter()
         host = self._arena.empty(t.shape, t.dtype)
+        self.host_seconds += time.perf_counter() - start
         flag = torch.isfinite(t).all()
         host.copy_(t, non_blocking=True)
         key = id(host)
