@@ -59,8 +59,8 @@ def predict(
     kwargs = 2 * 2 * tokens * (d // heads)  # rotary cos / sin per batch
     fixed = pixels + kwargs
     low = profile == "low"
-    # capture: embeddings, tower, head on the device, decoder inputs stored (on the host in low)
-    capture = part["embed"] + part["vision"] + part["head"] + fixed + (act_b if low else act)
+    # capture: embeddings, tower, head on the device, every batch's decoder input (low: moved to the host after)
+    capture = part["embed"] + part["vision"] + part["head"] + fixed + act
     # importance (layer-wise): every layer's input stored (fast), the last layer's outputs turning into the
     # gradients (one copy), the head for the head step (parked after it), then the backward of the last layer:
     # recomputed with grad on one batch, the MLP keeps 4 [tokens, m] tensors and makes ~3, attention ~8 [tokens, d]
