@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_tlq.keys import ModuleKey
 from lightning_tlq.module_stats import ModuleResult
 from lightning_tlq.observers import CalibrationObserver
 from lightning_tlq.output_lock import discard_dir, remove_dead_temp_files
@@ -82,17 +83,17 @@ class ResumeState:
     """What an interrupted run had finished."""
 
     next_layer: int
-    importance: dict[str, list[Tensor]]
+    importance: dict[ModuleKey, list[Tensor]]
     hidden: list[Tensor] | None
     """This rank's inputs of ``next_layer`` on the quantized path (None when no layer had finished)."""
     records: list[dict[str, Any]]
-    results: dict[str, ModuleResult]
-    vision_scores: dict[str, list[Tensor]]
+    results: dict[ModuleKey, ModuleResult]
+    vision_scores: dict[ModuleKey, list[Tensor]]
     """Raw importance scores of the vision tower (empty without ``quant.vision``)."""
-    vision_results: dict[str, ModuleResult] | None = None
+    vision_results: dict[ModuleKey, ModuleResult] | None = None
     """The calibrated vision tower's results (None: not calibrated yet, or no ``quant.vision``)."""
     vision_records: list[dict[str, Any]] | None = None
-    method_state: dict[str, float] | None = None
+    method_state: dict[ModuleKey, float] | None = None
     """The method's per-run values derived from importance (mbq: vision weights), see ``Method.after_importance``."""
     fp_hidden: list[Tensor] | None = None
     """With ``quant.target = fp``: this rank's full-precision inputs of ``next_layer`` (None if none were saved)."""
@@ -121,6 +122,28 @@ def _atomic_save(obj: Any, path: Path, *, what: str) -> None:
         if wrapped is None:
             raise
         raise wrapped from err
+
+
+def _results_to_disk(results: Mapping[Any, ModuleResult]) -> dict[str, dict[str, Any]]:
+    """Results as saved: keyed by the string form of their key (a layer file: the module name in the layer)."""
+    return {
+        str(key): {"codes": r.codes, "scale": r.scale, "zero": r.zero, "record": r.record} for key, r in results.items()
+    }
+
+
+def _results_from_disk(saved: Mapping[str, Any], stage: int | None = None) -> dict[ModuleKey, ModuleResult]:
+    """Saved results back under their keys: ``"<stage>.<module>"``, or module names of decoder layer ``stage``."""
+    return {
+        ModuleKey(stage, name) if stage is not None else ModuleKey.parse(name): ModuleResult(
+            None, r["codes"], r["scale"], r["zero"], r["record"]
+        )
+        for name, r in saved.items()
+    }
+
+
+def _keys_from_disk(saved: Mapping[str, Any]) -> dict[ModuleKey, Any]:
+    """A saved mapping keyed ``"<stage>.<module>"`` back under its :class:`ModuleKey` s."""
+    return {ModuleKey.parse(key): value for key, value in saved.items()}
 
 
 def _flatten(prefix: str, value: Any) -> dict[str, Any]:
@@ -152,7 +175,7 @@ class LayerCheckpoint(CalibrationObserver):
 
     # --- restore ------------------------------------------------------------------------------------------------
     def restore(
-        self, fabric: Any, layers: Sequence[nn.Module], vision_modules: Mapping[str, nn.Module] | None = None
+        self, fabric: Any, layers: Sequence[nn.Module], vision_modules: Mapping[ModuleKey, nn.Module] | None = None
     ) -> ResumeState | None:
         """Load the finished layers (and a calibrated vision tower) in place; return the rest; None if fresh.
 
@@ -171,20 +194,19 @@ class LayerCheckpoint(CalibrationObserver):
         self._check_compatible(state, fabric.world_size, len(layers))
         rank, next_layer = fabric.global_rank, int(state["next_layer"])
         records: list[dict[str, Any]] = []
-        results: dict[str, ModuleResult] = {}
+        results: dict[ModuleKey, ModuleResult] = {}
         for index in range(next_layer):
             saved = self._load(self.directory / f"layer_{index:04d}.pt")
             layers[index].load_state_dict(saved["state"])
             records.append(saved["record"])
-            for name, res in saved["results"].items():
-                results[f"{index}.{name}"] = ModuleResult(None, res["codes"], res["scale"], res["zero"], res["record"])
+            results.update(_results_from_disk(saved["results"], stage=index))
         saved_importance = self._load(self.directory / f"importance.rank{rank}.pt")
         hidden = self._load(self.directory / f"hidden_{next_layer - 1:04d}.rank{rank}.pt") if next_layer else None
         fp_file = self.directory / f"fp_hidden_{next_layer - 1:04d}.rank{rank}.pt"
-        self.restored = ResumeState(
-            next_layer, saved_importance["decoder"], hidden, records, results, saved_importance["vision"]
-        )
-        self.restored.method_state = saved_importance.get("method_state")
+        decoder, vision = (_keys_from_disk(saved_importance[part]) for part in ("decoder", "vision"))
+        self.restored = ResumeState(next_layer, decoder, hidden, records, results, vision)
+        if saved_importance.get("method_state") is not None:
+            self.restored.method_state = _keys_from_disk(saved_importance["method_state"])
         if next_layer and fp_file.is_file():
             self.restored.fp_hidden = self._load(fp_file)
         if state.get("vision_done"):
@@ -193,17 +215,14 @@ class LayerCheckpoint(CalibrationObserver):
             log.info("Resuming from %s: %d of %d layers already calibrated.", self.directory, next_layer, len(layers))
         return self.restored
 
-    def _restore_vision(self, modules: Mapping[str, nn.Module] | None) -> None:
+    def _restore_vision(self, modules: Mapping[ModuleKey, nn.Module] | None) -> None:
         assert self.restored is not None
         if modules is None:
             raise ValueError(f"{self.directory} holds a calibrated vision tower, but this run has quant.vision=false.")
         saved = self._load(self.directory / "vision.pt")
         for key, module in modules.items():
-            module.load_state_dict(saved["state"][key])
-        self.restored.vision_results = {
-            key: ModuleResult(None, r["codes"], r["scale"], r["zero"], r["record"])
-            for key, r in saved["results"].items()
-        }
+            module.load_state_dict(saved["state"][str(key)])
+        self.restored.vision_results = _results_from_disk(saved["results"])
         self.restored.vision_records = saved["records"]
         self._vision_done = True
 
@@ -243,9 +262,9 @@ class LayerCheckpoint(CalibrationObserver):
     def on_importance_ready(
         self,
         fabric: Any,
-        importance: Mapping[str, list[Tensor]],
-        vision_scores: Mapping[str, list[Tensor]] | None = None,
-        method_state: Mapping[str, float] | None = None,
+        importance: Mapping[ModuleKey, list[Tensor]],
+        vision_scores: Mapping[ModuleKey, list[Tensor]] | None = None,
+        method_state: Mapping[ModuleKey, float] | None = None,
     ) -> None:
         """Save this rank's post-processed importance (raw vision scores, the method's per-run values such as mbq's
         vision weights), then commit ``next_layer = 0``."""
@@ -257,28 +276,27 @@ class LayerCheckpoint(CalibrationObserver):
         fabric.barrier()
         self._created = True
         saved = {
-            part: {name: [t.detach().cpu() for t in ts] for name, ts in (scores or {}).items()}
+            part: {str(key): [t.detach().cpu() for t in ts] for key, ts in (scores or {}).items()}
             for part, scores in (("decoder", importance), ("vision", vision_scores))
         }
-        saved["method_state"] = dict(method_state or {})
+        saved["method_state"] = {str(key): value for key, value in (method_state or {}).items()}
         _atomic_save(saved, self.directory / f"importance.rank{fabric.global_rank}.pt", what="token importance")
         self._commit(fabric, next_layer=0)
 
     def on_vision_end(
         self,
         fabric: Any,
-        modules: Mapping[str, nn.Module],
-        results: Mapping[str, ModuleResult],
+        modules: Mapping[ModuleKey, nn.Module],
+        results: Mapping[ModuleKey, ModuleResult],
         records: Sequence[Mapping[str, Any]],
     ) -> None:
         """Save the calibrated vision tower and projector (rank 0), then commit."""
         if fabric.is_global_zero:
             saved = {
-                "state": {key: {k: v.detach().cpu() for k, v in m.state_dict().items()} for key, m in modules.items()},
-                "results": {
-                    key: {"codes": r.codes, "scale": r.scale, "zero": r.zero, "record": r.record}
-                    for key, r in results.items()
+                "state": {
+                    str(key): {k: v.detach().cpu() for k, v in m.state_dict().items()} for key, m in modules.items()
                 },
+                "results": _results_to_disk(results),
                 "records": [dict(r) for r in records],
             }
             _atomic_save(saved, self.directory / "vision.pt", what="after the vision tower")
@@ -312,10 +330,7 @@ class LayerCheckpoint(CalibrationObserver):
         if fabric.is_global_zero:
             saved = {
                 "state": {k: v.detach().cpu() for k, v in layer.state_dict().items()},
-                "results": {
-                    name: {"codes": r.codes, "scale": r.scale, "zero": r.zero, "record": r.record}
-                    for name, r in results.items()
-                },
+                "results": _results_to_disk(results),
                 "record": dict(record),
             }
             _atomic_save(saved, self.directory / f"layer_{index:04d}.pt", what=what)
