@@ -28,6 +28,7 @@ from lightning_tlq.core.quantizer import QuantResult, rtn
 
 if TYPE_CHECKING:
     from lightning_tlq.config import ImportanceArgs, QuantArgs
+    from lightning_tlq.keys import ModuleKey
 
 SolveStatistic = Literal["none", "plain", "weighted"]
 
@@ -95,9 +96,9 @@ class Method:
             raise ValueError(f"quant.awq_clip=true applies to quant.method awq or mbq, not {self.name!r}.")
 
     def after_importance(
-        self, scores: Mapping[str, Sequence[Tensor]], masks: Sequence[Any], collective: Any, adapter: Any
-    ) -> dict[str, float]:
-        """Per-run values derived from the raw importance scores, keyed by ``"<layer>.<module>"`` (default none)."""
+        self, scores: Mapping[ModuleKey, Sequence[Tensor]], masks: Sequence[Any], collective: Any, adapter: Any
+    ) -> dict[ModuleKey, float]:
+        """Per-run values derived from the raw importance scores, keyed by ``(layer, module)`` (default none)."""
         return {}
 
     def quantize(
