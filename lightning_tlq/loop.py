@@ -264,6 +264,7 @@ class CalibrationLoop:
                 select=self.method.selects_tokens,
                 token_set=self.settings.token_set,
                 collective=self.collective,
+                input_groups=groups if self.settings.importance.granularity == "input" else None,
             )
         stage = LayerStage(
             index,

@@ -33,7 +33,7 @@ from lightning_tlq.importance import enable_activation_grads
 from lightning_tlq.keys import PROJECTOR, ModuleKey, vision_stage
 from lightning_tlq.module_stats import ModuleResult
 from lightning_tlq.stage import LayerStage
-from lightning_tlq.tokenweights import TokenWeights, select_token_set, stage_scores
+from lightning_tlq.tokenweights import TokenWeights, input_weights, select_token_set, stage_scores
 
 __all__ = ["VisionCalibration"]
 
@@ -164,6 +164,9 @@ class VisionCalibration:
         start = time.perf_counter()
         names = [n for g in groups for n in g]
         token_weights, set_record = self._token_weights(name, key, names, batches, sample_ids, weights)
+        if self.importance_args.granularity == "input":  # after the token set, chosen from the modules' own weights
+            for tw in token_weights:
+                tw.importance = input_weights(tw.importance, groups) if tw.importance else tw.importance
         stage = LayerStage(
             name,
             layer,

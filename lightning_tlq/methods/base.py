@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from torch import Tensor
 
-from lightning_tlq.core.gptq import gptq_quantize
+from lightning_tlq.core.gptq import gptq_quantize, gptq_quantize_shared
 from lightning_tlq.core.quantizer import QuantResult, rtn
 
 if TYPE_CHECKING:
@@ -114,6 +114,23 @@ class Method:
         clipped = smoothing.clipped(module, weight) if smoothing is not None else weight
         return rtn(clipped, quant.spec)
 
+    def quantize_shared(
+        self,
+        weights: Sequence[Tensor],
+        stats: ModuleStats,
+        quant: QuantArgs,
+        *,
+        modules: Sequence[str],
+        wheres: Sequence[str],
+        smoothing: Any = None,
+    ) -> list[QuantResult]:
+        """Quantize modules that read one input and share ``stats`` (one result each, as :meth:`quantize` gives
+        it); the default solves them one by one."""
+        return [
+            self.quantize(w, stats, quant, module=m, where=wh, smoothing=smoothing)
+            for w, m, wh in zip(weights, modules, wheres)
+        ]
+
 
 class GPTQSolve(Method):
     """Mixin for methods solved by GPTQ on their accumulated statistic (with GPTAQ's cross term under target fp)."""
@@ -124,8 +141,7 @@ class GPTQSolve(Method):
     def quantize(
         self, weight: Tensor, stats: ModuleStats, quant: QuantArgs, *, module: str, where: str, smoothing: Any = None
     ) -> QuantResult:
-        if stats.H is None or stats.tokens == 0 or stats.weight_sum == 0:
-            raise RuntimeError(f"{where[0].upper()}{where[1:]}: no calibration token reached this module.")
+        _check_tokens(stats, where)
         return gptq_quantize(
             weight,
             stats.H,
@@ -137,3 +153,34 @@ class GPTQSolve(Method):
             cross=stats.cross,
             kernel=quant.kernel,
         )
+
+    def quantize_shared(
+        self,
+        weights: Sequence[Tensor],
+        stats: ModuleStats,
+        quant: QuantArgs,
+        *,
+        modules: Sequence[str],
+        wheres: Sequence[str],
+        smoothing: Any = None,
+    ) -> list[QuantResult]:
+        """One factorisation of the shared Hessian, the rows of all weights in one column loop."""
+        _check_tokens(stats, wheres[0])
+        if len(weights) == 1:
+            return [self.quantize(weights[0], stats, quant, module=modules[0], where=wheres[0])]
+        return gptq_quantize_shared(  # type: ignore[return-value]
+            weights,
+            stats.H,
+            quant.spec,
+            block_size=quant.block_size,
+            damp=quant.damp,
+            act_order=quant.act_order,
+            names=wheres,
+            cross=stats.cross,
+            kernel=quant.kernel,
+        )
+
+
+def _check_tokens(stats: ModuleStats, where: str) -> None:
+    if stats.H is None or stats.tokens == 0 or stats.weight_sum == 0:
+        raise RuntimeError(f"{where[0].upper()}{where[1:]}: no calibration token reached this module.")
