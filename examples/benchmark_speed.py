@@ -159,9 +159,10 @@ def floor_seconds(model, records: list[dict], tokens: int, samples: int, seq: in
     Work counted per decoder layer, with T = all calibration tokens: the importance pass (forward, recomputed
     forward, input-gradient backward: 3 forwards), the statistics passes (each true-sequential group's forward
     stops after its modules: 4 x qkv + 3 x (attention + o) + 2 x (gate + up) + down), one TF32 Hessian ``X^T W X``
-    per module over its kept tokens, one inverse factor per module (measured at that width) plus GPTQ's fp32 lazy
-    updates (``out x in^2`` multiply-adds), one propagation forward, and the weights copied 3 times to the device
-    and once back.
+    per distinct statistic over its kept tokens and one inverse factor per distinct statistic (measured at that
+    width): modules solved together on one Hessian (the record's ``shared``: q/k/v and gate/up under gptq or
+    ``importance.granularity=input``) count once; plus GPTQ's fp32 lazy updates (``out x in^2`` multiply-adds) per
+    module, one propagation forward, and the weights copied 3 times to the device and once back.
     """
     layers = model.model.language_model.layers
     tf = 1e12
@@ -178,9 +179,9 @@ def floor_seconds(model, records: list[dict], tokens: int, samples: int, seq: in
         out["importance"] += 3 * forward
         stats = (4 * qkv + 3 * (attn + o) + 2 * gate_up + down) / (ceilings["matmul_bf16_tflops"] * tf)
         for n, m in lin.items():
-            kept = record["modules"][n]["tokens"]
-            stats += 2 * m.in_features**2 * kept / (ceilings["matmul_tf32_tflops"] * tf)
-            out["solve"] += ceilings[f"factor_s_{m.in_features}"]
+            kept, shared = record["modules"][n]["tokens"], record["modules"][n].get("shared") or 1
+            stats += 2 * m.in_features**2 * kept / (ceilings["matmul_tf32_tflops"] * tf) / shared
+            out["solve"] += ceilings[f"factor_s_{m.in_features}"] / shared
             out["solve"] += 2 * m.out_features * m.in_features**2 / 2 / (ceilings["matmul_fp32_tflops"] * tf)
         out["accumulate"] += stats
         out["propagate"] += forward
@@ -192,7 +193,7 @@ def floor_seconds(model, records: list[dict], tokens: int, samples: int, seq: in
 
 def main(fabric, args) -> dict | None:
     from lightning_tlq import CalibrationLoop, CalibrationSettings, QuantArgs, TLQModule
-    from lightning_tlq.config import MemoryArgs
+    from lightning_tlq.config import ImportanceArgs, MemoryArgs
     from lightning_tlq.distributed import shard_range
 
     cuda = fabric.device.type == "cuda"
@@ -208,7 +209,9 @@ def main(fabric, args) -> dict | None:
     quant = QuantArgs(method=args.method, bits=4, group_size=128, kernel=args.kernel)
     memory = MemoryArgs(layerwise=True, offload_activations=args.offload_activations, pin_layers=args.pin_layers,
                         profile=args.memory_profile)  # fmt: skip
-    loop = CalibrationLoop(fabric, module, CalibrationSettings(quant, memory=memory, metrics=args.metrics))
+    importance = ImportanceArgs(granularity=args.importance_granularity)
+    settings = CalibrationSettings(quant, importance, memory=memory, metrics=args.metrics)
+    loop = CalibrationLoop(fabric, module, settings)
     if cuda:
         torch.cuda.reset_peak_memory_stats(fabric.device)
     fabric.barrier()
@@ -244,7 +247,7 @@ def main(fabric, args) -> dict | None:
         "phases_s_rank0": loop.phase_seconds, "peak_gib_per_rank": [round(p, 2) for p in peaks],
         "mean_weighted_rel_error": sum(r["modules"][m]["weighted_rel_error"] or 0 for r in records
                                        for m in r["modules"]) / sum(len(r["modules"]) for r in records),
-        "kernel": args.kernel, "pin_layers": args.pin_layers,
+        "kernel": args.kernel, "pin_layers": args.pin_layers, "importance_granularity": args.importance_granularity,
         "torch": torch.__version__, "placement_s_rank0": loop.placement.seconds,
         "registered_gib_rank0": loop.placement.registered_bytes / 2**30,
         "solve_s_by_module": _by_module(records, "seconds"), "codes_digest": codes_digest(loop.results),
@@ -311,6 +314,9 @@ def parse(argv=None):
     p.add_argument("--kernel", choices=["auto", "triton", "torch"], default="auto", help="quant.kernel (GPTQ loop)")
     p.add_argument("--pin-layers", action=argparse.BooleanOptionalAction, default=True, help="memory.pin_layers")
     p.add_argument("--memory-profile", choices=["fast", "low"], default="fast", help="memory.profile")
+    p.add_argument(
+        "--importance-granularity", choices=["module", "input"], default="module", help="importance.granularity"
+    )
     p.add_argument("--floor", action="store_true", help="also measure the GPU's ceilings and the floor for the work")
     p.add_argument("--json", default=None, help="append the result as one JSON line to this file")
     p.add_argument("--trace", default=None, help="profile rank 0's calibration into this Chrome trace (.json.gz ok)")
@@ -347,6 +353,8 @@ def _non_default(r: dict) -> str:
     if "env" in r:
         return r["env"]
     out = [f"quant.kernel={r['kernel']}"] if r.get("kernel", "auto") != "auto" else []
+    if r.get("importance_granularity", "module") != "module":
+        out.append(f"importance.granularity={r['importance_granularity']}")
     return " ".join(out + (["memory.pin_layers=false"] if r.get("pin_layers") is False else []))
 
 

@@ -41,6 +41,7 @@ ABLATIONS = {  # name: TLQ overrides (section -> field -> value); "default" is t
     "keep_mass=1 (all tokens)": {"token_set": {"keep_mass": 1.0}},
     "groups=4": {"importance": {"groups": 4}},
     "target=fp": {"quant": {"target": "fp"}},
+    "granularity=input": {"importance": {"granularity": "input"}},
 }
 
 
@@ -100,6 +101,10 @@ def run_all(args: argparse.Namespace) -> None:
     todo = [r for r in planned(args.seeds, not args.no_ablations) if key(r) not in done]
     if args.only:
         todo = [r for r in todo if r["method"] in args.only]
+    if args.variants:
+        todo = [r for r in todo if r["variant"] in args.variants]
+    if args.settings:
+        todo = [r for r in todo if r["setting"] in args.settings]
     print(f"{len(done)} runs done, {len(todo)} to go", flush=True)
     samples = load_samples(DataArgs(num_samples=args.test_n, split="test"), "scenes")
     fp = load_module(args.model)
@@ -219,6 +224,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--only", nargs="*", default=None, help="run only these methods")
     p.add_argument("--no-ablations", action="store_true")
+    p.add_argument("--variants", nargs="*", default=None, help="run only these variants (default, granularity=input..)")
+    p.add_argument("--settings", nargs="*", default=None, help="run only these settings (e.g. 'W2A16 g64')")
     return p.parse_args(argv)
 
 

@@ -18,6 +18,7 @@ from lightning_tlq.methods import Method, get_method, method_names
 MethodName = Literal[method_names()]  # type: ignore[valid-type]  # the registered methods
 Score = Literal["fisher", "grad_abs", "taylor"]
 ImportanceMode = Literal["token", "modality", "none"]
+Granularity = Literal["module", "input"]
 Target = Literal["quantized", "fp"]
 MemoryProfile = Literal["fast", "low"]
 
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 
 _SCORES = ("fisher", "grad_abs", "taylor")
 _MODES = ("token", "modality", "none")
+_GRANULARITIES = ("module", "input")
 _TARGETS = ("quantized", "fp")
 
 
@@ -137,12 +139,21 @@ class ImportanceArgs:
     """Clip weights above this quantile of the module's token weights (1.0 disables)."""
     mode: ImportanceMode = "token"
     """``token`` per-token weights, ``modality`` one weight per modality per module (MBQ-style), ``none`` all 1."""
+    granularity: Granularity = "module"
+    """Hessian token weights: ``module`` each module's own; ``input`` one per token for the modules reading one
+    input (q/k/v, gate/up: the mean of their weights), so they share one Hessian and one factorisation."""
 
     def __post_init__(self) -> None:
         _check_choice("importance.score", self.score, _SCORES)
         _check_choice("importance.mode", self.mode, _MODES)
+        _check_choice("importance.granularity", self.granularity, _GRANULARITIES)
         if self.groups < 1:
             raise ValueError(f"importance.groups={self.groups} must be >= 1.")
+        if self.groups > 1 and self.granularity == "input":
+            raise ValueError(
+                f"importance.groups={self.groups} weighs each module's output-channel groups apart, "
+                "importance.granularity='input' one weight per token for all modules of an input: use one of them."
+            )
         _check_range("importance.floor", self.floor, 0.0, 1.0)
         _check_range("importance.clip_quantile", self.clip_quantile, 0.0, 1.0, lo_open=True)
 

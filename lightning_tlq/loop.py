@@ -30,6 +30,7 @@ from lightning_tlq.distributed import Collective
 from lightning_tlq.hostmem import HostStaging
 from lightning_tlq.importance import TokenImportance
 from lightning_tlq.importance_pass import Importance, ImportancePass
+from lightning_tlq.keys import ModuleKey
 from lightning_tlq.losses import check_has_answer
 from lightning_tlq.lowmem import MemoryPlan
 from lightning_tlq.module import TLQModule
@@ -82,7 +83,7 @@ class CalibrationLoop:
             )
         self.checkpoint = checkpoint
         self.collective = Collective()
-        self.results: dict[str, Any] = {}
+        self.results: dict[ModuleKey, Any] = {}
         self.phase_seconds: dict[str, float] = {}
         self.start_layer = 0
         """First layer this run calibrated (> 0 when it resumed an interrupted run)."""
@@ -98,11 +99,11 @@ class CalibrationLoop:
                 self.adapter, settings, collective=self.collective, call=lambda event, **kw: emit(fabric, event, **kw)
             )
         self.vision_records: list[dict[str, Any]] = []
-        self.method_state: dict[str, float] = {}
-        """The method's per-run values derived from importance (mbq: ``"<layer>.<block output>"`` -> vision weight)."""
+        self.method_state: dict[ModuleKey, float] = {}
+        """The method's per-run values derived from importance (mbq: ``(layer, block output)`` -> vision weight)."""
 
     @property
-    def vision_weights(self) -> dict[str, float]:
+    def vision_weights(self) -> dict[ModuleKey, float]:
         """mbq's per-layer vision weights (an alias of :attr:`method_state`)."""
         return self.method_state
 
@@ -220,7 +221,7 @@ class CalibrationLoop:
     def _layers(
         self,
         captured: Sequence[CapturedInputs],
-        importance: dict[str, list[Tensor]],
+        importance: dict[ModuleKey, list[Tensor]],
         masks: Sequence[TokenMasks],
         sample_ids: Sequence[Tensor],
         resumed: ResumeState | None = None,
@@ -248,7 +249,7 @@ class CalibrationLoop:
         captured: Sequence[CapturedInputs],
         hidden: list[Tensor],
         fp_hidden: list[Tensor] | None,
-        importance: dict[str, list[Tensor]],
+        importance: dict[ModuleKey, list[Tensor]],
         masks: Sequence[TokenMasks],
         sample_ids: Sequence[Tensor],
     ) -> tuple[dict[str, Any], list[Tensor], list[Tensor] | None]:
@@ -269,6 +270,7 @@ class CalibrationLoop:
                 select=self.method.selects_tokens,
                 token_set=self.settings.token_set,
                 collective=self.collective,
+                input_groups=groups if self.settings.importance.granularity == "input" else None,
             )
         stage = LayerStage(
             index,
@@ -293,7 +295,7 @@ class CalibrationLoop:
             assert fp_hidden is not None
             self.replay.check_finite(index, fp_hidden, path="full-precision")
         for name, result in stage.results.items():
-            self.results[f"{index}.{name}"] = result
+            self.results[ModuleKey(index, name)] = result
         record = {"index": index, **set_record, "seconds": time.perf_counter() - start}
         record["modules"] = {name: r.record for name, r in stage.results.items()}
         if fp_hidden is not None:  # before on_layer_end, which commits the checkpoint
@@ -315,7 +317,7 @@ class CalibrationLoop:
         plan = self.adapter.smoothing_plan(index)
         weights = None
         if self.method.smoothing.objective == "mbq":
-            weights = {f.block_output: self.method_state[f"{index}.{f.block_output}"] for f in plan}
+            weights = {f.block_output: self.method_state[ModuleKey(index, f.block_output)] for f in plan}
         return LayerSmoothing(
             index,
             layer,

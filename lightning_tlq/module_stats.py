@@ -44,7 +44,8 @@ class RowSelection:
         return flat if self.valid is None else flat.index_select(0, self.valid)
 
 
-RECORD_KEYS = ("damp", "retries", "seconds", "tokens", "rel_error", "weighted_rel_error")
+RECORD_KEYS = ("damp", "retries", "seconds", "tokens", "shared", "rel_error", "weighted_rel_error")
+"""``shared``: how many modules were solved with this module's Hessian (1: its own; q/k/v sharing one: 3)."""
 
 
 def pack_record(record: dict[str, Any]) -> Tensor:
@@ -58,6 +59,7 @@ def unpack_record(packed: Tensor) -> dict[str, Any]:
     for key, value in zip(RECORD_KEYS, packed.tolist()):
         out[key] = None if value != value else value  # NaN marks "not measured"
     out["retries"], out["tokens"] = int(out["retries"]), int(out["tokens"])
+    out["shared"] = int(out["shared"]) if out["shared"] is not None else 1
     return out
 
 

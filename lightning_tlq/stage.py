@@ -20,6 +20,7 @@ from lightning_tlq.core.hessian import relative_output_error
 from lightning_tlq.distributed import Collective, assign_owners
 from lightning_tlq.hostmem import HostStaging
 from lightning_tlq.module_stats import ModuleResult, ModuleStatistics, RowSelection, pack_record, unpack_record
+from lightning_tlq.shared_stats import LayerStatistics
 from lightning_tlq.smoothing import LayerSmoothing
 from lightning_tlq.tokenweights import TokenWeights
 
@@ -93,7 +94,7 @@ class LayerStage:
         self.fp_outputs: list[Tensor] | None = None
         """With ``quant.target = "fp"``: the full-precision layer's outputs for :meth:`run`'s ``fp_inputs``."""
         self._original: dict[str, Tensor] = {}  # target fp: full-precision weights of the modules already solved
-        self._stats: dict[str, ModuleStatistics] = {}
+        self._stats: LayerStatistics | None = None  # the current accumulate pass's statistics
         self._owners: dict[str, int] = {}
         self._row_cache: dict[int, RowSelection] = {}
         self.seconds: dict[str, float] = {}
@@ -159,25 +160,31 @@ class LayerStage:
         inputs). With ``fp_inputs`` each batch first runs on the full-precision path (up to the last module of
         ``names``), whose module inputs are then paired with the quantized path's for the cross terms.
         """
-        has_importance = weights[0].importance is not None
-        for name in names:
-            module = self.modules[name]
-            self._stats[name] = ModuleStatistics(
-                module.in_features, self.groups, self.quant, self.metrics, has_importance, module.weight.device
-            )
-        if all(not self._stats[n].accumulators() for n in names):
+        self._stats = None  # the previous pass's statistics are solved: free them before allocating these
+        stats = self._stats = LayerStatistics(
+            self.modules, names, self.module_groups, self.quant, self.metrics, self.groups, weights,
+            self.method.selects_tokens, self._row_cache,
+        )  # fmt: skip
+        if not stats.accumulators(names):
             return  # rtn without metrics: nothing to measure
         current: dict[str, Any] = {"w": None, "fp": {}, "seen": set()}  # w is None while the fp path runs
+
+        def raw(name: str, x: Tensor) -> None:
+            if current["w"] is not None:
+                stats.raw_input(name, x)
 
         def add(name: str, x: Tensor) -> None:
             if current["w"] is None:
                 return
-            self._add(name, x, current["w"], current["fp"].get(name), current["b"])
+            stats.add(name, x, current["w"], current["fp"].get(name), current["b"], f"Layer {self.index}")
             current["seen"].add(name)
             if len(current["seen"]) == len(names):
                 raise _StopLayer  # the rest of the layer cannot change these statistics
 
         handles = [self.modules[n].register_forward_hook(lambda m, a, o, n=n: add(n, a[0])) for n in names]
+        handles += [  # before activation quantization: which modules read one tensor
+            self.modules[n].register_forward_pre_hook(lambda m, a, n=n: raw(n, a[0]), prepend=True) for n in names
+        ]
         try:
             with torch.no_grad():
                 for b, hidden in enumerate(inputs):
@@ -187,6 +194,7 @@ class LayerStage:
                     current["w"], current["seen"], current["b"] = weights[b], set(), b
                     with self._activation_quant(), contextlib.suppress(_StopLayer):
                         forward(b, hidden)
+                    stats.end_batch()
         finally:
             for h in handles:
                 h.remove()
@@ -216,75 +224,36 @@ class LayerStage:
             raise RuntimeError(f"Layer {self.index}: {missing} did not run on the full-precision path.")
         return seen
 
-    def _rows(self, b: int, tw: TokenWeights, device: torch.device) -> RowSelection:
-        """Batch ``b``'s row selection on ``device``, computed once per layer (index tensors: no device waits)."""
-        sel = self._row_cache.get(b)
-        if sel is not None:
-            return sel
-        valid = tw.valid.reshape(-1).cpu() if tw.valid is not None else None
-        keep = multiplier = None
-        if self.method.selects_tokens and tw.multiplier is not None:
-            m = tw.multiplier.reshape(-1).cpu()
-            m = m[valid] if valid is not None else m
-            positions = (m > 0).nonzero().squeeze(1)
-            keep, multiplier = positions.to(device), m[positions].to(device, torch.float32)
-        valid_idx = valid.nonzero().squeeze(1).to(device) if valid is not None else None
-        sel = self._row_cache[b] = RowSelection(valid_idx, keep, multiplier)
-        return sel
-
-    def _add(self, name: str, x: Tensor, tw: TokenWeights, fp: Tensor | None = None, b: int = 0) -> None:
-        """Add one module's inputs for batch ``b``: every real token to the report Hessians (and the ``plain``
-        solve statistic), the token set with importance x multiplier weights to a ``weighted`` solve statistic;
-        tokens outside the set are left out, in-set tokens of zero importance enter with weight 0 (adding
-        nothing)."""
-        stats = self._stats[name]
-        x = x.detach()
-        sel = self._rows(b, tw, x.device)
-        rows = sel.take(x)  # [N, in]
-        fp_rows = sel.take(fp) if stats.cross is not None and fp is not None else None
-        if stats.cross is not None and (fp_rows is None or fp_rows.shape != rows.shape):
-            raise RuntimeError(f"Layer {self.index} {name}: no full-precision input matches the quantized path's.")
-        if stats.plain is not None:
-            stats.plain.add(rows)
-            if self.method.solve_statistic == "plain" and fp_rows is not None:
-                stats.cross.add(rows, left=fp_rows.float() - rows.float())
-        imp = None
-        if tw.importance is not None:
-            imp = sel.take(tw.importance[name].to(x.device, non_blocking=True))
-        if stats.weighted is not None:
-            stats.weighted.add(rows, imp, validate=False)
-        if self.method.solve_statistic == "weighted":
-            w = imp if imp is not None else torch.ones(rows.shape[0], self.groups, device=x.device)
-            if sel.keep is not None:
-                rows, w = rows.index_select(0, sel.keep), w.index_select(0, sel.keep) * sel.multiplier.unsqueeze(-1)
-                fp_rows = fp_rows.index_select(0, sel.keep) if fp_rows is not None else None
-            stats.solve.add(rows, w, validate=False)
-            if fp_rows is not None:
-                stats.cross.add(rows, w, left=fp_rows.float() - rows.float(), validate=False)
-
     def reduce(self, names: Sequence[str]) -> None:
-        """Sum each module's statistics over ranks into the rank that owns (will solve) it.
+        """Sum each statistic over ranks into the rank that owns (will solve) its modules.
 
-        Owners come from greedy bin packing on solve cost (``d_in^3`` per Hessian); one reduction per module and
-        statistic, never per batch.
+        Modules sharing a statistic have one owner; owners come from greedy bin packing on solve cost (``d_in^3``
+        per Hessian solved); one reduction per distinct statistic, never per batch.
         """
-        coll = self.collective
-        costs = [float(self.modules[n].in_features) ** 3 * self.groups for n in names]
-        for name, owner in zip(names, assign_owners(costs, coll.world_size)):
-            self._owners[name] = owner
-            for acc in self._stats[name].accumulators():
+        coll, stats = self.collective, self._stats
+        assert stats is not None
+        parts = stats.components(names)
+        costs = [len(stats.solve_groups(p)) * float(self.modules[p[0]].in_features) ** 3 * self.groups for p in parts]
+        for part, owner in zip(parts, assign_owners(costs, coll.world_size)):
+            self._owners.update((name, owner) for name in part)
+            for acc in stats.accumulators(part):
                 acc.H = coll.reduce_to(acc.H, owner)
                 counts = torch.tensor([float(acc.tokens), float(acc.weight_sum)], dtype=torch.float64)
                 counts = coll.reduce_to(counts.to(acc.H.device), owner)
                 acc.tokens, acc.weight_sum = int(round(float(counts[0]))), float(counts[1])
 
     def solve(self, names: Sequence[str]) -> None:
-        """Owners quantize their modules; weights, codes, scales, zero points and records are broadcast."""
+        """Owners quantize their modules (those sharing a solve statistic together); weights, codes, scales, zero
+        points and records are broadcast."""
+        assert self._stats is not None
+        together = {n: g for g in self._stats.solve_groups(names) for n in g}
+        solved: dict[str, tuple[ModuleResult, dict[str, Any]]] = {}
         for name in names:
-            module, stats = self.modules[name], self._stats.pop(name)
-            owner = self._owners.get(name, 0)
+            module, owner = self.modules[name], self._owners.get(name, 0)
             if self.collective.rank == owner:
-                res, record = self._solve_one(name, module.weight.detach(), stats)
+                if name not in solved:
+                    solved.update(self._solve_together(together[name]))
+                res, record = solved.pop(name)
             else:
                 res, record = self._empty_result(module.weight), {}
             res = ModuleResult(
@@ -298,22 +267,31 @@ class LayerStage:
             module.weight.data.copy_(res.weight)
             host = self.staging.to_host
             self.results[name] = ModuleResult(None, host(res.codes), host(res.scale), host(res.zero), record)
+            self._stats.stats.pop(name)  # its Hessians go once every module reading them is solved
+        self._stats = None
 
-    def _solve_one(self, name: str, original: Tensor, stats: ModuleStatistics) -> tuple[ModuleResult, dict[str, Any]]:
+    def _solve_together(self, names: list[str]) -> dict[str, tuple[ModuleResult, dict[str, Any]]]:
+        """Solve modules sharing one solve statistic (one factorisation); their results and records."""
+        assert self._stats is not None
+        stats = [self._stats.stats[n] for n in names]
+        originals = [self.modules[n].weight.detach() for n in names]
         start = time.perf_counter()
-        res = self.method.quantize(
-            original,
-            stats.for_solve(self.lean_solve),
+        results = self.method.quantize_shared(
+            originals,
+            stats[0].for_solve(self.lean_solve),
             self.quant,
-            module=name,
-            where=f"layer {self.index} {name}",
+            modules=names,
+            wheres=[f"layer {self.index} {n}" for n in names],
             smoothing=self.smoothing,
         )
-        record: dict[str, Any] = {"damp": getattr(res, "damp", None), "retries": getattr(res, "retries", 0)}
-        record["seconds"] = time.perf_counter() - start
-        record["tokens"] = stats.solve.tokens if stats.solve is not None else 0
-        record.update(self._errors(original, res.weight, stats))
-        return ModuleResult(res.weight, res.codes, res.scale, res.zero), record
+        seconds = (time.perf_counter() - start) / len(names)
+        out = {}
+        for name, original, st, res in zip(names, originals, stats, results):
+            record: dict[str, Any] = {"damp": getattr(res, "damp", None), "retries": getattr(res, "retries", 0)}
+            record.update(seconds=seconds, tokens=st.solve.tokens if st.solve is not None else 0, shared=len(names))
+            record.update(self._errors(original, res.weight, st))
+            out[name] = (ModuleResult(res.weight, res.codes, res.scale, res.zero), record)
+        return out
 
     def _empty_result(self, weight: Tensor) -> ModuleResult:
         out_f, in_f = weight.shape

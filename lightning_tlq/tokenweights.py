@@ -18,6 +18,7 @@ from torch import Tensor
 
 from lightning_tlq.core.importance import scatter_back
 from lightning_tlq.core.tokenset import mass_threshold, select_tokens, token_uniforms
+from lightning_tlq.keys import ModuleKey
 
 
 @dataclass
@@ -40,6 +41,18 @@ class TokenWeights:
 def stage_scores(importance: Mapping[str, Tensor]) -> Tensor:
     """A stage's score per token: the mean over its modules (and importance groups) of their token weights."""
     return torch.stack([w.mean(-1) for w in importance.values()]).mean(0)
+
+
+def input_weights(importance: Mapping[str, Tensor], input_groups: Sequence[Sequence[str]]) -> dict[str, Tensor]:
+    """``importance.granularity=input``: every module of an input group (modules reading one input) gets the mean of
+    the group's module weights, as one shared tensor (so the group's Hessians coincide); others keep theirs."""
+    out = dict(importance)
+    for group in input_groups:
+        members = [n for n in group if n in importance]
+        if len(members) > 1:
+            shared = torch.stack([importance[n] for n in members]).mean(0)
+            out.update((n, shared) for n in members)
+    return out
 
 
 def select_token_set(
@@ -115,25 +128,29 @@ def fingerprint(multiplier: Tensor, valid: Sequence[Tensor], sample_ids: Sequenc
 def decoder_token_weights(
     index: int,
     names: Sequence[str],
-    importance: Mapping[str, Sequence[Tensor]],
+    importance: Mapping[ModuleKey, Sequence[Tensor]],
     masks: Sequence[Any],
     sample_ids: Sequence[Tensor],
     *,
     select: bool,
     token_set: Any,
     collective: Any,
+    input_groups: Sequence[Sequence[str]] | None = None,
 ) -> tuple[list[TokenWeights], dict[str, Any]]:
     """Decoder layer ``index``'s token weights per batch (host tensors) and its token-set record.
 
     Args:
-        names: the layer's target modules (relative names); ``importance`` is keyed ``"<index>.<name>"`` (empty:
-            uniform weights).
+        names: the layer's target modules (relative names); ``importance`` is keyed ``ModuleKey(index, name)``
+            (empty: uniform weights).
         masks: per batch, :class:`~lightning_tlq.data.TokenMasks` on the host.
         select: build the token-level calibration set (methods whose handler ``selects_tokens``).
+        input_groups: ``importance.granularity=input``: the modules reading one input, which then share the mean of
+            their weights (:func:`input_weights`); the token set is chosen from the modules' own weights either way.
     """
     valid = [~m.pad for m in masks]
     n_batches = len(masks)
-    layer_imp = [{n: importance[f"{index}.{n}"][b] for n in names} if importance else None for b in range(n_batches)]
+    keys = {n: ModuleKey(index, n) for n in names}
+    layer_imp = [{n: importance[k][b] for n, k in keys.items()} if importance else None for b in range(n_batches)]
     total = collective.all_reduce(torch.tensor([sum(int(v.sum()) for v in valid)], dtype=torch.float64))
     record: dict[str, Any] = {"tokens_total": int(total.item())}
     multipliers: list[Tensor | None] = [None] * n_batches
@@ -154,6 +171,8 @@ def decoder_token_weights(
         )
         record.update(set_record)
         multipliers = scatter_back(multiplier, [v.float() for v in valid], valid)
+    if input_groups is not None:
+        layer_imp = [input_weights(imp, input_groups) if imp else imp for imp in layer_imp]
     weights = [
         TokenWeights(valid[b], layer_imp[b], multipliers[b], vision=masks[b].image, answer=masks[b].answer & valid[b])
         for b in range(n_batches)

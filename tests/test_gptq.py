@@ -8,6 +8,7 @@ import logging
 import pytest
 import torch
 
+from lightning_tlq.core import gptq
 from lightning_tlq.core.gptq import GPTQError, gptq_quantize
 from lightning_tlq.core.hessian import HessianAccumulator, output_error
 from lightning_tlq.core.quantizer import QuantSpec, compute_qparams, dequantize, rtn
@@ -479,3 +480,33 @@ def test_cross_term_of_grouped_hessian_splits_rows() -> None:
         gptq_quantize(W, H, spec, cross=C[:4])
     with pytest.raises(GPTQError, match="cross term contains NaN"):
         gptq_quantize(W, H, spec, cross=torch.full_like(C, float("nan")))
+
+
+@pytest.mark.parametrize("concat", [True, False], ids=["one-loop", "per-weight"])
+@pytest.mark.parametrize(("groups", "cross", "act_order"), [(1, False, True), (2, False, False), (1, True, True)])
+def test_shared_hessian_solve_equals_each_weight_alone(one_thread, concat, groups, cross, act_order):
+    """q/k/v-like weights of different heights against one Hessian (one factor, one column loop when rows are
+    concatenated) give exactly the codes, scales and weights of solving each alone; dead inputs, grouped Hessians
+    and a GPTAQ cross term included."""
+    x = _correlated_inputs(300, 64, seed=1)
+    x[:, 5] = 0.0  # a dead input
+    H = torch.stack([_hessian(x, torch.rand(300, generator=_gen(g))) for g in range(groups)]).squeeze(0)
+    C = 0.01 * torch.randn(H.shape, generator=_gen(3)) if cross else None
+    weights = [torch.randn(rows, 64, generator=_gen(rows)) for rows in (64, 16, 32)]
+    spec = QuantSpec(bits=3, group_size=32)
+    kw = {"cross": C, "act_order": act_order, "block_size": 16}
+    shared = gptq.gptq_quantize_shared(weights, H, spec, names=["q", "k", "v"], concat_rows=concat, **kw)
+    for W, got in zip(weights, shared):
+        alone = gptq_quantize(W, H, spec, **kw)
+        for field in ("codes", "scale", "zero", "weight"):
+            assert torch.equal(getattr(got, field), getattr(alone, field)), field
+        assert (got.damp, got.retries) == (alone.damp, alone.retries)
+
+
+def test_shared_hessian_solve_rejects_mixed_weights():
+    H = _hessian(_correlated_inputs(100, 32, seed=0))
+    spec = QuantSpec(bits=4, group_size=32)
+    with pytest.raises(ValueError, match="one dtype and device"):
+        gptq.gptq_quantize_shared([torch.randn(8, 32), torch.randn(8, 32).double()], H, spec, names=["a", "b"])
+    with pytest.raises(ValueError, match="one name per weight"):
+        gptq.gptq_quantize_shared([torch.randn(8, 32)], H, spec, names=["a", "b"])

@@ -13,8 +13,8 @@ from lightning.fabric import Fabric
 from lightning_tlq.activations import LayerReplay
 from lightning_tlq.config import MemoryArgs, QuantArgs
 from lightning_tlq.core import gptq_lean
-from lightning_tlq.core.gptq import gptq_quantize
-from lightning_tlq.core.gptq_lean import flip_, gathered, gptq_quantize_lean
+from lightning_tlq.core.gptq import gptq_quantize, gptq_quantize_shared
+from lightning_tlq.core.gptq_lean import flip_, gathered, gptq_quantize_lean, gptq_quantize_shared_lean
 from lightning_tlq.core.quantizer import QuantSpec
 from lightning_tlq.data import encode_sample, make_batches, synthetic_samples
 from lightning_tlq.loop import CalibrationLoop
@@ -70,6 +70,22 @@ def test_lean_gptq_equals_gptq(monkeypatch) -> None:
             H.copy_(H_before)
 
 
+@pytest.mark.parametrize("concat_rows", [True, False])
+def test_lean_shared_gptq_equals_shared_gptq(monkeypatch, concat_rows: bool) -> None:
+    monkeypatch.setattr(gptq_lean, "CHUNK_BYTES", 3 * 8 * 32)
+    g = torch.Generator().manual_seed(3)
+    weights = [torch.randn(rows, 96, generator=g).to(torch.bfloat16) for rows in (64, 32, 32)]  # q, k, v
+    X = torch.randn(300, 96, generator=g)
+    H = (X.T @ X).double()
+    fast = gptq_quantize_shared(weights, H, QuantSpec(bits=4, group_size=32), block_size=32, concat_rows=concat_rows)
+    lean = gptq_quantize_shared_lean(
+        weights, H, QuantSpec(bits=4, group_size=32), block_size=32, concat_rows=concat_rows, reuse_h=True
+    )
+    for a, b in zip(fast, lean):
+        assert torch.equal(a.codes, b.codes)
+        assert torch.equal(a.scale, b.scale)
+
+
 def test_lean_gptq_retries_like_gptq(caplog) -> None:
     g = torch.Generator().manual_seed(2)
     x = torch.randn(64, 20, generator=g, dtype=torch.float64)
@@ -85,7 +101,7 @@ def test_lean_gptq_retries_like_gptq(caplog) -> None:
     assert sum("retrying" in r.message for r in caplog.records) == 3 * fast.retries
 
 
-def _codes(profile: str, method: str, target: str = "quantized") -> tuple[dict, list]:
+def _codes(profile: str, method: str, target: str = "quantized", metrics: bool = True) -> tuple[dict, list]:
     model, processor = build_tiny_vlm("qwen2_vl", seed=0)
     module = TLQModule().attach(model, processor)
     encoded = [encode_sample(processor, s) for s in synthetic_samples(6, seed=2)]
@@ -93,17 +109,20 @@ def _codes(profile: str, method: str, target: str = "quantized") -> tuple[dict, 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     fabric = Fabric(accelerator=device, devices=1)
     quant = QuantArgs(method=method, bits=3, group_size=32, target=target)
-    settings = CalibrationSettings(quant, memory=MemoryArgs(profile=profile), metrics=True)
+    settings = CalibrationSettings(quant, memory=MemoryArgs(profile=profile), metrics=metrics)
     loop = CalibrationLoop(fabric, module, settings)
     records = loop.run(batches)
     untimed = [{k: {f: x for f, x in v.items() if f != "seconds"} for k, v in r["modules"].items()} for r in records]
     return {k: (r.codes, r.scale) for k, r in loop.results.items()}, untimed
 
 
-@pytest.mark.parametrize(("method", "target"), [("tlq", "quantized"), ("gptq", "fp")])
-def test_low_profile_gives_the_fast_profiles_codes(method: str, target: str) -> None:
-    fast, fast_records = _codes("fast", method, target)
-    low, low_records = _codes("low", method, target)
+@pytest.mark.parametrize(
+    ("method", "target", "metrics"),
+    [("tlq", "quantized", True), ("gptq", "fp", True), ("gptq", "quantized", False)],  # the last reuses H's storage
+)
+def test_low_profile_gives_the_fast_profiles_codes(method: str, target: str, metrics: bool) -> None:
+    fast, fast_records = _codes("fast", method, target, metrics)
+    low, low_records = _codes("low", method, target, metrics)
     assert fast.keys() == low.keys()
     for name, (codes, scale) in fast.items():
         assert torch.equal(codes, low[name][0]), name

@@ -33,23 +33,19 @@ choice: ``docs/performance.md``, "Measurements behind design choices").
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, get_args
 
 import torch
 
 from lightning_tlq.core import gptq_triton
 from lightning_tlq.core.factor import GPTQError, damped_inverse_factor
 from lightning_tlq.core.factor import label as _label
+from lightning_tlq.core.gptq_checks import KERNELS, Kernel, _check_cross, _use_triton, _validate
 from lightning_tlq.core.quantizer import QuantSpec, codes_to_values, compute_qparams, dequantize, round_to_grid
 
 logger = logging.getLogger(__name__)
-__all__ = ["GPTQError", "GPTQResult", "KERNELS", "Kernel", "asymmetric_target", "gptq_quantize"]
-
-Kernel = Literal["auto", "triton", "torch"]
-"""The GPTQ column loop: ``triton`` the fused block step (:mod:`lightning_tlq.core.gptq_triton`, CUDA tensors,
-``block_size <= 128``), ``torch`` the eager loop (any device), ``auto`` the fused step where it applies, else torch."""
-KERNELS: tuple[str, ...] = get_args(Kernel)
+__all__ = ["GPTQError", "GPTQResult", "KERNELS", "Kernel", "asymmetric_target", "gptq_quantize", "gptq_quantize_shared"]
 
 
 @dataclass
@@ -84,71 +80,6 @@ class _BlockSolve:
     damp: float
     retries: int
     perm: torch.Tensor | None
-
-
-def _validate(
-    W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_size: int, damp: float, max_retries: int, name: str
-) -> int:
-    """Check arguments and return the number of Hessian groups."""
-    if W.dim() != 2 or not W.is_floating_point():
-        raise ValueError(
-            f"Module {_label(name)}: W must be a 2-D float tensor [out, in], got {W.dtype} {tuple(W.shape)}."
-        )
-    out_features, in_features = W.shape
-    spec.check_shape(in_features, name)
-    if H.dim() not in (2, 3) or tuple(H.shape[-2:]) != (in_features, in_features):
-        raise ValueError(
-            f"Module {_label(name)}: H must be [in, in] or [G, in, in] with in={in_features}, got {tuple(H.shape)}."
-        )
-    groups = 1 if H.dim() == 2 else H.shape[0]
-    if out_features % groups != 0:
-        raise ValueError(
-            f"Module {_label(name)}: grouped Hessian has {groups} groups, "
-            f"which must divide out_features={out_features}."
-        )
-    if block_size <= 0 or damp <= 0 or max_retries < 0:
-        raise ValueError(
-            f"Module {_label(name)}: need block_size > 0, damp > 0 and max_retries >= 0, "
-            f"got {block_size}, {damp} and {max_retries}."
-        )
-    if not bool(torch.isfinite(H).all()):
-        raise GPTQError(
-            f"Module {_label(name)}: Hessian contains NaN or Inf. Check the calibration inputs and token weights."
-        )
-    return groups
-
-
-def _check_cross(cross: torch.Tensor, H: torch.Tensor, name: str) -> torch.Tensor:
-    if tuple(cross.shape) != tuple(H.shape):
-        raise ValueError(
-            f"Module {_label(name)}: the cross term must have the Hessian's shape {tuple(H.shape)}, "
-            f"got {tuple(cross.shape)}."
-        )
-    if not bool(torch.isfinite(cross).all()):
-        raise GPTQError(
-            f"Module {_label(name)}: the cross term contains NaN or Inf. Check the full-precision activations."
-        )
-    return cross.detach()
-
-
-def _use_triton(kernel: str, W: torch.Tensor, block_size: int, name: str) -> bool:
-    """Whether the column loop runs the fused Triton block step for this ``kernel`` choice.
-
-    Raises:
-        ValueError: For an unknown ``kernel``, or ``kernel="triton"`` where the fused step cannot run.
-    """
-    if kernel not in KERNELS:
-        raise ValueError(
-            f"Module {_label(name)}: kernel={kernel!r} is not supported; choose one of {', '.join(KERNELS)}."
-        )
-    applies = W.is_cuda and block_size <= 128 and gptq_triton.available()
-    if kernel == "triton" and not applies:
-        raise ValueError(
-            f"Module {_label(name)}: kernel='triton' needs Triton installed, a CUDA weight and block_size <= 128 "
-            f"(got device {W.device.type}, block_size {block_size}, Triton "
-            f"{'available' if gptq_triton.available() else 'unavailable'}); use kernel='auto' or 'torch'."
-        )
-    return applies and kernel != "torch"
 
 
 def _quantize_columns(
@@ -206,44 +137,62 @@ def asymmetric_target(W: torch.Tensor, cross: torch.Tensor, U: torch.Tensor) -> 
     return W + ((W @ cross) @ U.T) @ U
 
 
-def _solve_block(
+@dataclass
+class _Factor:
+    """What the column loop needs from one Hessian ``[in, in]``, shared by every row block solved against it."""
+
+    U: torch.Tensor
+    """Upper factor of the damped inverse Hessian, in act order."""
+    perm: torch.Tensor | None
+    dead: torch.Tensor
+    """``[in]`` bool, inputs that never fire (``H_ii == 0``), original order."""
+    damp: float
+    retries: int
+
+
+def _factor(H: torch.Tensor, *, damp: float, act_order: bool, max_retries: int, name: str) -> _Factor:
+    """Dead inputs, act order and the damped inverse factor of one Hessian ``H [in, in]``."""
+    H = H.clone()
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    perm = torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order else None
+    if perm is not None:
+        H = H[perm][:, perm]
+    with torch.profiler.record_function("gptq.factor"):
+        U, used, retries = damped_inverse_factor(H, damp, max_retries, name)
+    return _Factor(U, perm, dead, used, retries)
+
+
+def _solve_rows(
     W: torch.Tensor,
-    H: torch.Tensor,
+    f: _Factor,
     spec: QuantSpec,
     *,
     block_size: int,
-    damp: float,
-    act_order: bool,
-    max_retries: int,
     name: str,
     scale_dtype: torch.dtype,
     cross: torch.Tensor | None = None,
     fused: bool = False,
 ) -> _BlockSolve:
-    """Quantize rows ``W [rows, in]`` (float32, modified in place) against one Hessian ``H [in, in]``.
+    """Quantize rows ``W [rows, in]`` (float32, modified in place) against one factorised Hessian.
 
     With ``cross`` the column loop runs on GPTAQ's target :func:`asymmetric_target`, on the static grid of ``W``.
     """
-    H = H.clone()
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1.0
+    perm, dead = f.perm, f.dead
     W[:, dead] = 0.0
     scale, zero = compute_qparams(W, spec, name, scale_dtype=scale_dtype)
     in_features = W.shape[1]
     group_of_col = torch.arange(in_features, device=W.device) // spec.group_len(in_features)
-    perm = torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order else None
     if perm is not None:
-        W, H, group_of_col, dead = W[:, perm], H[perm][:, perm], group_of_col[perm], dead[perm]
-    with torch.profiler.record_function("gptq.factor"):
-        U, used, retries = damped_inverse_factor(H, damp, max_retries, name)
+        W, group_of_col, dead = W[:, perm], group_of_col[perm], dead[perm]
     if cross is not None:
-        W = asymmetric_target(W, cross[perm][:, perm] if perm is not None else cross, U)
+        W = asymmetric_target(W, cross[perm][:, perm] if perm is not None else cross, f.U)
         W[:, dead] = 0.0  # the quantized path never feeds these inputs
     with torch.profiler.record_function("gptq.columns"):
-        codes = _quantize_columns(W, U, scale[:, group_of_col], zero[:, group_of_col], spec, block_size, fused)
+        codes = _quantize_columns(W, f.U, scale[:, group_of_col], zero[:, group_of_col], spec, block_size, fused)
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
-    return _BlockSolve(codes.to(spec.code_dtype), scale, zero, used, retries, perm)
+    return _BlockSolve(codes.to(spec.code_dtype), scale, zero, f.damp, f.retries, perm)
 
 
 def _assemble(solves: list[_BlockSolve], spec: QuantSpec, dtype: torch.dtype) -> GPTQResult:
@@ -305,26 +254,65 @@ def gptq_quantize(
         ValueError: On bad shapes or arguments (incl. ``kernel="triton"`` where the fused step cannot run).
         GPTQError: If the Hessian is non-finite or cannot be factorised after all retries.
     """
-    groups = _validate(W, H, spec, block_size, damp, max_retries, name)
-    fused = _use_triton(kernel, W, block_size, name)
-    Wf = W.detach().to(torch.float32).clone()
-    Hg = H.detach().to(device=W.device, dtype=torch.float32).reshape(groups, W.shape[1], W.shape[1])
-    Cg = None if cross is None else _check_cross(cross, H, name).to(Hg).reshape(Hg.shape)
-    rows = W.shape[0] // groups
-    solves = [
-        _solve_block(
-            Wf[g * rows : (g + 1) * rows],
-            Hg[g],
-            spec,
-            block_size=block_size,
-            damp=damp,
-            act_order=act_order,
-            max_retries=max_retries,
-            name=name if groups == 1 else f"{_label(name)}[group {g}]",
-            scale_dtype=W.dtype,
-            cross=None if Cg is None else Cg[g],
-            fused=fused,
-        )
-        for g in range(groups)
-    ]
-    return _assemble(solves, spec, W.dtype)
+    return gptq_quantize_shared(
+        [W], H, spec, block_size=block_size, damp=damp, act_order=act_order, max_retries=max_retries,
+        names=[name], cross=cross, kernel=kernel,
+    )[0]  # fmt: skip
+
+
+def gptq_quantize_shared(
+    weights: Sequence[torch.Tensor],
+    H: torch.Tensor,
+    spec: QuantSpec,
+    *,
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = True,
+    max_retries: int = 3,
+    names: Sequence[str] | None = None,
+    cross: torch.Tensor | None = None,
+    kernel: Kernel = "auto",
+    concat_rows: bool = True,
+) -> list[GPTQResult]:
+    """:func:`gptq_quantize` for several weights that read one input and so share one Hessian (q/k/v, gate/up).
+
+    GPTQ's rows are independent given ``H``: each Hessian (group) is factorised once for all of them, and with
+    ``concat_rows`` their rows run through one column loop (fewer, larger launches). The results are those of
+    :func:`gptq_quantize` on each weight alone (same codes, scales and zero points) where the lazy update's matrix
+    product rounds each row alike for any number of rows (the CPU's does, ``tests/test_gptq.py``); ``concat_rows=False``
+    runs one loop per weight.
+
+    Args:
+        weights: the weights ``[out_i, in]``, one dtype and device.
+        names: one per weight (messages); a shared factor is named by all of them.
+        H, spec, block_size, damp, act_order, max_retries, cross, kernel: as in :func:`gptq_quantize`.
+    """
+    names = list(names) if names is not None else [""] * len(weights)
+    if not weights or len(names) != len(weights):
+        raise ValueError(f"gptq_quantize_shared: need one name per weight, got {len(names)} for {len(weights)}.")
+    if len({(W.dtype, W.device) for W in weights}) > 1:
+        raise ValueError(f"gptq_quantize_shared: {', '.join(names)} must have one dtype and device.")
+    groups = max(_validate(W, H, spec, block_size, damp, max_retries, n) for W, n in zip(weights, names))
+    fused = _use_triton(kernel, weights[0], block_size, names[0])
+    in_features = weights[0].shape[1]
+    Wfs = [W.detach().to(torch.float32).clone() for W in weights]
+    Hg = H.detach().to(device=weights[0].device, dtype=torch.float32).reshape(groups, in_features, in_features)
+    Cg = None if cross is None else _check_cross(cross, H, names[0]).to(Hg).reshape(Hg.shape)
+    rows = [W.shape[0] // groups for W in weights]
+    joint = ", ".join(_label(n) for n in names)
+    solves: list[list[_BlockSolve]] = [[] for _ in weights]
+    for g in range(groups):
+        tag = "" if groups == 1 else f"[group {g}]"
+        f = _factor(Hg[g], damp=damp, act_order=act_order, max_retries=max_retries, name=joint + tag)
+        blocks = [Wf[g * r : (g + 1) * r] for Wf, r in zip(Wfs, rows)]
+        kw = {"block_size": block_size, "scale_dtype": weights[0].dtype, "fused": fused}
+        kw["cross"] = None if Cg is None else Cg[g]
+        if concat_rows and len(blocks) > 1:
+            s = _solve_rows(torch.cat(blocks), f, spec, name=joint + tag, **kw)
+            parts = zip(s.codes.split(rows), s.scale.split(rows), s.zero.split(rows))
+            for out, (c, sc, z) in zip(solves, parts):
+                out.append(_BlockSolve(c, sc, z, s.damp, s.retries, s.perm))
+        else:
+            for out, block, n in zip(solves, blocks, names):
+                out.append(_solve_rows(block, f, spec, name=n if groups == 1 else f"{_label(n)}{tag}", **kw))
+    return [_assemble(s, spec, W.dtype) for s, W in zip(solves, weights)]

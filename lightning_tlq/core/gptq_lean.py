@@ -25,26 +25,17 @@ CPU.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
 from lightning_tlq.core.factor import GPTQError, label, lower_triangular_inverse
-from lightning_tlq.core.gptq import (
-    GPTQResult,
-    Kernel,
-    _assemble,
-    _BlockSolve,
-    _check_cross,
-    _quantize_columns,
-    _use_triton,
-    _validate,
-    asymmetric_target,
-)
-from lightning_tlq.core.quantizer import QuantSpec, compute_qparams
+from lightning_tlq.core.gptq import GPTQResult, _assemble, _BlockSolve, _Factor, _solve_rows
+from lightning_tlq.core.gptq_checks import Kernel, _check_cross, _use_triton, _validate
+from lightning_tlq.core.quantizer import QuantSpec
 
 logger = logging.getLogger("lightning_tlq.core.gptq")
-__all__ = ["CHUNK_BYTES", "flip_", "gathered", "gptq_quantize_lean"]
+__all__ = ["CHUNK_BYTES", "flip_", "gathered", "gptq_quantize_lean", "gptq_quantize_shared_lean"]
 
 CHUNK_BYTES = 64 << 20
 """Temporaries of the chunked gathers and flips are at most about this many bytes."""
@@ -114,7 +105,7 @@ def _inverse_into(L: torch.Tensor, out: torch.Tensor | None, leaf: int = 2048) -
     return out
 
 
-def _factor(
+def _damped_factor(
     given: list[torch.Tensor],
     rebuild: Callable[[], torch.Tensor],
     workspace: tuple[torch.Tensor, torch.Tensor] | None,
@@ -170,37 +161,20 @@ def _factor(
     )
 
 
-def _solve_block_lean(
-    W: torch.Tensor,
-    H: torch.Tensor,
-    spec: QuantSpec,
-    *,
-    block_size: int,
-    damp: float,
-    act_order: bool,
-    max_retries: int,
-    name: str,
-    scale_dtype: torch.dtype,
-    cross: torch.Tensor | None,
-    fused: bool,
-    reuse_h: bool,
-) -> _BlockSolve:
-    """``core.gptq._solve_block`` with ``H`` (any float dtype, any device) gathered in chunks; read only unless
+def _factor_lean(
+    H: torch.Tensor, device: torch.device, *, damp: float, act_order: bool, max_retries: int, name: str, reuse_h: bool
+) -> _Factor:
+    """``core.gptq._factor`` with ``H`` (any float dtype, any device) gathered in chunks; read only unless
     ``reuse_h`` (a float64 ``H``'s storage then holds the factor and its inverse once it is gathered)."""
-    n = W.shape[1]
-    diag = torch.diagonal(H).to(device=W.device, dtype=torch.float32, copy=True)
+    n = H.shape[-1]
+    diag = torch.diagonal(H).to(device=device, dtype=torch.float32, copy=True)
     dead = diag == 0
     diag[dead] = 1.0
-    W[:, dead] = 0.0
-    scale, zero = compute_qparams(W, spec, name, scale_dtype=scale_dtype)
-    group_of_col = torch.arange(n, device=W.device) // spec.group_len(n)
     perm = torch.argsort(diag, descending=True, stable=True) if act_order else None
-    order = perm if perm is not None else torch.arange(n, device=W.device)
-    if perm is not None:
-        W, group_of_col, dead = W[:, perm], group_of_col[perm], dead[perm]
+    order = perm if perm is not None else torch.arange(n, device=device)
 
     def build() -> torch.Tensor:  # the permuted Hessian, dead inputs' H_ii := 1
-        A = gathered(H, order, W.device)
+        A = gathered(H, order, device)
         A.diagonal().copy_(diag.index_select(0, order))
         return A
 
@@ -209,23 +183,16 @@ def _solve_block_lean(
         # the damping's mean, read as the fast path reads it (a reduction over the same strided view)
         mean_diag = float(torch.diagonal(A).mean())
         workspace = _workspace(H, n, reuse_h)
-        rebuild = lambda: flip_(build())  # noqa: E731
         given = [flip_(A)]
         del A
-        U, used, retries = _factor(given, rebuild, workspace, n, mean_diag, damp, max_retries, name)
-    if cross is not None:
-        W = asymmetric_target(W, gathered(cross, order, W.device), U)
-        W[:, dead] = 0.0  # the quantized path never feeds these inputs
-    with torch.profiler.record_function("gptq.columns"):
-        codes = _quantize_columns(W, U, scale[:, group_of_col], zero[:, group_of_col], spec, block_size, fused)
-    del U
-    if perm is not None:
-        codes = codes[:, torch.argsort(perm)]
-    return _BlockSolve(codes.to(spec.code_dtype), scale, zero, used, retries, perm)
+        U, used, retries = _damped_factor(
+            given, lambda: flip_(build()), workspace, n, mean_diag, damp, max_retries, name
+        )
+    return _Factor(U, perm, dead, used, retries)
 
 
-def gptq_quantize_lean(
-    W: torch.Tensor,
+def gptq_quantize_shared_lean(
+    weights: Sequence[torch.Tensor],
     H: torch.Tensor,
     spec: QuantSpec,
     *,
@@ -233,38 +200,54 @@ def gptq_quantize_lean(
     damp: float = 0.01,
     act_order: bool = True,
     max_retries: int = 3,
-    name: str = "",
+    names: Sequence[str] | None = None,
     cross: torch.Tensor | None = None,
     kernel: Kernel = "auto",
+    concat_rows: bool = True,
     reuse_h: bool = False,
-) -> GPTQResult:
-    """:func:`~lightning_tlq.core.gptq.gptq_quantize` (same arguments, same result) with the least memory.
+) -> list[GPTQResult]:
+    """:func:`~lightning_tlq.core.gptq.gptq_quantize_shared` (same arguments, same results) with the least memory.
 
-    ``H`` (and ``cross``) are read, never modified or converted as a whole; see the module docstring. With
-    ``reuse_h`` a float64 ``H`` is overwritten (its storage holds the Cholesky factor and its inverse): for a
-    caller that never reads it again.
+    ``H`` is read, never converted as a whole; with ``reuse_h`` a float64 ``H`` is overwritten (its storage holds
+    the Cholesky factor and its inverse): for a caller that never reads it again. ``cross`` (GPTAQ) is converted and
+    permuted as the fast path does.
     """
-    groups = _validate(W, H, spec, block_size, damp, max_retries, name)
-    fused = _use_triton(kernel, W, block_size, name)
-    Wf = W.detach().to(torch.float32, copy=True)
-    Hg = H.detach().reshape(groups, W.shape[1], W.shape[1])
-    Cg = None if cross is None else _check_cross(cross, H, name).reshape(Hg.shape)
-    rows = W.shape[0] // groups
-    solves = [
-        _solve_block_lean(
-            Wf[g * rows : (g + 1) * rows],
-            Hg[g],
-            spec,
-            block_size=block_size,
-            damp=damp,
-            act_order=act_order,
-            max_retries=max_retries,
-            name=name if groups == 1 else f"{label(name)}[group {g}]",
-            scale_dtype=W.dtype,
-            cross=None if Cg is None else Cg[g],
-            fused=fused,
-            reuse_h=reuse_h,
+    names = list(names) if names is not None else [""] * len(weights)
+    if not weights or len(names) != len(weights):
+        raise ValueError(f"gptq_quantize_shared: need one name per weight, got {len(names)} for {len(weights)}.")
+    if len({(W.dtype, W.device) for W in weights}) > 1:
+        raise ValueError(f"gptq_quantize_shared: {', '.join(names)} must have one dtype and device.")
+    groups = max(_validate(W, H, spec, block_size, damp, max_retries, n) for W, n in zip(weights, names))
+    fused = _use_triton(kernel, weights[0], block_size, names[0])
+    device, in_features = weights[0].device, weights[0].shape[1]
+    Wfs = [W.detach().to(torch.float32, copy=True) for W in weights]
+    Hg = H.detach().reshape(groups, in_features, in_features)
+    Cg = None
+    if cross is not None:
+        Cg = _check_cross(cross, H, names[0]).to(device=device, dtype=torch.float32).reshape(Hg.shape)
+    rows = [W.shape[0] // groups for W in weights]
+    joint = ", ".join(label(n) for n in names)
+    solves: list[list[_BlockSolve]] = [[] for _ in weights]
+    for g in range(groups):
+        tag = "" if groups == 1 else f"[group {g}]"
+        f = _factor_lean(
+            Hg[g], device, damp=damp, act_order=act_order, max_retries=max_retries, name=joint + tag, reuse_h=reuse_h
         )
-        for g in range(groups)
-    ]
-    return _assemble(solves, spec, W.dtype)
+        blocks = [Wf[g * r : (g + 1) * r] for Wf, r in zip(Wfs, rows)]
+        kw = {"block_size": block_size, "scale_dtype": weights[0].dtype, "fused": fused}
+        kw["cross"] = None if Cg is None else Cg[g]
+        if concat_rows and len(blocks) > 1:
+            s = _solve_rows(torch.cat(blocks), f, spec, name=joint + tag, **kw)
+            parts = zip(s.codes.split(rows), s.scale.split(rows), s.zero.split(rows))
+            for out, (c, sc, z) in zip(solves, parts):
+                out.append(_BlockSolve(c, sc, z, s.damp, s.retries, s.perm))
+        else:
+            for out, block, n in zip(solves, blocks, names):
+                out.append(_solve_rows(block, f, spec, name=n if groups == 1 else f"{label(n)}{tag}", **kw))
+        del f
+    return [_assemble(s, spec, W.dtype) for s, W in zip(solves, weights)]
+
+
+def gptq_quantize_lean(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, name: str = "", **kw) -> GPTQResult:
+    """:func:`~lightning_tlq.core.gptq.gptq_quantize` with the least memory (:func:`gptq_quantize_shared_lean`)."""
+    return gptq_quantize_shared_lean([W], H, spec, names=[name], **kw)[0]

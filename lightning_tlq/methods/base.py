@@ -24,12 +24,13 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from torch import Tensor
 
-from lightning_tlq.core.gptq import gptq_quantize
-from lightning_tlq.core.gptq_lean import gptq_quantize_lean
+from lightning_tlq.core.gptq import gptq_quantize, gptq_quantize_shared
+from lightning_tlq.core.gptq_lean import gptq_quantize_lean, gptq_quantize_shared_lean
 from lightning_tlq.core.quantizer import QuantResult, rtn
 
 if TYPE_CHECKING:
     from lightning_tlq.config import ImportanceArgs, QuantArgs
+    from lightning_tlq.keys import ModuleKey
 
 SolveStatistic = Literal["none", "plain", "weighted"]
 
@@ -101,9 +102,9 @@ class Method:
             raise ValueError(f"quant.awq_clip=true applies to quant.method awq or mbq, not {self.name!r}.")
 
     def after_importance(
-        self, scores: Mapping[str, Sequence[Tensor]], masks: Sequence[Any], collective: Any, adapter: Any
-    ) -> dict[str, float]:
-        """Per-run values derived from the raw importance scores, keyed by ``"<layer>.<module>"`` (default none)."""
+        self, scores: Mapping[ModuleKey, Sequence[Tensor]], masks: Sequence[Any], collective: Any, adapter: Any
+    ) -> dict[ModuleKey, float]:
+        """Per-run values derived from the raw importance scores, keyed by ``(layer, module)`` (default none)."""
         return {}
 
     def quantize(
@@ -119,6 +120,23 @@ class Method:
         clipped = smoothing.clipped(module, weight) if smoothing is not None else weight
         return rtn(clipped, quant.spec)
 
+    def quantize_shared(
+        self,
+        weights: Sequence[Tensor],
+        stats: ModuleStats,
+        quant: QuantArgs,
+        *,
+        modules: Sequence[str],
+        wheres: Sequence[str],
+        smoothing: Any = None,
+    ) -> list[QuantResult]:
+        """Quantize modules that read one input and share ``stats`` (one result each, as :meth:`quantize` gives
+        it); the default solves them one by one."""
+        return [
+            self.quantize(w, stats, quant, module=m, where=wh, smoothing=smoothing)
+            for w, m, wh in zip(weights, modules, wheres)
+        ]
+
 
 class GPTQSolve(Method):
     """Mixin for methods solved by GPTQ on their accumulated statistic (with GPTAQ's cross term under target fp)."""
@@ -129,8 +147,7 @@ class GPTQSolve(Method):
     def quantize(
         self, weight: Tensor, stats: ModuleStats, quant: QuantArgs, *, module: str, where: str, smoothing: Any = None
     ) -> QuantResult:
-        if stats.H is None or stats.tokens == 0 or stats.weight_sum == 0:
-            raise RuntimeError(f"{where[0].upper()}{where[1:]}: no calibration token reached this module.")
+        _check_tokens(stats, where)
         solve = partial(gptq_quantize_lean, reuse_h=stats.reuse_h) if stats.lean else gptq_quantize
         return solve(
             weight,
@@ -143,3 +160,35 @@ class GPTQSolve(Method):
             cross=stats.cross,
             kernel=quant.kernel,
         )
+
+    def quantize_shared(
+        self,
+        weights: Sequence[Tensor],
+        stats: ModuleStats,
+        quant: QuantArgs,
+        *,
+        modules: Sequence[str],
+        wheres: Sequence[str],
+        smoothing: Any = None,
+    ) -> list[QuantResult]:
+        """One factorisation of the shared Hessian, the rows of all weights in one column loop."""
+        _check_tokens(stats, wheres[0])
+        if len(weights) == 1:
+            return [self.quantize(weights[0], stats, quant, module=modules[0], where=wheres[0])]
+        shared = partial(gptq_quantize_shared_lean, reuse_h=stats.reuse_h) if stats.lean else gptq_quantize_shared
+        return shared(  # type: ignore[return-value]
+            weights,
+            stats.H,
+            quant.spec,
+            block_size=quant.block_size,
+            damp=quant.damp,
+            act_order=quant.act_order,
+            names=wheres,
+            cross=stats.cross,
+            kernel=quant.kernel,
+        )
+
+
+def _check_tokens(stats: ModuleStats, where: str) -> None:
+    if stats.H is None or stats.tokens == 0 or stats.weight_sum == 0:
+        raise RuntimeError(f"{where[0].upper()}{where[1:]}: no calibration token reached this module.")
