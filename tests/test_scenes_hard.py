@@ -78,6 +78,12 @@ def test_fast_encoder_equals_the_processor_path(family):
     for key, value in fast.items():
         torch.testing.assert_close(value, ref[key].to(value.dtype), atol=1e-6, rtol=0)
     assert int((fast["input_ids"][0] == encoder.image_token).sum()) == models.IMAGE_TOKENS
+    items = encoder.items(examples)
+    for item, e in zip(items, examples):
+        one = encode_sample(processor, Sample(e.pil(), e.question, e.answer, e.kind))
+        assert set(item) == set(one)
+        for key, value in item.items():
+            torch.testing.assert_close(value, one[key].to(value.dtype), atol=1e-6, rtol=0)
     assert torch.isfinite(model(**fast, labels=batch["labels"], use_cache=False).loss)
 
 

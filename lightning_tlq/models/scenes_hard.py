@@ -178,6 +178,20 @@ class HardEncoder:
         out["image_grid_thw"] = torch.tensor([grid] * ids.shape[0], device=ids.device)
         return out
 
+    def items(self, examples: Sequence[scenes_hard.Example]) -> list[dict[str, torch.Tensor]]:
+        """One dict per example, equal to ``encode_sample(processor, sample)`` (for the evaluation harness)."""
+        batch = self.batch(examples)
+        inputs = {**self.model_inputs(batch), "labels": batch["labels"]}
+        per_image = inputs["pixel_values"].shape[0] // len(examples)
+        out = []
+        for i, n in enumerate(batch["attention_mask"].sum(1).tolist()):
+            item = {k: v[i : i + 1, :n] for k, v in inputs.items() if v.dim() == 2 and k != "pixel_values"}
+            item["pixel_values"] = inputs["pixel_values"][i * per_image : (i + 1) * per_image]
+            if "image_grid_thw" in inputs:
+                item["image_grid_thw"] = inputs["image_grid_thw"][i : i + 1]
+            out.append(item)
+        return out
+
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """``[B, H, W, 3]`` uint8 -> CLIP-normalised float32 ``[B, 3, H, W]`` (both families' processors)."""
