@@ -121,8 +121,9 @@ def train(args, model, encoder, device, val) -> tuple[list, int, float]:
             model.eval()
             quick = exact_match(model, encoder, val[: max(1, 512 // args.eval_batch_size)], device)
             model.train()
-            entry = {"step": step, "loss": loss.item(), "lr": args.lr * scale, "s": round(time.perf_counter() - start, 1),
-                     "val_exact_match": quick["exact_match"], "val_per_kind": quick["per_kind"]}  # fmt: skip
+            entry = {"step": step, "loss": loss.item(), "lr": args.lr * scale,
+                     "s": round(time.perf_counter() - start, 1), "val_exact_match": quick["exact_match"],
+                     "val_per_kind": quick["per_kind"]}  # fmt: skip
             log.append(entry)
             print(args.family, json.dumps(entry), flush=True)
     return log, step, time.perf_counter() - start
