@@ -41,7 +41,7 @@ def plan(models: list[str], methods: list[str], settings: list[str], seeds: list
     for si, seed in enumerate(seeds):
         for mi, method in enumerate(methods):
             for ti, setting in enumerate(settings):
-                if (method == "smoothquant") != (SETTINGS[setting][2] is not None) and method == "smoothquant":
+                if method == "smoothquant" and SETTINGS[setting][2] is None:
                     continue  # smoothquant needs activation quantization
                 if method == "rtn" and si > 0:
                     continue  # deterministic: one run
