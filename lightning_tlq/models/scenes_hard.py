@@ -142,6 +142,7 @@ class HardEncoder:
         at = next(i for i in range(len(ids)) if ids[i : i + len(q)] == q)
         answer_at = next(i for i, v in enumerate(labels) if v != -100)
         self.prefix, self.suffix = ids[:at], ids[at + len(q) : answer_at]
+        self.token_types = "mm_token_type_ids" in probe  # Qwen2-VL's processor gives them in transformers 5.x
         if self.prefix.count(self.image_token) != IMAGE_TOKENS:
             raise ValueError(f"The processor gives {self.prefix.count(self.image_token)} image tokens, not 144.")
 
@@ -172,7 +173,8 @@ class HardEncoder:
         pixels = normalize(batch["images"])
         if self.family == "llava":
             return {**out, "pixel_values": pixels.to(dtype)}
-        out["mm_token_type_ids"] = (ids == self.image_token).long()
+        if self.token_types:
+            out["mm_token_type_ids"] = (ids == self.image_token).long()
         out["pixel_values"] = qwen_patches(pixels).to(dtype)
         grid = [1, scenes_hard.IMAGE_SIZE // _QWEN_PATCH, scenes_hard.IMAGE_SIZE // _QWEN_PATCH]
         out["image_grid_thw"] = torch.tensor([grid] * ids.shape[0], device=ids.device)
