@@ -46,3 +46,34 @@ def test_bootstrap_interval(runner):
     assert got["seeds"] == [0]
     assert got["diff"] == pytest.approx(0.03)
     assert 0 <= got["lo"] <= 0.03 <= got["hi"] <= 0.1  # every paired difference is >= 0
+
+
+@pytest.mark.slow
+def test_train_and_table_smoke(tmp_path):
+    """Both scripts end to end on tiny shapes: 3 training steps per family, then rtn/gptq/tlq on both models."""
+    import json
+    import subprocess
+    import sys
+
+    root = EXAMPLE.parent.parent
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(PYTHONPATH=str(root), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    models = []
+    for family in ("llava", "qwen2_vl"):
+        out = tmp_path / family
+        cmd = [sys.executable, str(root / "examples" / "train_hard_vlm.py"), "--smoke", "--family", family]
+        subprocess.run([*cmd, "--out", str(out)], env=env, check=True, timeout=300, capture_output=True)
+        assert json.loads((out / "training.json").read_text())["steps"] == 3
+        models.append(f"{family}={out}")
+    table = tmp_path / "q.json"
+    subprocess.run([sys.executable, str(EXAMPLE), "--smoke", "--models", *models, "--methods", "rtn", "gptq", "tlq",
+                    "--settings", "W2A16 g64", "--seeds", "0", "--json", str(table), "--md", str(tmp_path / "q.md"),
+                    "--max-seconds", "600"], env=env, check=True, timeout=900, capture_output=True)  # fmt: skip
+    state = json.loads(table.read_text())
+    assert state["status"] == "complete"
+    assert not state["errors"]
+    assert sorted(state["fp"]) == ["llava", "qwen2_vl"]
+    assert {(c["model"], c["method"]) for c in state["cells"]} == {
+        (m, k) for m in ("llava", "qwen2_vl") for k in ("rtn", "gptq", "tlq")
+    }
+    assert all(c["n"] == 16 and c["kl"] >= 0 for c in state["cells"])
