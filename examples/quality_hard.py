@@ -212,7 +212,8 @@ def run(args: argparse.Namespace) -> dict:
         try:
             r = results.get(timeout=2)
         except queue.Empty:
-            done = sum(not p.is_alive() for p in procs) if all(not p.is_alive() for p in procs) else done
+            if not any(p.is_alive() for p in procs):
+                break  # every worker is gone (crashed without saying so)
             continue
         if "done" in r:
             done += 1
