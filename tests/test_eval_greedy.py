@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 
+from lightning_tlq.actquant import apply_activation_quant
 from lightning_tlq.data import collate, encode_sample
 from lightning_tlq.eval_forward import _answer_logits
 from lightning_tlq.eval_greedy import argmax_is_greedy, decided_answers, decided_tokens
@@ -77,6 +78,9 @@ def test_near_ties_and_generation_settings_leave_the_answer_to_generate(scenes):
     top = tied[first].topk(2)
     tied[first, top.indices[1]] = top.values[0] - 1e-5  # within the float32 rounding margin
     assert [a is None for a in decided_answers(module, encoded[:4], tied, targets, rows, 8)] == [0, 1, 0, 0]
+
+    with apply_activation_quant(module.model, 8, module.adapter.target_module_names()):  # W4A8 at inference
+        assert decided_answers(module, encoded[:4], logits, targets, rows, 8) == [None] * 4
 
     model = copy.deepcopy(module.model)
     model.generation_config.temperature, model.generation_config.top_k = 0.5, 5  # sampling only: still greedy
