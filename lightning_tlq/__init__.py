@@ -39,6 +39,7 @@ _EXPORTS = {
     "evaluate_model": "harness",
     "reference_logits": "harness",
     "TokenImportance": "importance",
+    "ModuleKey": "keys",
     "CalibrationLoop": "loop",
     "TLQModule": "module",
     "CalibrationProgress": "progress",
@@ -59,6 +60,7 @@ __all__ = [
     "LayerCheckpoint",
     "LayerStage",
     "Method",
+    "ModuleKey",
     "QuantArgs",
     "ReferenceLogits",
     "TLQCallback",
@@ -118,6 +120,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from lightning_tlq.evaluate import evaluate
     from lightning_tlq.harness import ReferenceLogits, evaluate_model, reference_logits
     from lightning_tlq.importance import TokenImportance
+    from lightning_tlq.keys import ModuleKey
     from lightning_tlq.loop import CalibrationLoop
     from lightning_tlq.methods import Method, get_method, method_names, register_method
     from lightning_tlq.module import TLQModule

@@ -54,6 +54,7 @@ from lightning_tlq.adapters import get_adapter
 from lightning_tlq.compat import restore_output_capturing
 from lightning_tlq.config import ImportanceArgs, MemoryArgs, QuantArgs, TokenSetArgs
 from lightning_tlq.distributed import shard_range
+from lightning_tlq.keys import ModuleKey
 from lightning_tlq.module import TLQModule
 from lightning_tlq.pipeline import Calibration
 from lightning_tlq.preflight import check_batches, check_finite_weights, check_quantizable
@@ -91,7 +92,8 @@ class TLQCallback(Callback):
     Attributes:
         records: Per-layer records of the last calibration (None before it ran).
         report: The full report of the last calibration.
-        results: ``"{layer}.{module}"`` -> integer codes, scales and zero points of every quantized module.
+        results: :class:`~lightning_tlq.keys.ModuleKey` ``(layer, module)`` -> integer codes, scales and zero points
+            of every quantized module.
     """
 
     def __init__(
@@ -129,7 +131,7 @@ class TLQCallback(Callback):
         self.progress_bar = progress_bar
         self.records: list[dict[str, Any]] | None = None
         self.report: dict[str, Any] | None = None
-        self.results: dict[str, Any] = {}
+        self.results: dict[ModuleKey, Any] = {}
 
     # --- hooks -----------------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

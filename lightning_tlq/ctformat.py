@@ -16,6 +16,7 @@ from torch import nn
 from lightning_tlq.core.actquant import token_activation_args
 from lightning_tlq.core.pack import packed_length
 from lightning_tlq.core.quantizer import QuantSpec
+from lightning_tlq.keys import ModuleKey
 
 __all__ = [
     "INT_QUANTIZED",
@@ -115,9 +116,9 @@ def ignore_list(unquantized: Mapping[str, str]) -> list[str]:
 class ExportPlan:
     """Which Linear modules a calibration quantizes and under which names the export writes them."""
 
-    names: dict[str, str]
-    """Calibration result key (``"<layer>.<module>"``, ``"vision.<i>.<module>"``, ``"projector.<module>"``) ->
-    qualified module name."""
+    names: dict[ModuleKey, str]
+    """Calibration result key (a decoder layer's, a vision stage's or the projector's module) -> qualified module
+    name."""
     quantized: dict[str, str]
     """Quantized module name -> its prefix in the weight files (``<prefix>.weight_packed``, ...)."""
     unquantized: dict[str, str]
@@ -129,7 +130,7 @@ class ExportPlan:
         return ignore_list(self.unquantized)
 
 
-def export_plan(model: nn.Module, adapter: Any, keys: Iterable[str]) -> ExportPlan:
+def export_plan(model: nn.Module, adapter: Any, keys: Iterable[ModuleKey]) -> ExportPlan:
     """Resolve the calibration's result keys to module and checkpoint names; works on the ``meta`` device, so a
     recipe's export can be checked without weights.
 
@@ -141,16 +142,15 @@ def export_plan(model: nn.Module, adapter: Any, keys: Iterable[str]) -> ExportPl
         raise ExportError("The calibration produced no quantized module; nothing to record.")
     linear = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     qualified = {id(m): name for name, m in model.named_modules()}
-    vision = adapter.vision_targets() if any(not k.split(".", 1)[0].isdigit() for k in keys) else {}
+    vision = adapter.vision_targets() if any(k.is_vision for k in keys) else {}
     layers = {id(layer): i for i, layer in enumerate(adapter.decoder_layers())}
     layer_names = {layers[id(m)]: name for name, m in model.named_modules() if id(m) in layers}
     names = {}
     for key in keys:
-        index, rel = key.split(".", 1)
-        if key in vision:  # "vision.<i>.<module>" / "projector.<module>"
+        if key.is_vision:
             name = qualified[id(vision[key])]
         else:
-            name = f"{layer_names[int(index)]}.{rel}"
+            name = f"{layer_names[key.stage]}.{key.module}"
         if name not in linear:
             raise ExportError(f"Quantized module {name} is not an nn.Linear of the model; cannot record its codes.")
         names[key] = name

@@ -8,7 +8,7 @@ adapter can reuse it unchanged (``class TokenImportanceCallback(TokenImportance,
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from functools import partial
 from typing import Any
 
@@ -37,15 +37,17 @@ class TokenImportance:
         self.score = score
         self.groups = groups
         self.offload = offload
-        self.scores: dict[str, list[Tensor]] = {}
-        self._collected: dict[str, dict[int, Tensor]] = {}
-        self._pending: dict[str, Tensor] = {}
+        self.scores: dict[Hashable, list[Tensor]] = {}
+        """Per target key (the calibration's :class:`~lightning_tlq.keys.ModuleKey`), a ``[B, S, G]`` score per
+        batch (after ``on_importance_end``)."""
+        self._collected: dict[Hashable, dict[int, Tensor]] = {}
+        self._pending: dict[Hashable, Tensor] = {}
         self._batches: set[int] = set()
         self._handles: list[Any] = []
         self._async = False
         self._arena: PinnedArena | None = None
 
-    def on_importance_start(self, fabric: Any = None, targets: Mapping[str, nn.Module] | None = None) -> None:
+    def on_importance_start(self, fabric: Any = None, targets: Mapping[Hashable, nn.Module] | None = None) -> None:
         """Hook the output of every target module."""
         self._remove_hooks()
         self.scores, self._pending, self._batches = {}, {}, set()
@@ -83,12 +85,12 @@ class TokenImportance:
         self.scores = {name: [got[b] for b in batches] for name, got in self._collected.items()}
         self._collected = {}
 
-    def _on_forward(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
+    def _on_forward(self, name: Hashable, module: nn.Module, args: Any, output: Any) -> None:
         if isinstance(output, Tensor) and output.requires_grad:
             keep = output.detach() if self.score == "taylor" else None
             output.register_hook(partial(self._on_grad, name, keep))
 
-    def _on_grad(self, name: str, output: Tensor | None, grad: Tensor) -> None:
+    def _on_grad(self, name: Hashable, output: Tensor | None, grad: Tensor) -> None:
         if name in self._pending:
             raise RuntimeError(f"Module {name} ran twice in one forward pass; importance expects one call per batch.")
         value = raw_scores(grad, output, self.score, self.groups)

@@ -16,20 +16,20 @@ from lightning_tlq.adapters.base import CapturedInputs
 from lightning_tlq.core.importance import postprocess_flat, scatter_modules
 from lightning_tlq.data import TokenMasks
 from lightning_tlq.importance import TokenImportance
+from lightning_tlq.keys import ModuleKey
 from lightning_tlq.losses import answer_loss_from_hidden
 from lightning_tlq.observers import emit
-from lightning_tlq.vision import is_vision_key
 
 
 @dataclass
 class Importance:
     """What the importance pass produced (identical layout on every rank, values for this rank's tokens)."""
 
-    decoder: dict[str, list[Tensor]] = field(default_factory=dict)
-    """``"<layer>.<module>"`` -> per batch ``[B, S, G]`` token weights (mean 1 over all ranks' real tokens)."""
-    vision: dict[str, list[Tensor]] = field(default_factory=dict)
+    decoder: dict[ModuleKey, list[Tensor]] = field(default_factory=dict)
+    """``(layer, module)`` -> per batch ``[B, S, G]`` token weights (mean 1 over all ranks' real tokens)."""
+    vision: dict[ModuleKey, list[Tensor]] = field(default_factory=dict)
     """Raw scores of vision-tower modules (post-processed per stage by the vision calibration)."""
-    method_state: dict[str, float] = field(default_factory=dict)
+    method_state: dict[ModuleKey, float] = field(default_factory=dict)
     """The method's per-run values derived from the raw scores (``Method.after_importance``)."""
 
 
@@ -81,18 +81,16 @@ class ImportancePass:
             emit(self.fabric, "on_importance_end")
         scores = self.collector.scores
         state = self.settings.quant.handler.after_importance(scores, masks, self.collective, self.adapter)
-        decoder = {k: v for k, v in scores.items() if not is_vision_key(k)}
-        return Importance(
-            self._postprocess(decoder, masks), {k: v for k, v in scores.items() if is_vision_key(k)}, state
-        )
+        decoder = {k: v for k, v in scores.items() if not k.is_vision}
+        return Importance(self._postprocess(decoder, masks), {k: v for k, v in scores.items() if k.is_vision}, state)
 
-    def targets(self) -> dict[str, nn.Module]:
+    def targets(self) -> dict[ModuleKey, nn.Module]:
         """Every module whose output gradient is scored: the vision tower's (with ``quant.vision``), then every
-        decoder layer's target modules, keyed ``"<layer>.<module>"``."""
+        decoder layer's target modules, keyed ``(layer, module)``."""
         layers = self.adapter.decoder_layers()
         targets = self.vision.targets() if self.vision is not None else {}
         targets.update(
-            (f"{i}.{name}", layers[i].get_submodule(name))
+            (ModuleKey(i, name), layers[i].get_submodule(name))
             for i in range(len(layers))
             for group in self.adapter.module_groups(i)
             for name in group
@@ -126,21 +124,25 @@ class ImportancePass:
             self.placement.prefetch(index + 1)
             inputs.append(self.replay.propagate(index, captured, inputs[-1]))
             self.placement.offload(index)
-        grads = []
-        for b, batch in enumerate(inputs.pop()):
-            h = batch.to(device).detach().requires_grad_(True)
+        grads, last = [], inputs.pop()
+        for b in range(len(last)):
+            h = last[b].to(device, non_blocking=True).detach().requires_grad_(True)  # from page-locked host memory
+            last[b] = None  # type: ignore[call-overload]  # each batch's gradient replaces its output
             with torch.enable_grad():
                 loss = answer_loss_from_hidden(self.adapter.head, h, batches[b]["labels"])
                 check_loss(loss, b)
                 (grad,) = torch.autograd.grad(loss, h)
             grads.append(grad)
+            del h, loss
+        if self.vision is None:  # nothing needs the head on the device any more (embeddings, tower: parked)
+            self.placement.park((), modified=False)
         for index in reversed(range(n_layers)):
             self.placement.onload(index)
             self.placement.prefetch(index - 1)
             layer_inputs = inputs.pop()
             for b in range(len(batches)):
                 self._batch(b, start=True)
-                h = layer_inputs[b].to(device).detach().requires_grad_(True)
+                h = layer_inputs[b].to(device, non_blocking=True).detach().requires_grad_(True)
                 with torch.enable_grad():
                     out = self.adapter.run_layer(index, h, captured[b].layer_kwargs[index])
                     out.backward(grads[b])
@@ -153,7 +155,9 @@ class ImportancePass:
                 self.vision.backward_from_decoder_input(batch, grads[b])
                 self._batch(b, start=False)
 
-    def _postprocess(self, scores: Mapping[str, list[Tensor]], masks: Sequence[TokenMasks]) -> dict[str, list[Tensor]]:
+    def _postprocess(
+        self, scores: Mapping[ModuleKey, list[Tensor]], masks: Sequence[TokenMasks]
+    ) -> dict[ModuleKey, list[Tensor]]:
         """Normalise / floor / clip each module's scores over *all* ranks' tokens (gathered), keep this rank's.
 
         Post-processing treats every column on its own, so the ``[N, modules x groups]`` matrix of every real

@@ -14,6 +14,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from lightning_tlq.keys import ModuleKey
+
 
 class CalibrationObserver:
     """No-op base: every hook of a calibration run, in the order they fire."""
@@ -23,7 +25,7 @@ class CalibrationObserver:
     ) -> None:
         """Before any work; ``start_layer > 0`` when resuming, ``importance_passes`` backward sweeps per batch."""
 
-    def on_importance_start(self, fabric: Any, targets: Mapping[str, nn.Module]) -> None:
+    def on_importance_start(self, fabric: Any, targets: Mapping[ModuleKey, nn.Module]) -> None:
         """The importance backward starts; ``targets`` are the modules whose output gradients are scored."""
 
     def on_importance_batch_start(self, fabric: Any, batch_idx: int) -> None:
@@ -38,9 +40,9 @@ class CalibrationObserver:
     def on_importance_ready(
         self,
         fabric: Any,
-        importance: Mapping[str, Sequence[Tensor]],
-        vision_scores: Mapping[str, Sequence[Tensor]],
-        method_state: Mapping[str, float],
+        importance: Mapping[ModuleKey, Sequence[Tensor]],
+        vision_scores: Mapping[ModuleKey, Sequence[Tensor]],
+        method_state: Mapping[ModuleKey, float],
     ) -> None:
         """Post-processed decoder token weights, raw vision scores and the method's per-run values (mbq: vision
         weights) are final (not called when a run resumes after them)."""
@@ -52,7 +54,11 @@ class CalibrationObserver:
         """That stage is calibrated; ``record`` as in the report."""
 
     def on_vision_end(
-        self, fabric: Any, modules: Mapping[str, nn.Module], results: Mapping[str, Any], records: Sequence[Any]
+        self,
+        fabric: Any,
+        modules: Mapping[ModuleKey, nn.Module],
+        results: Mapping[ModuleKey, Any],
+        records: Sequence[Any],
     ) -> None:
         """The whole vision tower is calibrated."""
 
@@ -71,7 +77,8 @@ class CalibrationObserver:
         results: Mapping[str, Any],
         hidden: Sequence[Tensor],
     ) -> None:
-        """Layer ``index`` is quantized in place; ``hidden`` are its quantized-path outputs (next layer's inputs)."""
+        """Layer ``index`` is quantized in place (``results`` keyed by module name in the layer); ``hidden`` are its
+        quantized-path outputs (next layer's inputs)."""
 
     def on_calibration_end(self, fabric: Any, records: Sequence[Mapping[str, Any]]) -> None:
         """Every layer is done; ``records`` as in the report."""

@@ -18,6 +18,7 @@ from lightning_tlq.actquant import CONFIG_KEY, quantization_record
 from lightning_tlq.adapters.vision import vision_adapter
 from lightning_tlq.distributed import Collective
 from lightning_tlq.export import PACKED_DIRNAME, save_qparams, write_packed
+from lightning_tlq.keys import ModuleKey
 from lightning_tlq.loop import CalibrationLoop
 from lightning_tlq.module import TLQModule
 from lightning_tlq.preflight import check_batches
@@ -41,8 +42,8 @@ class Calibration:
         save_dtype: write the model in this dtype (codes kept, scales rounded to it, weights re-derived from the
             codes: :func:`~lightning_tlq.savedtype.cast_for_save`); None keeps the compute dtype.
 
-    Attributes (after :meth:`run`): ``records`` (per decoder layer), ``results`` (``"<layer>.<module>"`` -> codes,
-    scales and zero points), ``report`` and ``loop``.
+    Attributes (after :meth:`run`): ``records`` (per decoder layer), ``results`` (:class:`~lightning_tlq.keys.ModuleKey`
+    ``(layer, module)`` -> codes, scales and zero points), ``report`` and ``loop``.
     """
 
     def __init__(
@@ -59,7 +60,7 @@ class Calibration:
         self.settings, self.output_dir, self.overwrite, self.export = settings, output_dir, overwrite, export
         self.checkpoint, self.quiet, self.save_dtype = checkpoint, quiet, save_dtype
         self.records: list[dict[str, Any]] = []
-        self.results: dict[str, Any] = {}
+        self.results: dict[ModuleKey, Any] = {}
         self.report: dict[str, Any] = {}
         self.loop: CalibrationLoop | None = None
 

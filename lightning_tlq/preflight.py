@@ -103,7 +103,7 @@ def check_quantizable(model: nn.Module, quant: QuantArgs) -> VLMAdapter:
         from lightning_tlq.adapters.vision import vision_adapter
 
         for key, module in vision_adapter(adapter).vision_targets().items():
-            _check_shape(quant, module, key, hint=" For the vision tower, alternatively use quant.vision=false.")
+            _check_shape(quant, module, str(key), hint=" For the vision tower, alternatively use quant.vision=false.")
     return adapter
 
 

@@ -17,21 +17,24 @@ from torch import Tensor, nn
 from lightning_tlq.core.pack import pack_int32, to_unsigned, unpack_int32
 from lightning_tlq.core.quantizer import QuantSpec
 from lightning_tlq.ctformat import ExportError, export_plan
+from lightning_tlq.keys import ModuleKey
 
 QPARAMS_NAME = "tlq_qparams.safetensors"
 _QPARAMS_FORMAT = "lightning-tlq-qparams"
 _QPARAMS_VERSION = "1"
 
 
-def save_qparams(directory: str | Path, model: nn.Module, adapter: Any, results: Mapping[str, Any], quant: Any) -> Path:
+def save_qparams(
+    directory: str | Path, model: nn.Module, adapter: Any, results: Mapping[ModuleKey, Any], quant: Any
+) -> Path:
     """Write the integer codes, scales and zero points of a calibration run next to the saved model.
 
     Args:
         directory: the calibrated output directory (``save_pretrained`` already ran or runs there).
         model: the calibrated HF model.
         adapter: its :class:`~lightning_tlq.adapters.VLMAdapter` (decoder layer names, ignored prefixes).
-        results: :attr:`CalibrationLoop.results`: ``"<layer>.<module>"`` (decoder), ``"vision.<i>.<module>"`` or
-            ``"projector.<module>"`` (vision tower) -> ``ModuleResult``.
+        results: :attr:`CalibrationLoop.results`: :class:`~lightning_tlq.keys.ModuleKey` (a decoder layer's, vision
+            stage's or the projector's module) -> ``ModuleResult``.
         quant: the :class:`~lightning_tlq.config.QuantArgs` used.
 
     Returns:

@@ -11,19 +11,18 @@
   (``hidden_{k}.rank{r}.pt``), with ``quant.target = fp`` also those of the full-precision stream
   (``fp_hidden_{k}.rank{r}.pt``), then, last, ``state.json`` with ``next_layer = k + 1`` (the commit point).
 
-Every file is written to a temporary name, fsynced and renamed, so a crash at any instant leaves the last committed
-layer intact. :class:`~lightning_tlq.loop.CalibrationLoop` asks it for :meth:`LayerCheckpoint.restore` before
-starting: the finished layers' weights are loaded back, the importance pass is skipped and calibration continues at
+Every file is written to a temporary name, fsynced and renamed (:mod:`lightning_tlq.checkpoint_files`: the files,
+their names and the form of module keys on disk), so a crash at any instant leaves the last committed layer intact.
+:class:`~lightning_tlq.loop.CalibrationLoop` asks it for :meth:`LayerCheckpoint.restore` before starting: the
+finished layers' weights are loaded back, the importance pass is skipped and calibration continues at
 ``next_layer`` with the saved activations (a calibrated vision tower is loaded back instead of recalibrated), so
-the result is bit-identical to an uninterrupted run. The saved
-settings must match the resumed run's (model, data, quantization, importance, token set, dtype, seed, number of
-processes); otherwise :meth:`restore` refuses and names the differences. For multi-node runs the directory must
-be on a shared filesystem.
+the result is bit-identical to an uninterrupted run. The saved settings must match the resumed run's (model, data,
+quantization, importance, token set, dtype, seed, number of processes); otherwise :meth:`restore` refuses and names
+the differences. For multi-node runs the directory must be on a shared filesystem.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -32,28 +31,44 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
+from lightning_tlq.checkpoint_files import (
+    STATE_NAME,
+    VERSION,
+    VISION_NAME,
+    activations_file,
+    atomic_save,
+    importance_file,
+    keys_from_disk,
+    keys_to_disk,
+    layer_file,
+    load,
+    partial_dir,
+    results_from_disk,
+    results_to_disk,
+)
+from lightning_tlq.keys import ModuleKey
 from lightning_tlq.module_stats import ModuleResult
 from lightning_tlq.observers import CalibrationObserver
 from lightning_tlq.output_lock import discard_dir, remove_dead_temp_files
 from lightning_tlq.outputs import wrap_write_error, write_error
 
+__all__ = [
+    "STATE_NAME",
+    "LayerCheckpoint",
+    "ResumeState",
+    "discards_checkpoint",
+    "partial_dir",
+    "prepare_partial_dir",
+]
+
 log = logging.getLogger(__name__)
 
-STATE_NAME = "state.json"
-_VERSION = 1
 # Errors that a rerun with the same settings would repeat (bad settings or data, NaN/Inf): only after these is the
 # checkpoint this run created removed. Every other error -- a filesystem failure (whatever type the writer raised
 # it as), out of memory, an interrupt, anything unknown -- keeps it, since rerunning may then succeed.
 _PERMANENT = (ValueError, ArithmeticError, TypeError, NotImplementedError)
-
-
-def partial_dir(output_dir: str | os.PathLike) -> Path:
-    """Where the checkpoint of a run writing ``output_dir`` lives: ``<output_dir>.partial`` beside it."""
-    path = Path(output_dir)
-    return path.with_name(path.name + ".partial")
 
 
 def prepare_partial_dir(output_dir: str | os.PathLike, *, resume: bool, overwrite: bool) -> Path:
@@ -82,45 +97,20 @@ class ResumeState:
     """What an interrupted run had finished."""
 
     next_layer: int
-    importance: dict[str, list[Tensor]]
+    importance: dict[ModuleKey, list[Tensor]]
     hidden: list[Tensor] | None
     """This rank's inputs of ``next_layer`` on the quantized path (None when no layer had finished)."""
     records: list[dict[str, Any]]
-    results: dict[str, ModuleResult]
-    vision_scores: dict[str, list[Tensor]]
+    results: dict[ModuleKey, ModuleResult]
+    vision_scores: dict[ModuleKey, list[Tensor]]
     """Raw importance scores of the vision tower (empty without ``quant.vision``)."""
-    vision_results: dict[str, ModuleResult] | None = None
+    vision_results: dict[ModuleKey, ModuleResult] | None = None
     """The calibrated vision tower's results (None: not calibrated yet, or no ``quant.vision``)."""
     vision_records: list[dict[str, Any]] | None = None
-    method_state: dict[str, float] | None = None
+    method_state: dict[ModuleKey, float] | None = None
     """The method's per-run values derived from importance (mbq: vision weights), see ``Method.after_importance``."""
     fp_hidden: list[Tensor] | None = None
     """With ``quant.target = fp``: this rank's full-precision inputs of ``next_layer`` (None if none were saved)."""
-
-
-def _atomic_save(obj: Any, path: Path, *, what: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as file:
-            if isinstance(obj, str):
-                file.write(obj.encode())
-            else:
-                torch.save(obj, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        code = write_error(err, tmp)  # probed while the partial file still occupies the disk
-        with contextlib.suppress(OSError):  # e.g. read-only: there is no partial file
-            tmp.unlink(missing_ok=True)
-        hint = (
-            "the checkpoint is kept: fix that, then rerun with --resume true to continue from the last finished layer "
-            "(or pass --checkpoint false)"
-        )
-        wrapped = wrap_write_error(err, path, f"the calibration checkpoint ({what})", hint, code)
-        if wrapped is None:
-            raise
-        raise wrapped from err
 
 
 def _flatten(prefix: str, value: Any) -> dict[str, Any]:
@@ -152,7 +142,7 @@ class LayerCheckpoint(CalibrationObserver):
 
     # --- restore ------------------------------------------------------------------------------------------------
     def restore(
-        self, fabric: Any, layers: Sequence[nn.Module], vision_modules: Mapping[str, nn.Module] | None = None
+        self, fabric: Any, layers: Sequence[nn.Module], vision_modules: Mapping[ModuleKey, nn.Module] | None = None
     ) -> ResumeState | None:
         """Load the finished layers (and a calibrated vision tower) in place; return the rest; None if fresh.
 
@@ -171,39 +161,35 @@ class LayerCheckpoint(CalibrationObserver):
         self._check_compatible(state, fabric.world_size, len(layers))
         rank, next_layer = fabric.global_rank, int(state["next_layer"])
         records: list[dict[str, Any]] = []
-        results: dict[str, ModuleResult] = {}
+        results: dict[ModuleKey, ModuleResult] = {}
         for index in range(next_layer):
-            saved = self._load(self.directory / f"layer_{index:04d}.pt")
+            saved = load(self.directory / layer_file(index))
             layers[index].load_state_dict(saved["state"])
             records.append(saved["record"])
-            for name, res in saved["results"].items():
-                results[f"{index}.{name}"] = ModuleResult(None, res["codes"], res["scale"], res["zero"], res["record"])
-        saved_importance = self._load(self.directory / f"importance.rank{rank}.pt")
-        hidden = self._load(self.directory / f"hidden_{next_layer - 1:04d}.rank{rank}.pt") if next_layer else None
-        fp_file = self.directory / f"fp_hidden_{next_layer - 1:04d}.rank{rank}.pt"
-        self.restored = ResumeState(
-            next_layer, saved_importance["decoder"], hidden, records, results, saved_importance["vision"]
-        )
-        self.restored.method_state = saved_importance.get("method_state")
+            results.update(results_from_disk(saved["results"], stage=index))
+        saved_importance = load(self.directory / importance_file(rank))
+        hidden = load(self.directory / activations_file("hidden", next_layer - 1, rank)) if next_layer else None
+        fp_file = self.directory / activations_file("fp_hidden", next_layer - 1, rank)
+        decoder, vision = (keys_from_disk(saved_importance[part]) for part in ("decoder", "vision"))
+        self.restored = ResumeState(next_layer, decoder, hidden, records, results, vision)
+        if saved_importance.get("method_state") is not None:
+            self.restored.method_state = keys_from_disk(saved_importance["method_state"])
         if next_layer and fp_file.is_file():
-            self.restored.fp_hidden = self._load(fp_file)
+            self.restored.fp_hidden = load(fp_file)
         if state.get("vision_done"):
             self._restore_vision(vision_modules)
         if fabric.is_global_zero:
             log.info("Resuming from %s: %d of %d layers already calibrated.", self.directory, next_layer, len(layers))
         return self.restored
 
-    def _restore_vision(self, modules: Mapping[str, nn.Module] | None) -> None:
+    def _restore_vision(self, modules: Mapping[ModuleKey, nn.Module] | None) -> None:
         assert self.restored is not None
         if modules is None:
             raise ValueError(f"{self.directory} holds a calibrated vision tower, but this run has quant.vision=false.")
-        saved = self._load(self.directory / "vision.pt")
+        saved = load(self.directory / VISION_NAME)
         for key, module in modules.items():
-            module.load_state_dict(saved["state"][key])
-        self.restored.vision_results = {
-            key: ModuleResult(None, r["codes"], r["scale"], r["zero"], r["record"])
-            for key, r in saved["results"].items()
-        }
+            module.load_state_dict(saved["state"][str(key)])
+        self.restored.vision_results = results_from_disk(saved["results"])
         self.restored.vision_records = saved["records"]
         self._vision_done = True
 
@@ -213,7 +199,7 @@ class LayerCheckpoint(CalibrationObserver):
         fabric.barrier()
 
     def _check_compatible(self, state: Mapping[str, Any], world_size: int, num_layers: int) -> None:
-        if state.get("version") != _VERSION:
+        if state.get("version") != VERSION:
             raise ValueError(f"{self.directory} was written by another lightning_tlq version; pass --overwrite true.")
         if state["world_size"] != world_size:
             raise ValueError(
@@ -231,21 +217,13 @@ class LayerCheckpoint(CalibrationObserver):
                 "original settings, or pass --resume false --overwrite true to start over."
             )
 
-    def _load(self, path: Path) -> Any:
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"The checkpoint in {self.directory} is incomplete ({path.name} is missing); pass --resume false "
-                "--overwrite true to start over."
-            )
-        return torch.load(path, map_location="cpu", weights_only=True)
-
     # --- Fabric-style hooks -------------------------------------------------------------------------------------
     def on_importance_ready(
         self,
         fabric: Any,
-        importance: Mapping[str, list[Tensor]],
-        vision_scores: Mapping[str, list[Tensor]] | None = None,
-        method_state: Mapping[str, float] | None = None,
+        importance: Mapping[ModuleKey, list[Tensor]],
+        vision_scores: Mapping[ModuleKey, list[Tensor]] | None = None,
+        method_state: Mapping[ModuleKey, float] | None = None,
     ) -> None:
         """Save this rank's post-processed importance (raw vision scores, the method's per-run values such as mbq's
         vision weights), then commit ``next_layer = 0``."""
@@ -257,39 +235,38 @@ class LayerCheckpoint(CalibrationObserver):
         fabric.barrier()
         self._created = True
         saved = {
-            part: {name: [t.detach().cpu() for t in ts] for name, ts in (scores or {}).items()}
+            part: keys_to_disk({key: [t.detach().cpu() for t in ts] for key, ts in (scores or {}).items()})
             for part, scores in (("decoder", importance), ("vision", vision_scores))
         }
-        saved["method_state"] = dict(method_state or {})
-        _atomic_save(saved, self.directory / f"importance.rank{fabric.global_rank}.pt", what="token importance")
+        saved["method_state"] = keys_to_disk(method_state)
+        atomic_save(saved, self.directory / importance_file(fabric.global_rank), what="token importance")
         self._commit(fabric, next_layer=0)
 
     def on_vision_end(
         self,
         fabric: Any,
-        modules: Mapping[str, nn.Module],
-        results: Mapping[str, ModuleResult],
+        modules: Mapping[ModuleKey, nn.Module],
+        results: Mapping[ModuleKey, ModuleResult],
         records: Sequence[Mapping[str, Any]],
     ) -> None:
         """Save the calibrated vision tower and projector (rank 0), then commit."""
         if fabric.is_global_zero:
             saved = {
-                "state": {key: {k: v.detach().cpu() for k, v in m.state_dict().items()} for key, m in modules.items()},
-                "results": {
-                    key: {"codes": r.codes, "scale": r.scale, "zero": r.zero, "record": r.record}
-                    for key, r in results.items()
-                },
+                "state": keys_to_disk(
+                    {key: {k: v.detach().cpu() for k, v in m.state_dict().items()} for key, m in modules.items()}
+                ),
+                "results": results_to_disk(results),
                 "records": [dict(r) for r in records],
             }
-            _atomic_save(saved, self.directory / "vision.pt", what="after the vision tower")
+            atomic_save(saved, self.directory / VISION_NAME, what="after the vision tower")
         self._vision_done = True
         self._commit(fabric, next_layer=0)
 
     def on_layer_fp_hidden(self, fabric: Any, index: int, fp_hidden: Sequence[Tensor]) -> None:
         """Save this rank's full-precision stream after layer ``index`` (committed by :meth:`on_layer_end`)."""
-        _atomic_save(
+        atomic_save(
             [h.detach().cpu() for h in fp_hidden],
-            self.directory / f"fp_hidden_{index:04d}.rank{fabric.global_rank}.pt",
+            self.directory / activations_file("fp_hidden", index, fabric.global_rank),
             what=f"after layer {index}",
         )
 
@@ -304,37 +281,34 @@ class LayerCheckpoint(CalibrationObserver):
     ) -> None:
         """Save layer ``index`` (rank 0) and this rank's activations, commit, then drop the previous activations."""
         what = f"after layer {index}"
-        _atomic_save(
+        atomic_save(
             [h.detach().cpu() for h in hidden],
-            self.directory / f"hidden_{index:04d}.rank{fabric.global_rank}.pt",
+            self.directory / activations_file("hidden", index, fabric.global_rank),
             what=what,
         )
         if fabric.is_global_zero:
             saved = {
                 "state": {k: v.detach().cpu() for k, v in layer.state_dict().items()},
-                "results": {
-                    name: {"codes": r.codes, "scale": r.scale, "zero": r.zero, "record": r.record}
-                    for name, r in results.items()
-                },
+                "results": results_to_disk(results),
                 "record": dict(record),
             }
-            _atomic_save(saved, self.directory / f"layer_{index:04d}.pt", what=what)
+            atomic_save(saved, self.directory / layer_file(index), what=what)
         self._commit(fabric, next_layer=index + 1)
         for stream in ("hidden", "fp_hidden"):
-            (self.directory / f"{stream}_{index - 1:04d}.rank{fabric.global_rank}.pt").unlink(missing_ok=True)
+            (self.directory / activations_file(stream, index - 1, fabric.global_rank)).unlink(missing_ok=True)
 
     def _commit(self, fabric: Any, next_layer: int) -> None:
         fabric.barrier()  # every rank's files are on disk before the state points at them
         if fabric.is_global_zero:
             state = {
-                "version": _VERSION,
+                "version": VERSION,
                 "next_layer": next_layer,
                 "num_layers": self._num_layers,
                 "vision_done": self._vision_done,
                 "world_size": fabric.world_size,
                 "settings": self.settings,
             }
-            _atomic_save(json.dumps(state, indent=2) + "\n", self.directory / STATE_NAME, what="state")
+            atomic_save(json.dumps(state, indent=2) + "\n", self.directory / STATE_NAME, what="state")
         fabric.barrier()
 
     # --- end of run ---------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from lightning_tlq.core.quantizer import QuantSpec, dequantize
+from lightning_tlq.keys import ModuleKey
 
 AUTO = "auto"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -54,19 +55,18 @@ def resolve_dtypes(dtype: str, model: str) -> tuple[str, str | None]:
 
 
 def cast_for_save(
-    model: torch.nn.Module, adapter: Any, results: MutableMapping[str, Any], spec: QuantSpec, dtype: str
+    model: torch.nn.Module, adapter: Any, results: MutableMapping[ModuleKey, Any], spec: QuantSpec, dtype: str
 ) -> None:
     """Cast ``model`` to ``dtype`` in place, each quantized weight re-derived from its codes and its scales rounded
     to ``dtype`` (``results`` updated to the rounded scales, which :func:`~lightning_tlq.export.save_qparams`
     then writes)."""
     target = _DTYPES[dtype]
-    vision = adapter.vision_targets() if any(not k.split(".", 1)[0].isdigit() for k in results) else {}
+    vision = adapter.vision_targets() if any(k.is_vision for k in results) else {}
     for key, res in list(results.items()):
-        if key in vision:
+        if key.is_vision:
             module = vision[key]
         else:
-            index, rel = key.split(".", 1)
-            module = model.get_submodule(f"{adapter.layer_name(int(index))}.{rel}")
+            module = model.get_submodule(f"{adapter.layer_name(key.stage)}.{key.module}")
         scale = res.scale.to(target).float()
         weight = dequantize(res.codes, scale, res.zero, spec, dtype=target)
         module.weight.data = weight.to(module.weight.device)

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from lightning_tlq.core.importance import scatter_back
 from lightning_tlq.core.tokenset import mass_threshold, select_tokens, token_uniforms
+from lightning_tlq.keys import ModuleKey
 
 
 @dataclass
@@ -127,7 +128,7 @@ def fingerprint(multiplier: Tensor, valid: Sequence[Tensor], sample_ids: Sequenc
 def decoder_token_weights(
     index: int,
     names: Sequence[str],
-    importance: Mapping[str, Sequence[Tensor]],
+    importance: Mapping[ModuleKey, Sequence[Tensor]],
     masks: Sequence[Any],
     sample_ids: Sequence[Tensor],
     *,
@@ -139,8 +140,8 @@ def decoder_token_weights(
     """Decoder layer ``index``'s token weights per batch (host tensors) and its token-set record.
 
     Args:
-        names: the layer's target modules (relative names); ``importance`` is keyed ``"<index>.<name>"`` (empty:
-            uniform weights).
+        names: the layer's target modules (relative names); ``importance`` is keyed ``ModuleKey(index, name)``
+            (empty: uniform weights).
         masks: per batch, :class:`~lightning_tlq.data.TokenMasks` on the host.
         select: build the token-level calibration set (methods whose handler ``selects_tokens``).
         input_groups: ``importance.granularity=input``: the modules reading one input, which then share the mean of
@@ -148,7 +149,8 @@ def decoder_token_weights(
     """
     valid = [~m.pad for m in masks]
     n_batches = len(masks)
-    layer_imp = [{n: importance[f"{index}.{n}"][b] for n in names} if importance else None for b in range(n_batches)]
+    keys = {n: ModuleKey(index, n) for n in names}
+    layer_imp = [{n: importance[k][b] for n, k in keys.items()} if importance else None for b in range(n_batches)]
     total = collective.all_reduce(torch.tensor([sum(int(v.sum()) for v in valid)], dtype=torch.float64))
     record: dict[str, Any] = {"tokens_total": int(total.item())}
     multipliers: list[Tensor | None] = [None] * n_batches

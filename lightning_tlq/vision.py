@@ -30,18 +30,12 @@ from lightning_tlq.core.importance import postprocess_flat
 from lightning_tlq.core.tokenset import token_uniforms
 from lightning_tlq.distributed import Collective
 from lightning_tlq.importance import enable_activation_grads
+from lightning_tlq.keys import PROJECTOR, ModuleKey, vision_stage
 from lightning_tlq.module_stats import ModuleResult
 from lightning_tlq.stage import LayerStage
 from lightning_tlq.tokenweights import TokenWeights, input_weights, select_token_set, stage_scores
 
-__all__ = ["VisionCalibration", "is_vision_key"]
-
-_PREFIXES = ("vision.", "projector.")
-
-
-def is_vision_key(name: str) -> bool:
-    """Whether an importance / result key names a vision-tower or projector module."""
-    return name.startswith(_PREFIXES)
+__all__ = ["VisionCalibration"]
 
 
 class VisionCalibration:
@@ -68,32 +62,33 @@ class VisionCalibration:
         quant = self.quant
         self.collective, self.metrics = collective or Collective(), settings.metrics
         self.call = call or (lambda event, **kwargs: None)
-        self.results: dict[str, ModuleResult] = {}
+        self.results: dict[ModuleKey, ModuleResult] = {}
         self.outputs: list[Tensor] = []
         """Per batch, the quantized projector's output (what the language model receives), after :meth:`run`."""
         targets = self.targets()  # validates the structure before any work
         for key, module in targets.items():
             try:
-                quant.spec.check_shape(module.in_features, name=key)
+                quant.spec.check_shape(module.in_features, name=str(key))
             except ValueError as err:
                 raise ValueError(f"{err} For the vision tower, alternatively use quant.vision=false.") from err
 
-    def targets(self) -> dict[str, nn.Module]:
-        """Vision linears to quantize, keyed ``vision.{i}.{name}`` / ``projector.{name}`` (importance targets)."""
+    def targets(self) -> dict[ModuleKey, nn.Module]:
+        """Vision linears to quantize, keyed by stage (``vision.<i>`` / ``projector``) and module (importance
+        targets)."""
         return self.adapter.vision_targets()
 
     def run(
         self,
         batches: Sequence[Mapping[str, Any]],
         sample_ids: Sequence[Tensor],
-        scores: Mapping[str, Sequence[Tensor]] | None = None,
+        scores: Mapping[ModuleKey, Sequence[Tensor]] | None = None,
     ) -> list[dict[str, Any]]:
         """Calibrate every used vision layer, then the projector; returns one record per stage.
 
         Args:
             batches: calibration batches on the compute device.
             sample_ids: per batch, ``[B]`` global sample ids (one image per sample).
-            scores: raw importance scores per vision key (from :class:`~lightning_tlq.importance.TokenImportance`),
+            scores: raw importance scores per vision module (from :class:`~lightning_tlq.importance.TokenImportance`),
                 or None / empty for uniform token weights.
         """
         weights = self._postprocess(scores or {})
@@ -110,7 +105,7 @@ class VisionCalibration:
 
             groups = self.adapter.vision_module_groups(i)
             hidden, record = self._stage(
-                f"vision.{i}", -1 - i, layer, groups, forward, hidden, batches, sample_ids, weights
+                vision_stage(i), -1 - i, layer, groups, forward, hidden, batches, sample_ids, weights
             )
             for b, h in enumerate(hidden):
                 if i + 1 in keep:
@@ -125,7 +120,7 @@ class VisionCalibration:
         key = -1 - len(self.adapter.vision_layers())
         groups = self.adapter.projector_module_groups()
         self.outputs, record = self._stage(
-            "projector", key, self.adapter.projector(), groups, project, features, batches, sample_ids, weights
+            PROJECTOR, key, self.adapter.projector(), groups, project, features, batches, sample_ids, weights
         )
         records.append(record)
         return records
@@ -163,7 +158,7 @@ class VisionCalibration:
         inputs: list[Tensor],
         batches: Sequence[Mapping[str, Any]],
         sample_ids: Sequence[Tensor],
-        weights: Mapping[str, list[Tensor]],
+        weights: Mapping[ModuleKey, list[Tensor]],
     ) -> tuple[list[Tensor], dict[str, Any]]:
         self.call("on_vision_stage_start", name=name)
         start = time.perf_counter()
@@ -186,13 +181,13 @@ class VisionCalibration:
             if not torch.isfinite(h).all():
                 raise FloatingPointError(f"Vision stage {name} produced NaN/Inf on calibration batch {b}.")
         for module, result in stage.results.items():
-            self.results[f"{name}.{module}"] = result
+            self.results[ModuleKey(name, module)] = result
         record = {"index": name, **set_record, "seconds": time.perf_counter() - start}
         record["modules"] = {module: r.record for module, r in stage.results.items()}
         self.call("on_vision_stage_end", name=name, record=record)
         return outputs, record
 
-    def _postprocess(self, scores: Mapping[str, Sequence[Tensor]]) -> dict[str, list[Tensor]]:
+    def _postprocess(self, scores: Mapping[ModuleKey, Sequence[Tensor]]) -> dict[ModuleKey, list[Tensor]]:
         """Token weights (mean 1 per module over all ranks' rows) from raw scores; every row is a vision token."""
         a, coll = self.importance_args, self.collective
         out = {}
@@ -218,14 +213,14 @@ class VisionCalibration:
         modules: Sequence[str],
         batches: Sequence[Mapping[str, Any]],
         sample_ids: Sequence[Tensor],
-        weights: Mapping[str, list[Tensor]],
+        weights: Mapping[ModuleKey, list[Tensor]],
     ) -> tuple[list[TokenWeights], dict[str, Any]]:
         if not weights:  # no importance: every row of every module counts with weight 1
             return [TokenWeights(valid=None) for _ in batches], {}
-        missing = [m for m in modules if f"{name}.{m}" not in weights]
+        missing = [m for m in modules if ModuleKey(name, m) not in weights]
         if missing:
             raise RuntimeError(f"No importance was collected for vision stage {name} modules {missing}.")
-        per_batch = [{m: weights[f"{name}.{m}"][b] for m in modules} for b in range(len(batches))]
+        per_batch = [{m: weights[ModuleKey(name, m)][b] for m in modules} for b in range(len(batches))]
         for b, imp in enumerate(per_batch):
             shapes = {tuple(w.shape[:-1]) for w in imp.values()}
             if len(shapes) != 1:

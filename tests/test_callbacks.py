@@ -17,7 +17,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, LlamaConfig, LlamaForCausalLM
 
-from lightning_tlq import CalibrationDataModule, QuantArgs, TLQCallback, TLQModule
+from lightning_tlq import CalibrationDataModule, ModuleKey, QuantArgs, TLQCallback, TLQModule
 from lightning_tlq.adapters import UnsupportedModelError, get_adapter
 from lightning_tlq.models import build_tiny_vlm
 
@@ -112,7 +112,7 @@ def test_fit_then_quantize_single_process(tmp_path):
     record = saved.config.tlq_quantization  # the scheme travels with the saved model, as from lightning-tlq calibrate
     assert (record["weights"]["num_bits"], record["weights"]["group_size"]) == (BITS, GROUP)
     assert "model.language_model.layers.1.mlp.down_proj" in record["targets"]
-    assert set(tlq.results) >= {"0.self_attn.q_proj", "1.mlp.down_proj"}
+    assert set(tlq.results) >= {ModuleKey(0, "self_attn.q_proj"), ModuleKey(1, "mlp.down_proj")}
 
 
 def test_validate_trigger_quantizes_without_training(tmp_path):

@@ -28,6 +28,7 @@ from transformers.core_model_loading import WeightRenaming, apply_renamings
 from lightning_tlq.cli import main
 from lightning_tlq.config import DataArgs, ImportanceArgs, MemoryArgs, QuantArgs, TokenSetArgs
 from lightning_tlq.export import ExportError, export_format, export_plan, packed_layout, quantization_config
+from lightning_tlq.keys import ModuleKey
 from lightning_tlq.preflight import check_quantizable, model_on_meta
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,7 +147,7 @@ def test_recipe_fits_the_real_checkpoint_and_its_export_plan(stem, metas):
     adapter = check_quantizable(model, quant)  # preflight: family supported, the group size divides every target
     layers = adapter.decoder_layers()
     assert len(layers) == n_layers
-    keys = [f"{i}.{n}" for i in range(n_layers) for group in adapter.module_groups(i) for n in group]
+    keys = [ModuleKey(i, n) for i in range(n_layers) for group in adapter.module_groups(i) for n in group]
     plan = export_plan(model, adapter, keys)  # the names save_qparams records and the export writes
     assert len(plan.quantized) == n_layers * per_layer
     prefixes = tuple(f"{adapter.layer_name(i)}." for i in range(n_layers))

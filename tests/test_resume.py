@@ -13,7 +13,7 @@ import torch
 from conftest import SMALL, leftovers
 from safetensors.torch import load_file
 
-from lightning_tlq import resume as resume_mod
+from lightning_tlq import checkpoint_files
 from lightning_tlq.report import REPORT_NAME
 from lightning_tlq.resume import STATE_NAME, LayerCheckpoint
 
@@ -140,7 +140,7 @@ def test_disk_full_while_checkpointing(tiny4_dir, tmp_path, calibrate_cli, monke
             raise OSError(errno.ENOSPC, "No space left on device")
         real_save(obj, file, *args, **kwargs)
 
-    monkeypatch.setattr(resume_mod.torch, "save", save)
+    monkeypatch.setattr(checkpoint_files.torch, "save", save)  # the checkpoint writer
     full = r"disk full while writing the calibration checkpoint \(after layer 2\) .*layer_0002.pt.*--resume"
     with pytest.raises(OSError, match=full):
         calibrate_cli(out, *flags)

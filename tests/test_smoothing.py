@@ -18,6 +18,7 @@ from lightning_tlq.config import ImportanceArgs, QuantArgs
 from lightning_tlq.core.quantizer import rtn
 from lightning_tlq.data import encode_sample, make_batches, synthetic_samples
 from lightning_tlq.importance import TokenImportance
+from lightning_tlq.keys import ModuleKey
 from lightning_tlq.loop import CalibrationLoop
 from lightning_tlq.models.tiny import build_tiny_vlm
 from lightning_tlq.module import TLQModule
@@ -130,12 +131,12 @@ def test_awq_search_of_a_layer_matches_a_direct_computation():
             s = mean_abs.pow(alpha).clamp_min(1e-4)
             losses.append(_group_loss(x, weights, s / (s.max() * s.min()).sqrt()))
         for name in group:
-            record = loop.results[f"0.{name}"].record
+            record = loop.results[ModuleKey(0, name)].record
             assert record["rtn_loss"] == pytest.approx(losses[0], rel=1e-5)  # alpha = 0: round to nearest
             assert record["search_loss"] == pytest.approx(min(losses), rel=1e-5)
             assert losses[grid.index(record["alpha"])] == pytest.approx(min(losses), rel=1e-5)
             assert record["search_loss"] <= record["rtn_loss"]
-    o_proj = loop.results["0.self_attn.o_proj"].record
+    o_proj = loop.results[ModuleKey(0, "self_attn.o_proj")].record
     assert "grouped-query attention" in o_proj["smoothing_skipped"]
     assert "alpha" not in o_proj
 
@@ -155,7 +156,7 @@ def test_smoothquant_folds_the_formula_of_the_layer_inputs():
         folded = fp_layer.get_submodule(norm).weight.detach() / calibrated.get_submodule(norm).weight.detach()
         torch.testing.assert_close(folded, want, rtol=1e-5, atol=0)  # the norm now divides by s
         for name in group:
-            assert loop.results[f"0.{name}"].record["alpha"] == alpha
+            assert loop.results[ModuleKey(0, name)].record["alpha"] == alpha
 
 
 @pytest.mark.parametrize("method", ["awq", "mbq"])
@@ -207,8 +208,8 @@ def test_mbq_vision_weights_match_a_direct_autograd_computation():
         ratios = [float((sums[i, b][0] / sums[i, b][1]) / (sums[i, b][2] / sums[i, b][3])) for i in range(2)]
         median = statistics.median(ratios)
         for i, ratio in enumerate(ratios):
-            assert loop.vision_weights[f"{i}.{b}"] == pytest.approx(max(ratio, median), rel=1e-4)
-            record = loop.results[f"{i}.{'mlp.gate_proj' if 'mlp' in b else 'self_attn.q_proj'}"].record
+            assert loop.vision_weights[ModuleKey(i, b)] == pytest.approx(max(ratio, median), rel=1e-4)
+            record = loop.results[ModuleKey(i, "mlp.gate_proj" if "mlp" in b else "self_attn.q_proj")].record
             assert record["vision_weight"] == pytest.approx(max(ratio, median), rel=1e-4)
     assert 0 < min(loop.vision_weights.values()) < 1  # vision tokens get much smaller gradients than answers
 

@@ -146,8 +146,8 @@ def test_layer_zero_where_both_paths_agree_gives_the_same_codes(method: str, tru
     """Layer 0's input is the same on both paths, so X = X~ for every module solved on the unquantized layer (all of
     them without true_sequential, q/k/v with it): target fp must give exactly target quantized's codes there."""
     quantized, fp = _cached(method, "quantized", true_sequential)[3], _cached(method, "fp", true_sequential)[3]
-    layer0 = [k for k in quantized if k.startswith("0.")]
-    agree = [k for k in layer0 if not true_sequential or k.endswith(("q_proj", "k_proj", "v_proj"))]
+    layer0 = [k for k in quantized if k.stage == 0]
+    agree = [k for k in layer0 if not true_sequential or k.module.endswith(("q_proj", "k_proj", "v_proj"))]
     assert len(layer0) == 7
     assert len(agree) == (3 if true_sequential else 7)
     assert all(torch.equal(quantized[k], fp[k]) for k in agree)

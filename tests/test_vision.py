@@ -14,6 +14,7 @@ from lightning_tlq.adapters.vision import VisionAdapter, vision_adapter
 from lightning_tlq.config import MemoryArgs, QuantArgs
 from lightning_tlq.data import encode_sample, make_batches, synthetic_samples
 from lightning_tlq.importance import TokenImportance
+from lightning_tlq.keys import ModuleKey
 from lightning_tlq.loop import CalibrationLoop
 from lightning_tlq.models.tiny import build_tiny_vlm
 from lightning_tlq.module import TLQModule
@@ -157,11 +158,11 @@ def test_importance_backward_continues_into_the_tower(family: str) -> None:
     collector.on_importance_batch_end(None, 0)
     collector.on_importance_end(None)
     if family == "llava":  # [images, CLS + 16 patches] in the tower; CLS dropped before the projector
-        assert collector.scores["vision.0.self_attn.q_proj"][0].shape == (3, 17, 1)
-        assert collector.scores["projector.linear_2"][0].shape == (3, 16, 1)
+        assert collector.scores[ModuleKey("vision.0", "self_attn.q_proj")][0].shape == (3, 17, 1)
+        assert collector.scores[ModuleKey("projector", "linear_2")][0].shape == (3, 16, 1)
     else:  # 3 x 64 packed patches in the blocks; 4:1 merged to 3 x 16 image tokens in the merger
-        assert collector.scores["vision.0.attn.qkv"][0].shape == (192, 1)
-        assert collector.scores["projector.mlp.2"][0].shape == (48, 1)
+        assert collector.scores[ModuleKey("vision.0", "attn.qkv")][0].shape == (192, 1)
+        assert collector.scores[ModuleKey("projector", "mlp.2")][0].shape == (48, 1)
     assert all(scores[0].sum() > 0 for scores in collector.scores.values())
 
     # without vision gradients the frozen tower is not part of the backward graph: refused loudly
@@ -217,7 +218,7 @@ def test_language_model_is_captured_through_the_quantized_tower(family: str) -> 
 
     adapter = vision_adapter(module.adapter)
     assert len(loop.vision_records) == len(adapter.vision_layers()) + 1
-    assert {k for k in loop.results if k.startswith(("vision.", "projector."))} == set(adapter.vision_targets())
+    assert {k for k in loop.results if k.is_vision} == set(adapter.vision_targets())
     fp_adapter = vision_adapter(get_adapter(fp_model))
     for b, batch in enumerate(batches):
         image = batch["input_ids"] == adapter.image_token_id

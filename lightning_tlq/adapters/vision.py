@@ -29,6 +29,7 @@ from lightning_tlq.adapters.capture import (
     _StopForward,
 )
 from lightning_tlq.adapters.registry import UnsupportedModelError
+from lightning_tlq.keys import PROJECTOR, ModuleKey, vision_stage
 
 __all__ = ["VisionAdapter", "vision_adapter"]
 
@@ -92,18 +93,19 @@ class VisionAdapter(VLMAdapter):
         """The module whose output enters vision encoder layer 0 (made to require grad for importance)."""
         return self._vision_submodule(self.vision_embedding_name, "vision_embedding_name")
 
-    def vision_targets(self) -> dict[str, nn.Module]:
-        """Every vision linear to quantize, keyed ``vision.{i}.{name}`` and ``projector.{name}``."""
+    def vision_targets(self) -> dict[ModuleKey, nn.Module]:
+        """Every vision linear to quantize, keyed ``ModuleKey("vision.<i>", name)`` and ``ModuleKey("projector",
+        name)``."""
         layers = self.vision_layers()
         targets = {
-            f"vision.{i}.{name}": layers[i].get_submodule(name)
+            ModuleKey(vision_stage(i), name): layers[i].get_submodule(name)
             for i in range(len(layers))
             for group in self.vision_module_groups(i)
             for name in group
         }
         projector = self.projector()
         for name in (n for g in self.projector_module_groups() for n in g):
-            targets[f"projector.{name}"] = projector.get_submodule(name)
+            targets[ModuleKey(PROJECTOR, name)] = projector.get_submodule(name)
         return targets
 
     def vision_target_module_names(self) -> list[str]:

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from lightning_tlq.core.importance import modality_sums, vision_weight
 from lightning_tlq.core.smoothing import floor_at_median
+from lightning_tlq.keys import ModuleKey
 from lightning_tlq.methods.base import Method, SmoothingRecipe
 from lightning_tlq.methods.registry import register_method
 
@@ -31,18 +32,18 @@ class MBQ(Method):
         return True  # its vision weights come from the gradients, whatever importance.mode says
 
     def after_importance(
-        self, scores: Mapping[str, Sequence[Tensor]], masks: Sequence[Any], collective: Any, adapter: Any
-    ) -> dict[str, float]:
-        """``"<layer>.<block output module>"`` -> the vision weight rho of that layer's attention / MLP block, from
+        self, scores: Mapping[ModuleKey, Sequence[Tensor]], masks: Sequence[Any], collective: Any, adapter: Any
+    ) -> dict[ModuleKey, float]:
+        """``(layer, block output module)`` -> the vision weight rho of that layer's attention / MLP block, from
         every rank's tokens."""
         n_layers = adapter.num_layers
         blocks = list(dict.fromkeys(f.block_output for f in adapter.smoothing_plan(0)))
-        keys = [f"{i}.{block}" for block in blocks for i in range(n_layers)]
+        keys = [ModuleKey(i, block) for block in blocks for i in range(n_layers)]
         vision, answer = [m.image for m in masks], [m.answer & ~m.pad for m in masks]
         local = torch.stack([modality_sums(scores[k], vision, answer) for k in keys])
         totals = collective.all_reduce(local)
         ratios = [vision_weight(t, f"mbq: decoder layer {k}") for k, t in zip(keys, totals)]
-        out: dict[str, float] = {}
+        out: dict[ModuleKey, float] = {}
         for b in range(len(blocks)):
             floored = floor_at_median(ratios[b * n_layers : (b + 1) * n_layers])
             out.update(zip(keys[b * n_layers : (b + 1) * n_layers], floored))
