@@ -121,14 +121,19 @@ def _batch(k: int):
     return x, TokenWeights(valid, imp, multiplier)
 
 
-def _calibrate(world_size: int, rank: int, target: str = "quantized") -> dict:
-    """One layer calibrated with tlq on this rank's global batches; codes, scales, outputs and the plans (with
-    ``target="fp"`` GPTAQ's cross terms travel with the factor)."""
+_CASES = {"tlq": ("tlq", "quantized"), "tlq-fp": ("tlq", "fp"), "gptq": ("gptq", "quantized")}
+"""method, target: tlq (per-module importance: q/k one part, two factors), tlq-fp (GPTAQ's cross terms travel with
+the factor), gptq (q/k one solve statistic: one factor, one column loop)."""
+
+
+def _calibrate(world_size: int, rank: int, case: str = "tlq") -> dict:
+    """One layer calibrated on this rank's global batches; codes, scales, outputs, records' sharing and the plans."""
+    method, target = _CASES[case]
     torch.manual_seed(0)
     block = _Block()
     ranges = shard_batches(_N_BATCHES * _BATCH, _BATCH, world_size, rank)
     data = [_batch(r.start // _BATCH) for r in ranges]
-    quant = QuantArgs(method="tlq", bits=4, group_size=32, block_size=32, kernel="torch", target=target)
+    quant = QuantArgs(method=method, bits=4, group_size=32, block_size=32, kernel="torch", target=target)
     stage = LayerStage(0, block, _GROUPS, quant, collective=Collective(), metrics=True)
     plans = []
     solve = stage.solve
@@ -143,18 +148,19 @@ def _calibrate(world_size: int, rank: int, target: str = "quantized") -> dict:
         "codes": {n: r.codes for n, r in stage.results.items()},
         "scale": {n: r.scale for n, r in stage.results.items()},
         "errors": {n: r.record["weighted_rel_error"] for n, r in stage.results.items()},
+        "shared": {n: r.record["shared"] for n, r in stage.results.items()},
         "outputs": dict(zip((r.start // _BATCH for r in ranges), outputs)),
         "plans": plans,
     }
 
 
-def _worker(rank: int, world_size: int, store: str, out: str, target: str) -> None:
+def _worker(rank: int, world_size: int, store: str, out: str, case: str) -> None:
     torch.set_num_threads(1)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
     rowsplit.DEFAULT_COST = _FREE_LINKS  # split every module that may be split
     try:
-        result = _calibrate(world_size, rank, target)
+        result = _calibrate(world_size, rank, case)
         outputs = [None] * world_size
         dist.all_gather_object(outputs, result["outputs"])
         if rank == 0:
@@ -164,10 +170,10 @@ def _worker(rank: int, world_size: int, store: str, out: str, target: str) -> No
         dist.destroy_process_group()
 
 
-def _run(world_size: int, tmp_path, target: str = "quantized") -> dict:
+def _run(world_size: int, tmp_path, case: str = "tlq") -> dict:
     out = tmp_path / f"world{world_size}.pt"
     store = str(tmp_path / f"store{world_size}")
-    torch.multiprocessing.spawn(_worker, args=(world_size, store, str(out), target), nprocs=world_size)
+    torch.multiprocessing.spawn(_worker, args=(world_size, store, str(out), case), nprocs=world_size)
     return torch.load(out)
 
 
@@ -176,6 +182,7 @@ def _assert_same(ref: dict, got: dict) -> None:
         assert torch.equal(ref["codes"][n], got["codes"][n]), n
         assert torch.equal(ref["scale"][n], got["scale"][n]), n
     assert ref["errors"] == got["errors"]
+    assert ref["shared"] == got["shared"]
     assert sorted(ref["outputs"]) == sorted(got["outputs"])
     assert all(torch.equal(ref["outputs"][k], got["outputs"][k]) for k in ref["outputs"])
 
@@ -185,24 +192,27 @@ def one_process():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return {target: _calibrate(1, 0, target) for target in ("quantized", "fp")}
+        return {case: _calibrate(1, 0, case) for case in _CASES}
     finally:
         torch.set_num_threads(threads)
 
 
 @pytest.mark.slow  # ~15 s on the 2-core box
-@pytest.mark.parametrize("target", ["quantized", "fp"])
-def test_two_processes_with_split_rows_match_one(one_process, tmp_path, target):
-    two = _run(2, tmp_path, target)
+@pytest.mark.parametrize("case", list(_CASES))
+def test_two_processes_with_split_rows_match_one(one_process, tmp_path, case):
+    two = _run(2, tmp_path, case)
     assert two["plans"] == [{}, {"o_proj": [32] * 2}, {"up_proj": [128] * 2}, {"down_proj": [32] * 2}]  # rows per rank
-    _assert_same(one_process[target], two)
+    q_k = 2 if case == "gptq" else 1  # solved together (one factor) under gptq
+    assert two["shared"] == {"q_proj": q_k, "k_proj": q_k, "o_proj": 1, "up_proj": 1, "down_proj": 1}
+    _assert_same(one_process[case], two)
 
 
 @pytest.mark.slow
-def test_four_processes_with_split_rows_match_one(one_process, tmp_path):
-    four = _run(4, tmp_path)
+@pytest.mark.parametrize("case", ["tlq", "gptq"])
+def test_four_processes_with_split_rows_match_one(one_process, tmp_path, case):
+    four = _run(4, tmp_path, case)
     assert four["plans"] == [{}, {"o_proj": [16] * 4}, {"up_proj": [64] * 4}, {"down_proj": [16] * 4}]
-    _assert_same(one_process["quantized"], four)
+    _assert_same(one_process[case], four)
 
 
 def test_prediction_reproduces_the_measured_run_and_never_beats_its_bound(capsys):
