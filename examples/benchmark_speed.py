@@ -1,11 +1,15 @@
 """Calibration speed and memory on Qwen2-VL-shaped random-init models (no hub access needed).
 
-Builds a Qwen2-VL with the 2B or 7B shapes from a config (random bf16 weights), a workload of N samples x
-(image tokens + text tokens), and runs TLQ through :class:`lightning_tlq.CalibrationLoop` on 1..N GPUs with
-Fabric. Rank 0 prints (and writes with ``--json``) wall time per phase and peak GPU memory per rank.
+Builds a Qwen2-VL with the 2B, 7B or (language sizes of Qwen2.5-VL-) 32B shapes from a config (random bf16
+weights, the 7B's vision tower), a workload of N samples x (image tokens + text tokens), and runs TLQ through
+:class:`lightning_tlq.CalibrationLoop` on 1..N GPUs with Fabric. Rank 0 prints (and writes with ``--json``) wall
+time per phase, peak GPU memory per rank and per phase (``gpu_peak_gib_by_phase``), the host's peak resident set,
+the peaks ``examples/memory_model.py`` predicts, and, from the measured per-layer costs, a 72B-shaped
+**estimate** (``estimate_72b``; labelled as such).
 
     python examples/benchmark_speed.py --shape 7b --devices 2 --json out.json
-    python examples/benchmark_speed.py --shape 7b --devices 1 --max-gpu-memory-gib 24 --offload-activations
+    python examples/benchmark_speed.py --shape 7b --memory-profile low --json out.json
+    python examples/benchmark_speed.py --shape 32b --layers 8 --json out.json
 """
 
 from __future__ import annotations
@@ -17,7 +21,10 @@ import sys
 import time
 
 import torch
+from bench_probes import HostPeak, MemoryProbe, estimate, max_rss_bytes, per_layer, rss_bytes
+from memory_model import predict
 
+PROBE = MemoryProbe()  # GPU peak per phase (a Fabric callback)
 SHAPES = {  # Qwen2-VL-2B / -7B language and vision sizes; "tiny" for a CPU smoke test
     "tiny": {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 2,
                  "num_key_value_heads": 1, "vocab_size": 151936},
@@ -25,12 +32,16 @@ SHAPES = {  # Qwen2-VL-2B / -7B language and vision sizes; "tiny" for a CPU smok
                "num_key_value_heads": 2, "vocab_size": 151936},
     "7b": {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
                "num_key_value_heads": 4, "vocab_size": 152064},
+    "32b": {"hidden_size": 5120, "intermediate_size": 27648, "num_hidden_layers": 64, "num_attention_heads": 40,
+               "num_key_value_heads": 8, "vocab_size": 152064},  # Qwen2.5-VL-32B's language model
 }  # fmt: skip
 IMAGE, VIDEO, V_START, V_END = 151655, 151656, 151652, 151653
 
 
 def build_model(shape: str, layers: int | None, seed: int = 0) -> torch.nn.Module:
-    """A Qwen2-VL of the given shape with random N(0, 0.02) bf16 weights, built on the CPU without slow init."""
+    """A Qwen2-VL of the given shape with random N(0, 0.02) bf16 weights, built on the CPU without slow init: the
+    parameters are allocated in bf16 (no fp32 detour) and each is drawn on the GPU (if any) and copied into place,
+    so the host holds the bf16 model once (32B: ~65 GB) and nothing more."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     try:  # the location moved between transformers 5.x releases
@@ -196,13 +207,16 @@ def main(fabric, args) -> dict | None:
     shard = shard_range(args.samples, fabric.world_size, fabric.global_rank)
     batches = build_batches(args.samples, args.image_tokens, args.text_tokens, args.batch_size, shard)
     quant = QuantArgs(method=args.method, bits=4, group_size=128, kernel=args.kernel)
-    memory = MemoryArgs(layerwise=True, offload_activations=args.offload_activations, pin_layers=args.pin_layers)
+    memory = MemoryArgs(layerwise=True, offload_activations=args.offload_activations, pin_layers=args.pin_layers,
+                        profile=args.memory_profile)  # fmt: skip
     importance = ImportanceArgs(granularity=args.importance_granularity)
     settings = CalibrationSettings(quant, importance, memory=memory, metrics=args.metrics)
     loop = CalibrationLoop(fabric, module, settings)
     if cuda:
         torch.cuda.reset_peak_memory_stats(fabric.device)
     fabric.barrier()
+    host_after_build = rss_bytes() / 2**30
+    host = HostPeak().start()
     t1 = time.perf_counter()
     if args.trace and fabric.is_global_zero:
         from torch.profiler import ProfilerActivity, profile
@@ -219,7 +233,9 @@ def main(fabric, args) -> dict | None:
     if cuda:
         torch.cuda.synchronize(fabric.device)
     wall = time.perf_counter() - t1
-    peak = torch.tensor([torch.cuda.max_memory_allocated(fabric.device) / 2**30 if cuda else 0.0], dtype=torch.float64)
+    host_peak = host.stop()
+    by_phase = PROBE.finish()
+    peak = torch.tensor([by_phase["peak"] if cuda else 0.0], dtype=torch.float64)
     peaks = loop.collective.gather_cat(peak).tolist()
     walls = loop.collective.gather_cat(torch.tensor([wall], dtype=torch.float64)).tolist()
     result = {
@@ -235,7 +251,17 @@ def main(fabric, args) -> dict | None:
         "torch": torch.__version__, "placement_s_rank0": loop.placement.seconds,
         "registered_gib_rank0": loop.placement.registered_bytes / 2**30,
         "solve_s_by_module": _by_module(records, "seconds"), "codes_digest": codes_digest(loop.results),
+        "memory_profile": args.memory_profile, "gpu_peak_gib_by_phase": by_phase,
+        "image_tokens": args.image_tokens, "text_tokens": args.text_tokens,
+        "host_rss_after_build_gib": round(host_after_build, 2), "host_peak_rss_calibration_gib": round(host_peak, 2),
+        "host_max_rss_gib": round(max_rss_bytes() / 2**30, 2), "activation_pinning_s": loop.replay.host_seconds,
     }  # fmt: skip
+    result["predicted_gib"] = {k: round(v, 2) for k, v in predict(
+        args.shape, args.memory_profile, args.samples, args.image_tokens, args.text_tokens, args.batch_size,
+        args.method, layers=result["layers"]).items()}  # fmt: skip
+    result["per_layer_s"] = {k: round(v, 3) for k, v in per_layer(result).items()}
+    if args.shape != "tiny":
+        result["estimate_72b"] = estimate(result, "72b")
     if args.floor and cuda and fabric.is_global_zero:
         widths = [m.in_features for m in model.model.language_model.layers[0].modules()
                   if isinstance(m, torch.nn.Linear)]  # fmt: skip
@@ -287,6 +313,7 @@ def parse(argv=None):
     p.add_argument("--max-gpu-memory-gib", type=float, default=None)
     p.add_argument("--kernel", choices=["auto", "triton", "torch"], default="auto", help="quant.kernel (GPTQ loop)")
     p.add_argument("--pin-layers", action=argparse.BooleanOptionalAction, default=True, help="memory.pin_layers")
+    p.add_argument("--memory-profile", choices=["fast", "low"], default="fast", help="memory.profile")
     p.add_argument(
         "--importance-granularity", choices=["module", "input"], default="module", help="importance.granularity"
     )
@@ -298,19 +325,27 @@ def parse(argv=None):
 
 def report(path: str) -> None:
     """One markdown row per JSON line written with ``--json`` (TLQ runs and benchmark_llmcompressor.py's)."""
-    head = "tool | method | shape | GPUs | wall (s) | peak GiB | importance | accumulate | solve | propagate | digest"
+    head = ("tool | method | shape | profile | GPUs | wall (s) | peak GiB | host peak GiB | importance | accumulate | "
+            "solve | propagate | digest")  # fmt: skip
     print(f"| {head} |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---" * 13 + "|")
     with open(path) as f:
         for line in f:
             r = json.loads(line)
             ph = r.get("phases_s_rank0", {})
             cols = [ph.get(k) for k in ("importance", "layers.accumulate", "layers.solve", "layers.propagate")]
             peak = r.get("peak_gib_per_rank", [r.get("peak_gib", 0.0)])
-            print(f"| {r.get('tool', 'lightning-tlq')} | {r.get('method', 'gptq')} | {r['shape']} | "
-                  f"{r.get('devices', 1)} | {r['wall_s']:.1f} | {max(peak):.2f} | "
+            layers = f"{r['shape']}" + (f" ({r['layers']} layers)" if r.get("layers") not in (None, 28, 64) else "")
+            host = r.get("host_peak_rss_calibration_gib")
+            print(f"| {r.get('tool', 'lightning-tlq')} | {r.get('method', 'gptq')} | {layers} | "
+                  f"{r.get('memory_profile', 'fast')} | {r.get('devices', 1)} | {r['wall_s']:.1f} | {max(peak):.2f} | "
+                  f"{'-' if host is None else f'{host:.1f}'} | "
                   + " | ".join("-" if c is None else f"{c:.1f}" for c in cols)
                   + f" | {r.get('codes_digest', '-')} {_non_default(r)} |")  # fmt: skip
+            if "estimate_72b" in r:
+                e = r["estimate_72b"]
+                print(f"| {e['label']} | | 72b | | 1 | ~{e['wall_s']:.0f} | ~{e['gpu_peak_gib_model']:.0f} (model) | "
+                      f"~{e['host_gib_model']:.0f} (model) | | | | | |")  # fmt: skip
 
 
 def _non_default(r: dict) -> str:
@@ -333,5 +368,6 @@ if __name__ == "__main__":
 
     args = parse()
     accelerator = "cuda" if torch.cuda.is_available() else "cpu"
-    fabric = Fabric(accelerator=accelerator, devices=args.devices, strategy="ddp" if args.devices > 1 else "auto")
+    fabric = Fabric(accelerator=accelerator, devices=args.devices, strategy="ddp" if args.devices > 1 else "auto",
+                    callbacks=[PROBE])  # fmt: skip
     fabric.launch(main, args)

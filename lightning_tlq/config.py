@@ -20,6 +20,7 @@ Score = Literal["fisher", "grad_abs", "taylor"]
 ImportanceMode = Literal["token", "modality", "none"]
 Granularity = Literal["module", "input"]
 Target = Literal["quantized", "fp"]
+MemoryProfile = Literal["fast", "low"]
 
 log = logging.getLogger(__name__)
 
@@ -245,8 +246,13 @@ class MemoryArgs:
     """With ``layerwise`` on a CUDA device: page-lock the decoder layers' host memory in place for the calibration
     (``cudaHostRegister``), so layer copies both ways run as background DMA. False keeps it pageable (slower
     copies; e.g. where the locked-memory limit is low). Results do not depend on it."""
+    profile: MemoryProfile = "fast"
+    """``fast``: activations, the head and the next layer stay on the accelerator. ``low``: least accelerator
+    memory for the same codes (activations in page-locked host memory, head parked, no layer prefetched during a
+    layer's solve, GPTQ factorised without full-size temporaries; :mod:`lightning_tlq.lowmem`)."""
 
     def __post_init__(self) -> None:
+        _check_choice("memory.profile", self.profile, ("fast", "low"))
         if self.max_gpu_memory_gib is not None and self.max_gpu_memory_gib <= 0:
             raise ValueError(f"memory.max_gpu_memory_gib={self.max_gpu_memory_gib} must be positive (GiB) or null.")
 

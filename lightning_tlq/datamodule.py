@@ -49,8 +49,8 @@ def load_samples(data: DataArgs, task: str | None = None, default_split: str = "
 
         samples = dataset_samples(data)
     elif data.path is None:
-        if task == "scenes":
-            samples = scenes_samples(data.split or default_split, data.num_samples, seed=data.seed)
+        if task in ("scenes", "scenes_hard"):
+            samples = scenes_samples(data.split or default_split, data.num_samples, seed=data.seed, task=task)
         else:
             samples = synthetic_samples(data.num_samples, seed=data.seed)
     else:
@@ -61,12 +61,13 @@ def load_samples(data: DataArgs, task: str | None = None, default_split: str = "
     return samples if template is None else [with_template(s, template) for s in samples]
 
 
-def scenes_samples(split: str, n: int, seed: int = 0) -> list[Sample]:
-    """``n`` samples of the scenes task's ``split`` (``calibration`` is its training split)."""
-    from lightning_tlq.tasks import scenes
+def scenes_samples(split: str, n: int, seed: int = 0, task: str = "scenes") -> list[Sample]:
+    """``n`` samples of the scenes (or ``scenes_hard``) task's ``split`` (``calibration`` is its training split)."""
+    from lightning_tlq.tasks import scenes, scenes_hard
 
     name = "train" if split == "calibration" else split
-    return [Sample(e.pil(), e.question, e.answer, e.kind) for e in scenes.take(name, n, seed=seed)]
+    source = scenes_hard if task == "scenes_hard" else scenes
+    return [Sample(e.pil(), e.question, e.answer, e.kind) for e in source.take(name, n, seed=seed)]
 
 
 def with_template(sample: Sample | ChatSample, template: str) -> ChatSample:

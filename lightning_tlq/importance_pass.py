@@ -124,21 +124,25 @@ class ImportancePass:
             self.placement.prefetch(index + 1)
             inputs.append(self.replay.propagate(index, captured, inputs[-1]))
             self.placement.offload(index)
-        grads = []
-        for b, batch in enumerate(inputs.pop()):
-            h = batch.to(device).detach().requires_grad_(True)
+        grads, last = [], inputs.pop()
+        for b in range(len(last)):
+            h = last[b].to(device, non_blocking=True).detach().requires_grad_(True)  # from page-locked host memory
+            last[b] = None  # type: ignore[call-overload]  # each batch's gradient replaces its output
             with torch.enable_grad():
                 loss = answer_loss_from_hidden(self.adapter.head, h, batches[b]["labels"])
                 check_loss(loss, b)
                 (grad,) = torch.autograd.grad(loss, h)
             grads.append(grad)
+            del h, loss
+        if self.vision is None:  # nothing needs the head on the device any more (embeddings, tower: parked)
+            self.placement.park((), modified=False)
         for index in reversed(range(n_layers)):
             self.placement.onload(index)
             self.placement.prefetch(index - 1)
             layer_inputs = inputs.pop()
             for b in range(len(batches)):
                 self._batch(b, start=True)
-                h = layer_inputs[b].to(device).detach().requires_grad_(True)
+                h = layer_inputs[b].to(device, non_blocking=True).detach().requires_grad_(True)
                 with torch.enable_grad():
                     out = self.adapter.run_layer(index, h, captured[b].layer_kwargs[index])
                     out.backward(grads[b])

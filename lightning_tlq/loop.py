@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_tlq.activations import LayerReplay, check_finite
+from lightning_tlq.activations import LayerReplay
 from lightning_tlq.adapters.base import CapturedInputs, move_to
 from lightning_tlq.data import TokenMasks, token_masks
 from lightning_tlq.distributed import Collective
@@ -32,6 +32,7 @@ from lightning_tlq.importance import TokenImportance
 from lightning_tlq.importance_pass import Importance, ImportancePass
 from lightning_tlq.keys import ModuleKey
 from lightning_tlq.losses import check_has_answer
+from lightning_tlq.lowmem import MemoryPlan
 from lightning_tlq.module import TLQModule
 from lightning_tlq.observers import emit
 from lightning_tlq.placement import LayerPlacement
@@ -89,7 +90,8 @@ class CalibrationLoop:
         self.placement = LayerPlacement(
             self.adapter.decoder_layers(), fabric.device, settings.memory.layerwise, settings.memory.pin_layers
         )
-        self.replay = LayerReplay(self.adapter, fabric.device, settings.memory.offload_activations)
+        self.plan = MemoryPlan.from_args(settings.memory)
+        self.replay = LayerReplay(self.adapter, fabric.device, self.plan.offload_activations)
         self._staging = HostStaging()  # results to the host through one reusable page-locked buffer
         self.vision: VisionCalibration | None = None
         if self.quant.vision:
@@ -138,6 +140,7 @@ class CalibrationLoop:
                 captured = self._capture(batches)  # the decoder now sees what the quantized tower produces
                 self._park(modified=True)
             host_masks = [TokenMasks(m.image.cpu(), m.text.cpu(), m.answer.cpu(), m.pad.cpu()) for m in masks]
+            self.plan.before_layers(self.placement)
             with self._timed("layers"):  # the token sets are chosen on the host: its masks, copied once
                 records = self._layers(captured, importance.decoder, host_masks, sample_ids, resumed)
         emit(self.fabric, "on_calibration_end", records=records)
@@ -205,12 +208,14 @@ class CalibrationLoop:
         """Decoder inputs; a calibrated vision tower runs with its W4A8 activation quantization, as at inference."""
         vision_modules = self.vision.targets().values() if self.vision is not None and self.vision.results else ()
         with self._timed("capture"):
-            return self.replay.capture(
+            captured = self.replay.capture(
                 batches,
                 act_bits=self.quant.act_bits,
                 quantized_vision=vision_modules,
                 skip_layers=self.placement.layerwise,
             )
+            self.plan.release_captured(captured, self.replay.store)
+            return captured
 
     # --- decoder layers ----------------------------------------------------------------------------------------
     def _layers(
@@ -232,7 +237,7 @@ class CalibrationLoop:
             if resumed.hidden is not None:
                 hidden = [store(h.to(self.fabric.device)) for h in resumed.hidden]
                 fp_hidden = self._resumed_fp_hidden(resumed)
-        check_finite(self.start_layer - 1, hidden)
+        self.replay.check_finite(self.start_layer - 1, hidden)
         for index in range(self.start_layer, self.adapter.num_layers):
             record, hidden, fp_hidden = self._layer(index, captured, hidden, fp_hidden, importance, masks, sample_ids)
             records.append(record)
@@ -252,7 +257,8 @@ class CalibrationLoop:
         emit(self.fabric, "on_layer_start", index=index)
         start = time.perf_counter()
         layer = self.placement.onload(index)
-        self.placement.prefetch(index + 1)
+        if self.plan.prefetch_before_solve:
+            self.placement.prefetch(index + 1)
         groups = self.adapter.module_groups(index)
         with self._timed("layers.token_set"):
             weights, set_record = decoder_token_weights(
@@ -276,16 +282,18 @@ class CalibrationLoop:
             groups=self.settings.importance.groups,
             smoothing=self._smoothing(index, layer),
             staging=self._staging,
+            lean_solve=self.plan.lean_solve,
         )
         hidden = stage.run(self.replay.layer_forward(index, captured), hidden, weights, fp_inputs=fp_hidden)
+        self.placement.prefetch(index + 1)  # no-op if issued above
         for step, sec in stage.seconds.items():
             self.phase_seconds[f"layers.{step}"] = self.phase_seconds.get(f"layers.{step}", 0.0) + sec
         self.placement.offload(index, modified=True)
-        check_finite(index, hidden)
+        self.replay.check_finite(index, hidden)
         if fp_hidden is not None:
             fp_hidden = stage.fp_outputs
             assert fp_hidden is not None
-            check_finite(index, fp_hidden, path="full-precision")
+            self.replay.check_finite(index, fp_hidden, path="full-precision")
         for name, result in stage.results.items():
             self.results[ModuleKey(index, name)] = result
         record = {"index": index, **set_record, "seconds": time.perf_counter() - start}

@@ -72,6 +72,7 @@ class ModuleStatistics:
         self, in_features: int, groups: int, quant: QuantArgs, metrics: bool, weighted: bool, device: Any
     ) -> None:
         statistic = quant.handler.solve_statistic
+        self.metrics = metrics
         self.plain = HessianAccumulator(in_features, device=device) if (metrics or statistic == "plain") else None
         self.weighted = HessianAccumulator(in_features, groups, device=device) if (metrics and weighted) else None
         self.solve = {
@@ -87,9 +88,12 @@ class ModuleStatistics:
         unique = {id(a): a for a in (self.plain, self.weighted, self.solve, self.cross) if a is not None}
         return list(unique.values())
 
-    def for_solve(self) -> ModuleStats:
-        """What the method's solve reads."""
+    def for_solve(self, lean: bool = False) -> ModuleStats:
+        """What the method's solve reads (``lean``: solved with the least memory, same result; the solve may then
+        overwrite its Hessian unless the report's errors read it afterwards)."""
         solve = self.solve
         if solve is None:
             return ModuleStats(None)
-        return ModuleStats(solve.H, solve.tokens, solve.weight_sum, self.cross.H if self.cross is not None else None)
+        cross = self.cross.H if self.cross is not None else None
+        reported = self.metrics and (solve is self.plain or solve is self.weighted)
+        return ModuleStats(solve.H, solve.tokens, solve.weight_sum, cross, lean=lean, reuse_h=lean and not reported)

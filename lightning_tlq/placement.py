@@ -12,6 +12,8 @@ Placement never changes a result. Measured costs and rates: ``docs/performance.m
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +25,34 @@ from torch import nn
 from lightning_tlq.hostmem import Registration
 
 _range = torch.profiler.record_function  # named ranges in profiler traces
+log = logging.getLogger(__name__)
+
+LOCK_FRACTION = 0.5
+"""At most this share of the host's physical memory is page-locked for decoder layers (``memory.pin_layers``):
+the first layers that fit are locked, the rest stay pageable (slower copies). A 7B model's layers take 12 GiB, a
+32B model's 61 GiB: all of them on a 128 GiB host."""
+
+
+def lock_budget() -> int:
+    """Bytes of decoder layers :class:`LayerPlacement` may page-lock (:data:`LOCK_FRACTION` of physical memory)."""
+    try:
+        return int(LOCK_FRACTION * os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
+
+
+def within_budget(groups: list[list[torch.Tensor]], budget: int) -> list[list[torch.Tensor]]:
+    """The leading groups whose host tensors add up to at most ``budget`` bytes."""
+    total = 0
+    for i, group in enumerate(groups):
+        total += sum(t.numel() * t.element_size() for t in group if t.device.type == "cpu")
+        if total > budget:
+            log.info(
+                "memory.pin_layers: page-locking the first %d of %d decoder layers (%.1f GiB of host memory may "
+                "be locked); the others are copied from pageable memory.", i, len(groups), budget / 2**30,
+            )  # fmt: skip
+            return groups[:i]
+    return groups
 
 
 def _tensors(module: nn.Module) -> Iterator[torch.Tensor]:
@@ -101,7 +131,8 @@ class LayerPlacement:
         # page-lock the layers' host copies in place, layer after layer in the background (overlapping the capture):
         # both copy directions then run as DMA and none blocks a thread
         start = time.perf_counter()
-        self._registration = Registration([list(_tensors(layer)) for layer in self.layers], enabled=self.pin_layers)
+        groups = within_budget([list(_tensors(layer)) for layer in self.layers], lock_budget())
+        self._registration = Registration(groups, enabled=self.pin_layers)
         self.seconds["register"] = time.perf_counter() - start
         try:
             yield
@@ -123,9 +154,10 @@ class LayerPlacement:
         :meth:`unpark` (or the end of ``rest_on_device``) brings them back.
 
         The weights go back to their original host tensors: copied into them if they were ``modified`` on the
-        device (a calibrated vision tower), else simply pointed at again. No-op unless layers move.
+        device (a calibrated vision tower), else simply pointed at again. No-op unless layers move. A later call
+        parks more (what is parked already stays parked).
         """
-        if not self._moves or self._parked:
+        if not self._moves:
             return
         kept = {id(t) for module in keep for t in _tensors(module)}
         for module, slot, name, host in self._rest:

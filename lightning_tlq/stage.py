@@ -58,6 +58,7 @@ class LayerStage:
             layer); its clipping (``quant.awq_clip``) and records are applied when the modules are rounded.
         staging: moves the codes, scales and zero points to the host (share one across stages: it keeps a
             page-locked buffer).
+        lean_solve: solve with the least memory (``memory.profile=low``; same codes).
     """
 
     def __init__(
@@ -72,12 +73,14 @@ class LayerStage:
         groups: int = 1,
         smoothing: LayerSmoothing | None = None,
         staging: HostStaging | None = None,
+        lean_solve: bool = False,
     ) -> None:
         self.method = quant.handler
         if self.method.smoothing is not None and smoothing is None:
             raise ValueError(f"quant.method={quant.method} needs a LayerSmoothing for layer {index}.")
         self.smoothing = smoothing
         self.staging = staging or HostStaging()
+        self.lean_solve = lean_solve
         self.index = index
         self.layer = layer
         self.module_groups = [list(g) for g in module_groups]
@@ -284,7 +287,7 @@ class LayerStage:
         start = time.perf_counter()
         results = self.method.quantize_shared(
             originals,
-            stats[0].for_solve(),
+            stats[0].for_solve(self.lean_solve),
             self.quant,
             modules=names,
             wheres=[f"layer {self.index} {n}" for n in names],

@@ -206,9 +206,9 @@ def test_w4a8_hessian_uses_quantized_inputs() -> None:
     stage = LayerStage(0, block, GROUPS, QuantArgs(method="gptq", bits=4, group_size=16, act_bits=8), metrics=True)
     stage.accumulate(["q_proj"], lambda b, h: block(h), inputs, [TokenWeights(valid=None) for _ in inputs])
     rows = torch.cat([fake_quantize_per_token(x).reshape(-1, 32) for x in inputs])
-    torch.testing.assert_close(stage._stats["q_proj"].plain.H.float(), rows.T @ rows, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(stage._stats.stats["q_proj"].plain.H.float(), rows.T @ rows, rtol=1e-4, atol=1e-3)
     fp_rows = torch.cat([x.reshape(-1, 32) for x in inputs])
-    assert not torch.allclose(stage._stats["q_proj"].plain.H.float(), fp_rows.T @ fp_rows)
+    assert not torch.allclose(stage._stats.stats["q_proj"].plain.H.float(), fp_rows.T @ fp_rows)
     assert len(block.q_proj._forward_pre_hooks) == 0  # hooks only while the layer runs
 
 

@@ -179,3 +179,34 @@ def test_statistics_of_one_pass(monkeypatch):
     stats = LayerStatistics(modules, NAMES, GROUPS, quant, False, 1, weights, False)
     assert len(stats.accumulators(NAMES)) == 7
     assert stats.solve_groups(NAMES) == [[n] for n in NAMES]
+
+
+def test_input_granularity_shares_hessians_in_the_loop_and_the_vision_tower(one_thread):
+    """tlq with importance.granularity=input on tiny LLaVA with its CLIP tower: every decoder layer and vision stage
+    solves q/k/v on one Hessian (and the decoder's gate/up); the default's one per module: the cases above."""
+    from lightning.fabric import Fabric
+
+    from lightning_tlq.config import ImportanceArgs
+    from lightning_tlq.data import encode_sample, make_batches, synthetic_samples
+    from lightning_tlq.loop import CalibrationLoop
+    from lightning_tlq.models.tiny import build_tiny_vlm
+    from lightning_tlq.module import TLQModule
+    from lightning_tlq.settings import CalibrationSettings
+
+    def shared_counts(granularity: str) -> tuple[dict, dict]:
+        model, processor = build_tiny_vlm("llava", seed=0)
+        module = TLQModule().attach(model, processor)
+        encoded = [encode_sample(processor, s) for s in synthetic_samples(4, seed=3)]
+        batches = make_batches(encoded, 2, module.adapter.pad_token_id)
+        quant = QuantArgs(method="tlq", bits=4, group_size=32, vision=True)
+        settings = CalibrationSettings(quant, ImportanceArgs(granularity=granularity), metrics=False)
+        loop = CalibrationLoop(Fabric(accelerator="cpu", devices=1), module, settings)
+        records = loop.run(batches)
+        decoder = {n: r["shared"] for n, r in records[0]["modules"].items()}
+        return decoder, {n: r["shared"] for n, r in loop.vision_records[0]["modules"].items()}
+
+    decoder, vision = shared_counts("input")
+    assert decoder == {"self_attn.q_proj": 3, "self_attn.k_proj": 3, "self_attn.v_proj": 3, "self_attn.o_proj": 1,
+                       "mlp.gate_proj": 2, "mlp.up_proj": 2, "mlp.down_proj": 1}  # fmt: skip
+    assert vision == {"self_attn.q_proj": 3, "self_attn.k_proj": 3, "self_attn.v_proj": 3, "self_attn.out_proj": 1,
+                      "mlp.fc1": 1, "mlp.fc2": 1}  # fmt: skip

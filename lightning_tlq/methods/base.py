@@ -19,11 +19,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from torch import Tensor
 
 from lightning_tlq.core.gptq import gptq_quantize, gptq_quantize_shared
+from lightning_tlq.core.gptq_lean import gptq_quantize_lean, gptq_quantize_shared_lean
 from lightning_tlq.core.quantizer import QuantResult, rtn
 
 if TYPE_CHECKING:
@@ -62,6 +64,10 @@ class ModuleStats:
     weight_sum: float = 0.0
     cross: Tensor | None = None
     """``quant.target = fp``: the GPTAQ cross term paired with ``H``."""
+    lean: bool = False
+    """Solve with the least memory (``memory.profile=low``; same result: :mod:`lightning_tlq.core.gptq_lean`)."""
+    reuse_h: bool = False
+    """With ``lean``: nothing reads ``H`` after the solve, whose storage may hold the factorisation."""
 
 
 class Method:
@@ -142,7 +148,8 @@ class GPTQSolve(Method):
         self, weight: Tensor, stats: ModuleStats, quant: QuantArgs, *, module: str, where: str, smoothing: Any = None
     ) -> QuantResult:
         _check_tokens(stats, where)
-        return gptq_quantize(
+        solve = partial(gptq_quantize_lean, reuse_h=stats.reuse_h) if stats.lean else gptq_quantize
+        return solve(
             weight,
             stats.H,
             quant.spec,
@@ -168,7 +175,8 @@ class GPTQSolve(Method):
         _check_tokens(stats, wheres[0])
         if len(weights) == 1:
             return [self.quantize(weights[0], stats, quant, module=modules[0], where=wheres[0])]
-        return gptq_quantize_shared(  # type: ignore[return-value]
+        shared = partial(gptq_quantize_shared_lean, reuse_h=stats.reuse_h) if stats.lean else gptq_quantize_shared
+        return shared(  # type: ignore[return-value]
             weights,
             stats.H,
             quant.spec,

@@ -1,0 +1,193 @@
+"""Train a benchmark model of the hard scenes task (LLaVA or Qwen2-VL, realistic shapes) from scratch.
+
+Both families fit side by side on one H200 (two processes, each with its own DataLoader workers):
+
+    PYTHONPATH=$PWD python examples/train_hard_vlm.py --family llava --out ckpt/hard-llava &
+    PYTHONPATH=$PWD python examples/train_hard_vlm.py --family qwen2_vl --out ckpt/hard-qwen2_vl &
+    wait
+    python examples/train_hard_vlm.py --family llava --out /tmp/smoke --smoke     # CPU: a few steps, tiny sizes
+
+Training data is an endless stream of the task's ``train`` split, rendered by DataLoader workers. As in
+``train_scenes_vlm.py``, the learning rate follows the wall clock: warm-up, then a cosine that ends when
+``--max-seconds`` are spent. Every ``--log-every`` steps the loss and a quick validation exact match (512 samples)
+are printed. At the end the model is saved in bf16 (shards) with its processor, and teacher-forced exact match
+(equal to greedy here: word-level tokenizer, tested for the easy task) is measured on ``--eval-n`` validation
+samples in full precision and after round-to-nearest of the language model's Linears (W4 g128, W3 g128, W2 g64);
+everything goes to ``<out>/training.json`` (and ``--json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from lightning_tlq.adapters import get_adapter
+from lightning_tlq.core.quantizer import QuantSpec, rtn
+from lightning_tlq.models.scenes_hard import SMOKE_SHAPE, HardEncoder, HardModelShape, build_hard_model
+from lightning_tlq.tasks import scenes_hard
+
+
+class _Stream(IterableDataset):
+    """Collated training batches of the ``train`` split; each worker draws its own seed."""
+
+    def __init__(self, encoder: HardEncoder, batch_size: int, seed: int) -> None:
+        self.encoder, self.batch_size, self.seed = encoder, batch_size, seed
+
+    def __iter__(self):
+        torch.set_num_threads(1)  # many workers share the cores
+        info = get_worker_info()
+        stream = scenes_hard.examples("train", seed=self.seed * 1000 + (info.id if info else 0))
+        while True:
+            yield self.encoder.batch([next(stream) for _ in range(self.batch_size)])
+
+
+@torch.no_grad()
+def exact_match(model, encoder: HardEncoder, batches, device) -> dict:
+    """Teacher-forced exact match (every answer token and eos the argmax), overall and per kind, and the loss."""
+    hits, totals, loss, n = defaultdict(int), defaultdict(int), 0.0, 0
+    for kinds, batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = model(**encoder.model_inputs(batch), labels=batch["labels"], use_cache=False)
+        labels = batch["labels"][:, 1:]
+        ok = ((out.logits[:, :-1].argmax(-1) == labels) | (labels == -100)).all(1).tolist()
+        for kind, good in zip(kinds, ok):
+            hits[kind] += good
+            totals[kind] += 1
+        loss, n = loss + out.loss.item() * len(kinds), n + len(kinds)
+    per_kind = {k: hits[k] / totals[k] for k in sorted(totals)}
+    return {"exact_match": sum(hits.values()) / sum(totals.values()), "loss": loss / n, "per_kind": per_kind}
+
+
+def eval_batches(encoder: HardEncoder, examples, batch_size: int):
+    return [([e.kind for e in chunk], encoder.batch(chunk))
+            for chunk in (examples[i : i + batch_size] for i in range(0, len(examples), batch_size))]  # fmt: skip
+
+
+def rtn_copy(model, bits: int, group_size: int):
+    """A copy with the language model's decoder Linears rounded to nearest (what the quantizers start from)."""
+    q = copy.deepcopy(model)
+    spec = QuantSpec(bits=bits, group_size=group_size, symmetric=True)
+    for name in get_adapter(q).target_module_names():
+        lin = q.get_submodule(name)
+        lin.weight.data.copy_(rtn(lin.weight.data, spec).weight)
+    return q
+
+
+def _lr_scale(step: int, elapsed: float, warm_s: float | None, args) -> float:
+    if step < args.warmup:
+        return (step + 1) / args.warmup
+    progress = (elapsed - warm_s) / max(args.max_seconds - warm_s, 1e-9)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train(args, model, encoder, device, val) -> tuple[list, int, float]:
+    loader = DataLoader(
+        _Stream(encoder, args.batch_size, args.seed), batch_size=None, num_workers=args.workers,
+        pin_memory=device.type == "cuda", prefetch_factor=8 if args.workers else None,
+    )  # fmt: skip
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": rest}], lr=args.lr,
+                            weight_decay=0.0, betas=(0.9, 0.98), fused=device.type == "cuda")  # fmt: skip
+    log, step, warm_s, start = [], 0, None, time.perf_counter()
+    for batch in loader:
+        elapsed = time.perf_counter() - start
+        if step == args.warmup:
+            warm_s = elapsed
+        if elapsed >= args.max_seconds or (args.steps is not None and step >= args.steps):
+            break
+        scale = _lr_scale(step, elapsed, warm_s, args)
+        for g in opt.param_groups:
+            g["lr"] = args.lr * scale
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model(**encoder.model_inputs(batch), labels=batch["labels"], use_cache=False).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        if step % args.log_every == 0:
+            model.eval()
+            quick = exact_match(model, encoder, val[: max(1, 512 // args.eval_batch_size)], device)
+            model.train()
+            entry = {"step": step, "loss": loss.item(), "lr": args.lr * scale,
+                     "s": round(time.perf_counter() - start, 1), "val_exact_match": quick["exact_match"],
+                     "val_per_kind": quick["per_kind"]}  # fmt: skip
+            log.append(entry)
+            print(args.family, json.dumps(entry), flush=True)
+    return log, step, time.perf_counter() - start
+
+
+def main(args: argparse.Namespace) -> dict:
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    shape = SMOKE_SHAPE if args.smoke else HardModelShape()
+    model, processor = build_hard_model(args.family, shape, seed=args.seed)
+    model = model.to(device).train()
+    encoder = HardEncoder(processor, args.family)
+    val = eval_batches(encoder, scenes_hard.take("validation", args.eval_n), args.eval_batch_size)
+    log, steps, train_s = train(args, model, encoder, device, val)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = model.eval().to(torch.bfloat16)
+    model.save_pretrained(out, max_shard_size=args.max_shard_size)
+    processor.save_pretrained(out)
+    model = model.float()  # evaluate what ships: bf16 weights, fp32 (bf16-autocast on GPU) compute
+    results = {"family": args.family, "train_seconds": train_s, "steps": steps, "samples": steps * args.batch_size,
+               "params": sum(p.numel() for p in model.parameters()), "shape": vars(shape), "args": vars(args),
+               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+               "torch": torch.__version__, "log": log}  # fmt: skip
+    for name, setting in {"fp": None, "rtn_w4_g128": (4, 128), "rtn_w3_g128": (3, 128), "rtn_w2_g64": (2, 64)}.items():
+        m = model if setting is None else rtn_copy(model, *setting)
+        results[name] = exact_match(m, encoder, val, device)
+        print(args.family, name, json.dumps(results[name]), flush=True)
+        del m
+    text = json.dumps(results, indent=1)
+    (out / "training.json").write_text(text)
+    if args.json:
+        Path(args.json).write_text(text)
+    return results
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", choices=("llava", "qwen2_vl"), default="llava")
+    p.add_argument("--out", default=None, help="checkpoint directory (default hard-<family>)")
+    p.add_argument("--json", default=None, help="also write training.json here")
+    p.add_argument("--max-seconds", type=float, default=200.0, help="wall-clock training budget (excl. eval, save)")
+    p.add_argument("--steps", type=int, default=None, help="stop after this many steps")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--warmup", type=int, default=150)
+    p.add_argument("--workers", type=int, default=6, help="DataLoader workers rendering the train split")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-n", type=int, default=2000, help="validation samples of the final evaluation")
+    p.add_argument("--eval-batch-size", type=int, default=256)
+    p.add_argument("--log-every", type=int, default=250)
+    p.add_argument("--max-shard-size", default="16MB")
+    p.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes, 3 steps, no workers (CPU check)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.steps, args.batch_size, args.workers, args.warmup = args.steps or 3, 4, 0, 2
+        args.eval_n, args.eval_batch_size, args.log_every, args.max_shard_size = 8, 4, 2, "200KB"
+    args.out = args.out or f"hard-{args.family}"
+    return args
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main(parse())

@@ -1,0 +1,236 @@
+"""The hard scenes task: 96x96 images whose questions need fine visual detail and multi-token answers.
+
+A benchmark on which quantization methods separate (the easy :mod:`lightning_tlq.tasks.scenes` tolerates 3-bit
+weights). Five skills (``KINDS``), each answered with several tokens, so one wrong token fails the whole answer:
+
+- ``read``: a 6-10 character string in the 5x7 bitmap font -> the characters, e.g. ``"k 3 7 a 0 e"``;
+- ``colors``: 3-6 objects in distinct columns -> their colours from left to right (``"red cyan red blue"``);
+- ``count``: 1-12 objects of one colour and shape among distractors sharing one of the two -> digits (``"1 1"``);
+- ``add``: two 2-digit numbers drawn on two lines -> the digits of their sum (``"1 4 2"``);
+- ``relation``: where one object is relative to another -> ``above|below left|right``.
+
+Objects are small (radius 2-4 px in 16 px cells of a 6x6 grid) and glyphs are 5x7 px, so a LLaVA patch of 8 px
+holds about one character. Drawing is numpy only (identical on every machine); splits are disjoint by hashing each
+sample's content, exactly as in the easy task (10% ``test``, 10% ``validation``, 80% ``train``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from lightning_tlq.tasks.font import CHARACTERS, GLYPH_HEIGHT, GLYPH_WIDTH, text_mask
+from lightning_tlq.tasks.scenes import BACKGROUND, INK, SHAPES, SPLITS, Example
+from lightning_tlq.tasks.scenes import COLORS as _EASY_COLORS
+
+KINDS: tuple[str, ...] = ("read", "colors", "count", "add", "relation")
+IMAGE_SIZE = 96
+_CELL = 16
+_GRID = IMAGE_SIZE // _CELL  # 6x6 cells
+_JITTER = 2
+COLORS: dict[str, tuple[int, int, int]] = {**_EASY_COLORS, "orange": (240, 140, 30), "cyan": (40, 200, 210)}
+PLURAL: dict[str, str] = {s: s + "s" for s in SHAPES}
+_QUESTION_WORDS = ("what", "does", "the", "text", "say", "?", "are", "colors", "from", "left", "to", "right",
+                   "how", "many", "there", "is", "sum", "of", "two", "numbers", "where", "relative", "above",
+                   "below")  # fmt: skip
+WORDS: tuple[str, ...] = tuple(sorted({*_QUESTION_WORDS, *COLORS, *SHAPES, *PLURAL.values(), *CHARACTERS}))
+"""Every word (whitespace-separated, lower case) that a question or an answer of this task uses."""
+
+_SPLIT_BUCKETS: dict[str, range] = {"test": range(0, 10), "validation": range(10, 20), "train": range(20, 100)}
+_SPLIT_SALT = {"train": 0, "validation": 1, "test": 2}
+
+
+@dataclass(frozen=True)
+class Thing:
+    """One drawn object: shape, colour name, centre (x, y) in pixels and radius."""
+
+    shape: str
+    color: str
+    x: int
+    y: int
+    r: int
+
+
+@dataclass
+class Scene:
+    """What an image shows: objects and strings of characters (each with its top-left corner)."""
+
+    things: list[Thing] = field(default_factory=list)
+    texts: list[tuple[str, int, int]] = field(default_factory=list)
+
+    def key(self) -> tuple:
+        return tuple((t.shape, t.color, t.x, t.y, t.r) for t in self.things), tuple(self.texts)
+
+
+# --------------------------------------------------------------------------------------------------- drawing
+
+
+def _draw_thing(image: np.ndarray, t: Thing) -> None:
+    """Fill the object's pixels, computed in its bounding box only (the same masks as the easy task's)."""
+    y0, x0 = max(t.y - t.r, 0), max(t.x - t.r, 0)
+    yy, xx = np.mgrid[y0 : min(t.y + t.r + 1, IMAGE_SIZE), x0 : min(t.x + t.r + 1, IMAGE_SIZE)]
+    dx, dy = xx - t.x, yy - t.y
+    if t.shape == "square":
+        mask = np.ones(dx.shape, dtype=bool)
+    elif t.shape == "circle":
+        mask = dx * dx + dy * dy <= t.r * t.r + t.r
+    else:  # triangle, apex up
+        mask = 2 * np.abs(dx) <= dy + t.r
+    image[y0 : y0 + mask.shape[0], x0 : x0 + mask.shape[1]][mask] = COLORS[t.color]
+
+
+def render(scene: Scene) -> np.ndarray:
+    """Draw a scene as a ``[96, 96, 3]`` uint8 array."""
+    image = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    image[:] = BACKGROUND
+    for t in scene.things:
+        _draw_thing(image, t)
+    for text, x, y in scene.texts:
+        mask = text_mask(text)
+        region = image[y : y + mask.shape[0], x : x + mask.shape[1]]
+        if region.shape[:2] != mask.shape:
+            raise ValueError(f"Text {text!r} at {(x, y)} does not fit in the image.")
+        region[mask] = INK
+    return image
+
+
+# --------------------------------------------------------------------------------------------------- layout
+
+
+class _Layout:
+    """Free cells of the 6x6 grid; objects and text each take cells, so nothing overlaps."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+        self.free = [(row, col) for row in range(_GRID) for col in range(_GRID)]
+        rng.shuffle(self.free)
+
+    def take(self, cell: tuple[int, int] | None = None) -> tuple[int, int]:
+        cell = cell if cell is not None else self.free[-1]
+        self.free.remove(cell)
+        return cell
+
+    def thing(self, shape: str, color: str, cell: tuple[int, int] | None = None) -> Thing:
+        row, col = self.take(cell)
+        rng = self.rng
+        x = col * _CELL + _CELL // 2 + rng.randint(-_JITTER, _JITTER)
+        return Thing(shape, color, x, row * _CELL + _CELL // 2 + rng.randint(-_JITTER, _JITTER), rng.randint(2, 4))
+
+    def text(self, text: str) -> tuple[str, int, int]:
+        """Place ``text`` inside one free grid row, taking the cells it overlaps."""
+        width = len(text) * (GLYPH_WIDTH + 1) - 1
+        rows = sorted({c[0] for c in self.free if all((c[0], k) in self.free for k in range(_GRID))})
+        row = self.rng.choice(rows)
+        x = self.rng.randint(1, IMAGE_SIZE - width - 1)
+        y = row * _CELL + self.rng.randint(1, _CELL - GLYPH_HEIGHT - 1)
+        for col in range(x // _CELL, (x + width - 1) // _CELL + 1):
+            self.take((row, col))
+        return text, x, y
+
+    def distractors(self, n: int, avoid: Sequence[tuple[str, str]] = ()) -> list[Thing]:
+        out = []
+        for _ in range(min(n, len(self.free))):
+            while True:
+                shape, color = self.rng.choice(SHAPES), self.rng.choice(list(COLORS))
+                if (shape, color) not in avoid:
+                    break
+            out.append(self.thing(shape, color))
+        return out
+
+
+# --------------------------------------------------------------------------------------------------- skills
+
+
+def _read(rng: random.Random) -> tuple[Scene, str, str]:
+    text = "".join(rng.choice(CHARACTERS) for _ in range(rng.randint(6, 10)))
+    layout = _Layout(rng)
+    texts = [layout.text(text)]
+    return Scene(layout.distractors(rng.randint(0, 4)), texts), "what does the text say ?", " ".join(text)
+
+
+def _colors(rng: random.Random) -> tuple[Scene, str, str]:
+    cols = sorted(rng.sample(range(_GRID), rng.randint(3, 6)))
+    colors = [rng.choice(list(COLORS)) for _ in cols]
+    layout = _Layout(rng)
+    things = [layout.thing(rng.choice(SHAPES), c, (rng.randrange(_GRID), col)) for c, col in zip(colors, cols)]
+    return Scene(things), "what are the colors from left to right ?", " ".join(colors)
+
+
+def _count(rng: random.Random) -> tuple[Scene, str, str]:
+    shape, color, count = rng.choice(SHAPES), rng.choice(list(COLORS)), rng.randint(1, 12)
+    layout = _Layout(rng)
+    things = [layout.thing(shape, color) for _ in range(count)]
+    for _ in range(rng.randint(0, 6)):  # distractors share the colour or the shape, never both
+        if rng.random() < 0.5:
+            things.append(layout.thing(rng.choice([s for s in SHAPES if s != shape]), color))
+        else:
+            things.append(layout.thing(shape, rng.choice([c for c in COLORS if c != color])))
+    return Scene(things), f"how many {color} {PLURAL[shape]} are there ?", " ".join(str(count))
+
+
+def _add(rng: random.Random) -> tuple[Scene, str, str]:
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    layout = _Layout(rng)
+    texts = [layout.text(str(a)), layout.text(str(b))]
+    scene = Scene(layout.distractors(rng.randint(0, 3)), texts)
+    return scene, "what is the sum of the two numbers ?", " ".join(str(a + b))
+
+
+def _relation(rng: random.Random) -> tuple[Scene, str, str]:
+    (s1, c1), (s2, c2) = rng.sample([(s, c) for s in SHAPES for c in COLORS], 2)
+    layout = _Layout(rng)
+    first = layout.free[-1]
+    second = rng.choice([c for c in layout.free if c[0] != first[0] and c[1] != first[1]])
+    things = [layout.thing(s1, c1, first), layout.thing(s2, c2, second)]
+    things += layout.distractors(rng.randint(0, 4), avoid=[(s1, c1), (s2, c2)])
+    answer = f"{'above' if first[0] < second[0] else 'below'} {'left' if first[1] < second[1] else 'right'}"
+    return Scene(things), f"where is the {c1} {s1} relative to the {c2} {s2} ?", answer
+
+
+_SKILLS = {"read": _read, "colors": _colors, "count": _count, "add": _add, "relation": _relation}
+
+
+# --------------------------------------------------------------------------------------------------- splits
+
+
+def split_of(kind: str, scene: Scene, question: str, answer: str) -> str:
+    """The split a sample belongs to, decided by a hash of its whole content."""
+    digest = hashlib.blake2b(repr((kind, scene.key(), question, answer)).encode(), digest_size=8).digest()
+    bucket = int.from_bytes(digest, "little") % 100
+    return next(name for name, buckets in _SPLIT_BUCKETS.items() if bucket in buckets)
+
+
+def _check(split: str, kinds: Sequence[str]) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is not a split of the scenes_hard task; choose one of {', '.join(SPLITS)}.")
+    unknown = [k for k in kinds if k not in _SKILLS]
+    if unknown or not kinds:
+        raise ValueError(f"Unknown scenes_hard kinds {unknown or kinds}; choose from {', '.join(KINDS)}.")
+
+
+def examples(split: str, seed: int = 0, kinds: Sequence[str] = KINDS) -> Iterator[Example]:
+    """An endless, deterministic stream of ``split``'s examples (``[96, 96, 3]`` images), cycling through ``kinds``.
+
+    Streams of different splits never share a sample; the same ``(split, seed)`` always gives the same stream.
+    """
+    _check(split, kinds)
+    rng = random.Random(f"scenes_hard/{_SPLIT_SALT[split]}/{seed}")
+    i = 0
+    while True:
+        kind = kinds[i % len(kinds)]
+        scene, question, answer = _SKILLS[kind](rng)
+        if split_of(kind, scene, question, answer) == split:
+            yield Example(kind, question, answer, render(scene))
+            i += 1
+
+
+def take(split: str, n: int, seed: int = 0, kinds: Sequence[str] = KINDS) -> list[Example]:
+    """The first ``n`` examples of :func:`examples`."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}.")
+    stream = examples(split, seed, kinds)
+    return [next(stream) for _ in range(n)]

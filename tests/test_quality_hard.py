@@ -1,0 +1,79 @@
+"""The hard-benchmark quality runner's plan (priority order) and its paired bootstrap (pure Python, no models)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "quality_hard.py"
+
+
+@pytest.fixture(scope="module")
+def runner():
+    spec = importlib.util.spec_from_file_location("quality_hard", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_plan_runs_the_core_cells_first(runner):
+    cells = runner.plan(["a", "b"], list(runner.METHODS), list(runner.SETTINGS), [0, 1, 2])
+    keys = [(c["setting"], c["method"], c["seed"], c["model"]) for c in cells]
+    assert len(keys) == len(set(keys)) == 2 * (4 + 6 * 4 * 3 + 3)  # rtn once, smoothquant only at W4A8
+    first = {(s, m) for s, m, _, _ in keys[:12]}
+    assert first == {(s, m) for s in ("W3A16 g128", "W2A16 g64") for m in ("rtn", "gptq", "tlq")}
+    assert all(seed == 0 for _, _, seed, _ in keys[:58])
+    assert {m for s, m, _, _ in keys if s != "W4A8 g128"} == set(runner.METHODS) - {"smoothquant"}
+
+
+def _cell(method, correct, seed=0):
+    bits = runner_bits(correct)
+    return {"model": "m", "setting": "W3A16 g128", "method": method, "seed": seed, **bits}
+
+
+def runner_bits(correct):
+    return {"n": len(correct), "correct_hex": format(int("".join("1" if c else "0" for c in correct), 2), "x")}
+
+
+def test_bootstrap_interval(runner):
+    base = [False] * 3 + [True] * 97  # leading zeros survive the hex round trip
+    assert runner._bits(_cell("gptq", base)).tolist() == [float(c) for c in base]
+    same = runner.bootstrap([_cell("gptq", base), _cell("tlq", base)])["m | W3A16 g128"]
+    assert (same["diff"], same["lo"], same["hi"]) == (0.0, 0.0, 0.0)
+    better = [True] * 50 + base[50:]
+    result = runner.bootstrap([_cell("gptq", base), _cell("tlq", better), _cell("tlq", better, seed=1)])
+    got = result["m | W3A16 g128"]
+    assert got["seeds"] == [0]
+    assert got["diff"] == pytest.approx(0.03)
+    assert 0 <= got["lo"] <= 0.03 <= got["hi"] <= 0.1  # every paired difference is >= 0
+
+
+@pytest.mark.slow
+def test_train_and_table_smoke(tmp_path):
+    """Both scripts end to end on tiny shapes: 3 training steps per family, then rtn/gptq/tlq on both models."""
+    import json
+    import subprocess
+    import sys
+
+    root = EXAMPLE.parent.parent
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(PYTHONPATH=str(root), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    models = []
+    for family in ("llava", "qwen2_vl"):
+        out = tmp_path / family
+        cmd = [sys.executable, str(root / "examples" / "train_hard_vlm.py"), "--smoke", "--family", family]
+        subprocess.run([*cmd, "--out", str(out)], env=env, check=True, timeout=300, capture_output=True)
+        assert json.loads((out / "training.json").read_text())["steps"] == 3
+        models.append(f"{family}={out}")
+    table = tmp_path / "q.json"
+    subprocess.run([sys.executable, str(EXAMPLE), "--smoke", "--models", *models, "--methods", "rtn", "gptq", "tlq",
+                    "--settings", "W2A16 g64", "--seeds", "0", "--json", str(table), "--md", str(tmp_path / "q.md"),
+                    "--max-seconds", "600"], env=env, check=True, timeout=900, capture_output=True)  # fmt: skip
+    state = json.loads(table.read_text())
+    assert state["status"] == "complete"
+    assert not state["errors"]
+    assert sorted(state["fp"]) == ["llava", "qwen2_vl"]
+    assert {(c["model"], c["method"]) for c in state["cells"]} == {
+        (m, k) for m in ("llava", "qwen2_vl") for k in ("rtn", "gptq", "tlq")
+    }
+    assert all(c["n"] == 16 and c["kl"] >= 0 for c in state["cells"])

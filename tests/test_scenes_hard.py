@@ -1,0 +1,96 @@
+"""The hard scenes task (splits, balance, frozen rendering) and its benchmark models' fast encoder."""
+
+import collections
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_tlq.config import DataArgs
+from lightning_tlq.data import Sample, collate, encode_sample
+from lightning_tlq.datamodule import load_samples
+from lightning_tlq.models import scenes_hard as models
+from lightning_tlq.tasks import font, scenes_hard
+
+
+def _content(e):
+    return hashlib.sha256(e.image.tobytes() + f"{e.question}|{e.answer}".encode()).hexdigest()
+
+
+def test_splits_are_disjoint_and_streams_deterministic():
+    seen = {split: {_content(e) for e in scenes_hard.take(split, 80, seed=3)} for split in scenes_hard.SPLITS}
+    assert all(len(v) == 80 for v in seen.values())
+    assert not (seen["train"] & seen["test"])
+    assert not (seen["train"] & seen["validation"])
+    assert not (seen["validation"] & seen["test"])
+    assert [_content(e) for e in scenes_hard.take("test", 80, seed=3)] == [
+        _content(e) for e in scenes_hard.take("test", 80, seed=3)
+    ]
+
+
+def test_rendering_is_frozen():
+    """The benchmark models are trained on these exact pixels and questions: a change must be deliberate."""
+    ex = scenes_hard.take("test", 15)
+    digest = hashlib.sha256(b"".join(e.image.tobytes() + f"{e.question}|{e.answer}".encode() for e in ex))
+    assert digest.hexdigest() == "07daadcf43e807937fc014bd010717b7a5253507afddb060c1ebbd798440aa35"
+
+
+def _chi2(counts):
+    expected = sum(counts.values()) / len(counts)
+    return sum((c - expected) ** 2 / expected for c in counts.values())
+
+
+@pytest.mark.parametrize(
+    ("kind", "values", "lengths"),
+    [("read", font.CHARACTERS, range(6, 11)), ("colors", tuple(scenes_hard.COLORS), range(3, 7)),
+     ("count", tuple(str(n) for n in range(1, 13)), None), ("relation", None, [2]), ("add", None, [2, 3])],
+)  # fmt: skip
+def test_answers_are_balanced_and_multi_token(kind, values, lengths):
+    answers = [e.answer for e in scenes_hard.take("validation", 240, kinds=[kind])]
+    if lengths is not None:
+        assert {len(a.split()) for a in answers} == set(lengths)
+    if kind == "relation":
+        counts = collections.Counter(answers)
+        assert len(counts) == 4
+        assert _chi2(counts) < 21.1
+    elif kind == "count":
+        counts = collections.Counter(answers)
+        assert set(counts) == {" ".join(v) for v in values}
+        assert _chi2(counts) < 37.3
+    elif values is not None:  # every token uniform over its alphabet
+        counts = collections.Counter(w for a in answers for w in a.split())
+        assert set(counts) == set(values)
+        assert _chi2(counts) < {7: 29.9, 19: 46.8}[len(values) - 1]
+
+
+@pytest.mark.parametrize("family", models.FAMILIES)
+def test_fast_encoder_equals_the_processor_path(family):
+    model, processor = models.build_hard_model(family, models.SMOKE_SHAPE)
+    encoder = models.HardEncoder(processor, family)
+    examples = scenes_hard.take("train", 5)
+    batch = encoder.batch(examples)
+    fast = encoder.model_inputs(batch)
+    ref = collate([encode_sample(processor, Sample(e.pil(), e.question, e.answer, e.kind)) for e in examples],
+                  encoder.pad)  # fmt: skip
+    assert set(ref) == {*fast, "labels"}
+    assert torch.equal(batch["labels"], ref["labels"])
+    for key, value in fast.items():
+        torch.testing.assert_close(value, ref[key].to(value.dtype), atol=1e-6, rtol=0)
+    assert int((fast["input_ids"][0] == encoder.image_token).sum()) == models.IMAGE_TOKENS
+    items = encoder.items(examples)
+    for item, e in zip(items, examples):
+        one = encode_sample(processor, Sample(e.pil(), e.question, e.answer, e.kind))
+        assert set(item) == set(one)
+        for key, value in item.items():
+            torch.testing.assert_close(value, one[key].to(value.dtype), atol=1e-6, rtol=0)
+    assert torch.isfinite(model(**fast, labels=batch["labels"], use_cache=False).loss)
+
+
+def test_load_samples_draws_the_hard_task_and_shapes_are_checked():
+    test = load_samples(DataArgs(num_samples=4, seed=2, split="test"), task="scenes_hard")
+    assert [np.asarray(s.image).tobytes() for s in test] == [e.image.tobytes() for e in scenes_hard.take("test", 4, 2)]
+    with pytest.raises(ValueError, match="head dim 64"):
+        models.HardModelShape(hidden_size=512, num_attention_heads=4)
+    with pytest.raises(ValueError, match="choose one of llava, qwen2_vl"):
+        models.build_hard_processor("gemma3")
