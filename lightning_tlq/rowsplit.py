@@ -196,11 +196,13 @@ def solve_split(
     collective: Collective,
     where: str,
     errors: Callable[[Tensor, Tensor, ModuleStatistics], dict[str, Any]],
+    lean: bool = False,
 ) -> tuple[ModuleResult, dict[str, Any]]:
     """Every rank's part of a split module's solve; returns the whole result and record (same on every rank).
 
     Only the leader holds the reduced statistics: it checks them, factors, and reports the errors (``errors`` of
-    the original and the whole quantized weight).
+    the original and the whole quantized weight). ``lean``: the leader factors with the least memory
+    (``memory.profile=low``, same factor).
     """
     start = time.perf_counter()
     leader, rows, rank = plan.owners[name], plan.slices[name], collective.rank
@@ -208,9 +210,9 @@ def solve_split(
     spec, device = quant.spec, weight.device
     kw = {"block_size": quant.block_size, "damp": quant.damp, "act_order": quant.act_order, "name": where}
     if rank == leader:
-        s = stats.for_solve()
+        s = stats.for_solve(lean)
         _check_tokens(s, where)
-        parts = gptq_factor(weight, s.H, spec, cross=s.cross, **kw).tensors()
+        parts = gptq_factor(weight, s.H, spec, cross=s.cross, lean=s.lean, reuse_h=s.reuse_h, **kw).tensors()
     else:  # shapes only
         perm = torch.empty(in_f if quant.act_order else 0, dtype=torch.long, device=device)
         cross = torch.empty((in_f, in_f) if quant.target == "fp" else (0, 0), device=device)

@@ -256,8 +256,8 @@ class LayerStage:
         for name in names:
             module, owner, st = self.modules[name], self._plan.owners.get(name, 0), self._stats.stats[name]
             if name in self._plan.slices:  # every rank solves a slice of rows (rowsplit.py); results gathered
-                w, where = module.weight.detach(), f"layer {self.index} {name}"
-                res, record = solve_split(name, w, st, self.quant, self._plan, self.collective, where, self._errors)
+                w, where, plan, coll = module.weight.detach(), f"layer {self.index} {name}", self._plan, self.collective
+                res, record = solve_split(name, w, st, self.quant, plan, coll, where, self._errors, self.lean_solve)
             elif self.collective.rank == owner:
                 if name not in solved:
                     solved.update(self._solve_together(together[name]))

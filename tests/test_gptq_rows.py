@@ -48,6 +48,17 @@ def test_factor_travels_as_tensors(one_thread):
     assert MIN_ROWS >= 4
 
 
+def test_lean_factor_is_the_factor(one_thread):
+    """memory.profile=low: the lean factor (chunked gather, in place; H's storage reused) is the same factor."""
+    W, H, C = _problem(24, 64, seed=2)
+    spec = QuantSpec(4, 32)
+    for cross, act_order in ((None, True), (C, False)):
+        ref = gptq_factor(W, H, spec, cross=cross, act_order=act_order).tensors()
+        for reuse_h in (False, True):
+            lean = gptq_factor(W, H.clone(), spec, cross=cross, act_order=act_order, lean=True, reuse_h=reuse_h)
+            assert all(torch.equal(a, b) for a, b in zip(ref, lean.tensors()))
+
+
 def test_factor_rejects_grouped_and_bad_hessians():
     W, H, _ = _problem(8, 64)
     spec = QuantSpec(4, 32)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from lightning_tlq.core.gptq import GPTQResult, _assemble, _check_cross, _Factor, _factor, _solve_rows, _validate
+from lightning_tlq.core.gptq_lean import _factor_lean
 from lightning_tlq.core.quantizer import QuantSpec
 
 __all__ = ["MIN_ROWS", "GPTQFactor", "gptq_factor", "gptq_rows"]
@@ -67,14 +68,21 @@ def gptq_factor(
     max_retries: int = 3,
     name: str = "",
     cross: torch.Tensor | None = None,
+    lean: bool = False,
+    reuse_h: bool = False,
 ) -> GPTQFactor:
     """The shared part of :func:`~lightning_tlq.core.gptq.gptq_quantize` for ``W [out, in]`` and ``H [in, in]``
-    (same arguments and errors; ``W`` is only checked, its rows are solved by :func:`gptq_rows`)."""
+    (same arguments and errors; ``W`` is only checked, its rows are solved by :func:`gptq_rows`). ``lean``: the
+    same factor with the least memory (:mod:`lightning_tlq.core.gptq_lean`; ``reuse_h``: ``H``'s storage may hold
+    it, the caller never reads ``H`` again)."""
     if _validate(W, H, spec, block_size, damp, max_retries, name) != 1:
         raise ValueError(f"gptq_factor takes an ungrouped Hessian [in, in], got {tuple(H.shape)}.")
-    H = H.detach().to(device=W.device, dtype=torch.float32)
-    C = None if cross is None else _check_cross(cross, H, name).to(H)
-    f = _factor(H, damp=damp, act_order=act_order, max_retries=max_retries, name=name)
+    C = None if cross is None else _check_cross(cross, H, name).to(device=W.device, dtype=torch.float32)
+    kw = {"damp": damp, "act_order": act_order, "max_retries": max_retries, "name": name}
+    if lean:
+        f = _factor_lean(H.detach(), W.device, reuse_h=reuse_h, **kw)
+    else:
+        f = _factor(H.detach().to(device=W.device, dtype=torch.float32), **kw)
     return GPTQFactor(f.U, f.perm, f.dead, f.damp, f.retries, C)
 
 
