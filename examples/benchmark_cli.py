@@ -8,7 +8,7 @@ Each command runs ``--repeat`` times (the minimum and all runs are reported) in 
 ``HF_HUB_OFFLINE=1``; ``auto`` lets lightning-tlq choose the CPU thread count (:mod:`lightning_tlq.threads`), a
 number sets ``OMP_NUM_THREADS``. The 1-minute load average before each run is recorded: on a shared machine it
 explains most of the spread, and the CPU time (user + system of the child) is what the command would take on an
-idle core. ``--json FILE`` appends one record per run.
+idle core. ``--json FILE`` appends one record per run (``--label`` names the code measured, e.g. before/after).
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--calibrate", action="store_true", help="also time the README's main job")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--label", default=None, help="stored in every record, e.g. the code version measured")
     args = parser.parse_args()
     machine = {"cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)), "python": platform.python_version()}
     records = []
@@ -80,7 +81,7 @@ def main() -> None:
             cpu = [r["cpu_seconds"] for r in runs]
             print(f"{name:<40} threads={threads:<5} min {best:7.2f} s  runs {[r['seconds'] for r in runs]}  "
                   f"CPU s {cpu}  load {loads}")  # fmt: skip
-            records += [{**r, **machine, "date": time.strftime("%Y-%m-%d")} for r in runs]
+            records += [{**r, **machine, "date": time.strftime("%Y-%m-%d"), "label": args.label} for r in runs]
     if args.json is not None:
         with args.json.open("a") as file:
             for record in records:

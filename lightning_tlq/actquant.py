@@ -93,6 +93,11 @@ def _resolve(model: nn.Module | None, modules: Iterable[str | nn.Module]) -> lis
     return list(resolved.values())
 
 
+def has_activation_quant(model: nn.Module) -> bool:
+    """Whether any module of ``model`` has an activation-quantization hook (:func:`apply_activation_quant`)."""
+    return any(hasattr(module, _MARK) for module in model.modules())
+
+
 def apply_activation_quant(
     model: nn.Module | None, act_bits: int | None, modules: Iterable[str | nn.Module]
 ) -> ActivationQuantHandle:

@@ -157,6 +157,8 @@ def _run(args: list[str], threads: int | None) -> None:
             trainer_defaults={"logger": False},
             parser_kwargs={"default_env": True, "env_prefix": ENV_PREFIX},
             args=args,
+            # `lightning-tlq evaluate ...`: only that subcommand's parser is built (~0.7 s less CPU for evaluate)
+            only_subcommand=args[0] if args and args[0] in SUBCOMMANDS else None,
         )
 
 

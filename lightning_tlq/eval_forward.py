@@ -109,13 +109,18 @@ def greedy_answers(module: TLQModule, encoded: Sequence[dict[str, Tensor]], max_
     tokenizer, pad = module.processor.tokenizer, _pad_id(module)
     batch = _to(collate([prompt_inputs(item) for item in encoded], pad, padding_side="left"), _device(module))
     out = module.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad)
-    eos = module.model.generation_config.eos_token_id
-    eos = {tokenizer.eos_token_id} if eos is None else set(eos if isinstance(eos, list) else [eos])
+    eos = eos_ids(module)
     answers = []
     for row in out[:, batch["input_ids"].shape[1] :].tolist():
         end = next((i + 1 for i, token in enumerate(row) if token in eos), len(row))
         answers.append(tokenizer.decode(row[:end], skip_special_tokens=True).strip())
     return answers
+
+
+def eos_ids(module: TLQModule) -> set[int]:
+    """The tokens that end a greedy answer: the generation config's eos ids, else the tokenizer's."""
+    eos = module.model.generation_config.eos_token_id
+    return {module.processor.tokenizer.eos_token_id} if eos is None else set(eos if isinstance(eos, list) else [eos])
 
 
 def _check_module(module: Any) -> None:

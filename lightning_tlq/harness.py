@@ -9,7 +9,8 @@ For every batch of samples (collated in order, ``batch_size`` at a time) it runs
   (:func:`reference_logits`), for KL(P_ref || P_model) over the vocabulary at each of those positions;
 - one batched greedy ``generate`` call on the left-padded prompts (``do_sample=False``, ``num_beams=1``; the
   checkpoint's other generation settings apply), whose answers are compared to the references after
-  :func:`normalize_answer`.
+  :func:`normalize_answer`; samples whose greedy answer the teacher-forced logits already decide (a correct
+  answer, an early eos) are not generated again (:mod:`lightning_tlq.eval_greedy`).
 
 Everything is accumulated in torchmetrics metrics with float64 states (float32 on MPS), one group over all samples
 and one per question type (``Sample.kind``; samples without one form the type ``""``): ``SumMetric`` (samples,
@@ -55,6 +56,7 @@ from lightning_tlq.eval_forward import ReferenceLogits as ReferenceLogits  # re-
 from lightning_tlq.eval_forward import _answer_counts, _answer_logits, _check_lengths, _check_module, _encode
 from lightning_tlq.eval_forward import greedy_answers as greedy_answers  # re-exported
 from lightning_tlq.eval_forward import reference_logits as reference_logits  # re-exported
+from lightning_tlq.eval_greedy import greedy_predictions
 from lightning_tlq.eval_models import _device, _pad_id
 from lightning_tlq.eval_models import activation_bits as activation_bits  # re-exported
 from lightning_tlq.eval_models import check_reference as check_reference  # re-exported
@@ -209,7 +211,7 @@ def evaluate_shard(
         result.seconds["forward"] += time.perf_counter() - tick
         tick = time.perf_counter()
         if exact_match == "greedy":
-            predictions = greedy_answers(module, items, max_new_tokens)
+            predictions = greedy_predictions(module, items, logits, targets, rows, max_new_tokens)  # generates the rest
             correct = [normalize_answer(p) == normalize_answer(s.answer) for p, s in zip(predictions, batch_samples)]
         else:
             predictions, correct = _teacher_forced(module, logits, targets, rows, len(items))

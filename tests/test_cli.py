@@ -84,6 +84,29 @@ def test_subcommand_help_describes_every_option_and_hides_training_options(subco
         assert "--data." not in out
 
 
+def test_a_named_subcommand_builds_only_its_own_parser(capsys, monkeypatch, tmp_path):
+    """``lightning-tlq evaluate ...`` builds the evaluate parser alone; a top-level option first (``--config``)
+    builds all three, and the result is the same."""
+    from lightning_tlq.lightning_cli import TLQCLI
+
+    built = []
+    add = TLQCLI._add_subcommands
+
+    def recording(self, parser, **kwargs):
+        add(self, parser, **kwargs)
+        built.append(sorted(self._subcommand_parsers))
+        assert self.subcommands() == TLQCLI.subcommands()  # every subcommand again once the parser is built
+
+    monkeypatch.setattr(TLQCLI, "_add_subcommands", recording)
+    config = tmp_path / "top.yaml"
+    config.write_text("evaluate:\n  max_new_tokens: 3\ncalibrate:\n  quant:\n    bits: 3\n")
+    alone = _printed(capsys, "evaluate", "--max_new_tokens", "3")
+    after_top_level_option = _printed(capsys, "--config", str(config), "evaluate")
+    assert built == [["evaluate"], ["calibrate", "evaluate", "export"]]
+    assert alone == after_top_level_option
+    assert alone["max_new_tokens"] == 3
+
+
 def test_errors_name_flags_and_point_to_a_traceback_log(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TLQ_LOG_DIR", str(tmp_path / "logs"))
     with pytest.raises(SystemExit) as exit_:
