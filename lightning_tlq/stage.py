@@ -17,9 +17,10 @@ from torch import Tensor, nn
 from lightning_tlq.actquant import apply_activation_quant
 from lightning_tlq.config import QuantArgs
 from lightning_tlq.core.hessian import relative_output_error
-from lightning_tlq.distributed import Collective, assign_owners
+from lightning_tlq.distributed import Collective
 from lightning_tlq.hostmem import HostStaging
 from lightning_tlq.module_stats import ModuleResult, ModuleStatistics, RowSelection, pack_record, unpack_record
+from lightning_tlq.rowsplit import GroupPlan, empty_result, plan_group, solve_split, splittable
 from lightning_tlq.shared_stats import LayerStatistics
 from lightning_tlq.smoothing import LayerSmoothing
 from lightning_tlq.tokenweights import TokenWeights
@@ -95,7 +96,7 @@ class LayerStage:
         """With ``quant.target = "fp"``: the full-precision layer's outputs for :meth:`run`'s ``fp_inputs``."""
         self._original: dict[str, Tensor] = {}  # target fp: full-precision weights of the modules already solved
         self._stats: LayerStatistics | None = None  # the current accumulate pass's statistics
-        self._owners: dict[str, int] = {}
+        self._plan = GroupPlan({})  # the current group's owners and split modules (rowsplit.py)
         self._row_cache: dict[int, RowSelection] = {}
         self.seconds: dict[str, float] = {}
         self.layer_device = next(iter(self.modules.values())).weight.device
@@ -227,15 +228,19 @@ class LayerStage:
     def reduce(self, names: Sequence[str]) -> None:
         """Sum each statistic over ranks into the rank that owns (will solve) its modules.
 
-        Modules sharing a statistic have one owner; owners come from greedy bin packing on solve cost (``d_in^3``
-        per Hessian solved); one reduction per distinct statistic, never per batch.
+        Modules sharing a statistic have one owner; owners (and lone modules whose rows every rank solves) come from
+        :func:`~lightning_tlq.rowsplit.plan_group`; one reduction per distinct statistic, never per batch.
         """
         coll, stats = self.collective, self._stats
         assert stats is not None
         parts = stats.components(names)
-        costs = [len(stats.solve_groups(p)) * float(self.modules[p[0]].in_features) ** 3 * self.groups for p in parts]
-        for part, owner in zip(parts, assign_owners(costs, coll.world_size)):
-            self._owners.update((name, owner) for name in part)
+        shapes = {n: tuple(self.modules[n].weight.shape) for n in names}
+        split = splittable(self.method, self.groups)
+        plan = self._plan = plan_group(
+            [stats.solve_groups(p) for p in parts], shapes, coll.world_size, split=split, groups=self.groups
+        )
+        for part in parts:
+            owner = plan.owners[part[0]]
             for acc in stats.accumulators(part):
                 acc.H = coll.reduce_to(acc.H, owner)
                 counts = torch.tensor([float(acc.tokens), float(acc.weight_sum)], dtype=torch.float64)
@@ -249,16 +254,20 @@ class LayerStage:
         together = {n: g for g in self._stats.solve_groups(names) for n in g}
         solved: dict[str, tuple[ModuleResult, dict[str, Any]]] = {}
         for name in names:
-            module, owner = self.modules[name], self._owners.get(name, 0)
-            if self.collective.rank == owner:
+            module, owner, st = self.modules[name], self._plan.owners.get(name, 0), self._stats.stats[name]
+            if name in self._plan.slices:  # every rank solves a slice of rows (rowsplit.py); results gathered
+                w, where, plan, coll = module.weight.detach(), f"layer {self.index} {name}", self._plan, self.collective
+                res, record = solve_split(name, w, st, self.quant, plan, coll, where, self._errors, self.lean_solve)
+            elif self.collective.rank == owner:
                 if name not in solved:
                     solved.update(self._solve_together(together[name]))
                 res, record = solved.pop(name)
             else:
-                res, record = self._empty_result(module.weight), {}
-            res = ModuleResult(
-                *(self.collective.broadcast(t, owner) for t in (res.weight, res.codes, res.scale, res.zero))
-            )
+                res, record = empty_result(module.weight, self.quant.spec), {}
+            if name not in self._plan.slices:
+                res = ModuleResult(
+                    *(self.collective.broadcast(t, owner) for t in (res.weight, res.codes, res.scale, res.zero))
+                )
             record = unpack_record(self.collective.broadcast(pack_record(record), owner))
             if self.smoothing is not None:  # computed identically on every rank
                 record.update(self.smoothing.records.get(name, {}))
@@ -292,17 +301,6 @@ class LayerStage:
             record.update(self._errors(original, res.weight, st))
             out[name] = (ModuleResult(res.weight, res.codes, res.scale, res.zero), record)
         return out
-
-    def _empty_result(self, weight: Tensor) -> ModuleResult:
-        out_f, in_f = weight.shape
-        spec = self.quant.spec
-        groups = spec.n_groups(in_f)
-        return ModuleResult(
-            torch.empty_like(weight),
-            torch.empty(out_f, in_f, dtype=spec.code_dtype, device=weight.device),
-            torch.empty(out_f, groups, dtype=torch.float32, device=weight.device),
-            torch.empty(out_f, groups, dtype=torch.float32, device=weight.device),
-        )
 
     def _errors(self, original: Tensor, quantized: Tensor, stats: ModuleStatistics) -> dict[str, float | None]:
         out: dict[str, float | None] = {"rel_error": None, "weighted_rel_error": None}
