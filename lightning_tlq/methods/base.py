@@ -166,7 +166,9 @@ class GPTQSolve(Method):
         if len(weights) == 1:
             return [self.quantize(weights[0], stats, quant, module=modules[0], where=wheres[0])]
         shared = partial(gptq_quantize_shared_lean, reuse_h=stats.reuse_h) if stats.lean else gptq_quantize_shared
-        return shared(weights, stats.H, quant.spec, names=wheres, **_solve_options(stats, quant))  # type: ignore[return-value]
+        return shared(  # type: ignore[return-value]
+            weights, stats.H, quant.spec, names=wheres, **_solve_options(stats, quant)
+        )
 
 
 def _solve_options(stats: ModuleStats, quant: QuantArgs) -> dict[str, Any]:
