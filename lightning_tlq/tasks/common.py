@@ -1,7 +1,8 @@
 """What the scenes tasks (:mod:`~lightning_tlq.tasks.scenes`, :mod:`~lightning_tlq.tasks.scenes_hard`) share.
 
 Splits by content hash (10% ``test``, 10% ``validation``, the rest ``train``), the endless deterministic example
-stream that keeps only its split's samples, and the grid layout that places objects and text without overlap.
+stream that keeps only its split's samples, the grid layout that places objects and text without overlap, and
+the text drawing.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any, Literal, get_args
 import numpy as np
 from PIL import Image
 
-from lightning_tlq.tasks.font import GLYPH_HEIGHT, GLYPH_WIDTH
+from lightning_tlq.tasks.font import GLYPH_HEIGHT, GLYPH_WIDTH, text_mask
 
 Split = Literal["train", "validation", "test"]
 SPLITS: tuple[str, ...] = get_args(Split)
@@ -51,6 +52,15 @@ class Example:
 
     def pil(self) -> Image.Image:
         return Image.fromarray(self.image, mode="RGB")
+
+
+def draw_text(image: np.ndarray, text: str, x: int, y: int, ink: tuple[int, int, int]) -> None:
+    """Draw ``text`` in the bitmap font with its top-left corner at ``(x, y)``; it must fit in the image."""
+    mask = text_mask(text)
+    region = image[y : y + mask.shape[0], x : x + mask.shape[1]]
+    if region.shape[:2] != mask.shape:
+        raise ValueError(f"Text {text!r} at {(x, y)} does not fit in the image.")
+    region[mask] = ink
 
 
 def split_of(kind: str, scene: Any, question: str, answer: str) -> str:

@@ -25,7 +25,7 @@ import numpy as np
 
 from lightning_tlq.tasks import common
 from lightning_tlq.tasks.common import CELL, JITTER, SPLITS, Example, Split, Thing, split_of  # noqa: F401 (re-exported)
-from lightning_tlq.tasks.font import CHARACTERS, DIGITS, text_mask
+from lightning_tlq.tasks.font import CHARACTERS, DIGITS
 
 KINDS: tuple[str, ...] = ("read", "sum", "count", "compare", "position", "color")
 
@@ -87,12 +87,7 @@ def render(scene: Scene) -> np.ndarray:
     for t in scene.things:
         image[_thing_mask(t)] = COLORS[t.color]
     if scene.text:
-        mask = text_mask(scene.text)
-        x, y = scene.text_xy
-        region = image[y : y + mask.shape[0], x : x + mask.shape[1]]
-        if region.shape[:2] != mask.shape:
-            raise ValueError(f"Text {scene.text!r} at {scene.text_xy} does not fit in the image.")
-        region[mask] = INK
+        common.draw_text(image, scene.text, *scene.text_xy, INK)
     return image
 
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from lightning_tlq.tasks import common
 from lightning_tlq.tasks.common import CELL, JITTER, SPLITS, Example, Thing, split_of  # noqa: F401 (re-exported)
-from lightning_tlq.tasks.font import CHARACTERS, text_mask
+from lightning_tlq.tasks.font import CHARACTERS
 from lightning_tlq.tasks.scenes import BACKGROUND, INK, SHAPES
 from lightning_tlq.tasks.scenes import COLORS as _EASY_COLORS
 
@@ -75,11 +75,7 @@ def render(scene: Scene) -> np.ndarray:
     for t in scene.things:
         _draw_thing(image, t)
     for text, x, y in scene.texts:
-        mask = text_mask(text)
-        region = image[y : y + mask.shape[0], x : x + mask.shape[1]]
-        if region.shape[:2] != mask.shape:
-            raise ValueError(f"Text {text!r} at {(x, y)} does not fit in the image.")
-        region[mask] = INK
+        common.draw_text(image, text, x, y, INK)
     return image
 
 
