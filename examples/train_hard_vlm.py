@@ -19,35 +19,16 @@ everything goes to ``<out>/training.json`` (and ``--json``).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import math
 import os
-import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from vlm_training import RTN_SETTINGS, TrainStream, fit, rtn_copy
 
-from lightning_tlq.adapters import get_adapter
-from lightning_tlq.core.quantizer import QuantSpec, rtn
 from lightning_tlq.models.scenes_hard import SMOKE_SHAPE, HardEncoder, HardModelShape, build_hard_model
 from lightning_tlq.tasks import scenes_hard
-
-
-class _Stream(IterableDataset):
-    """Collated training batches of the ``train`` split; each worker draws its own seed."""
-
-    def __init__(self, encoder: HardEncoder, batch_size: int, seed: int) -> None:
-        self.encoder, self.batch_size, self.seed = encoder, batch_size, seed
-
-    def __iter__(self):
-        torch.set_num_threads(1)  # many workers share the cores
-        info = get_worker_info()
-        stream = scenes_hard.examples("train", seed=self.seed * 1000 + (info.id if info else 0))
-        while True:
-            yield self.encoder.batch([next(stream) for _ in range(self.batch_size)])
 
 
 @torch.no_grad()
@@ -73,60 +54,24 @@ def eval_batches(encoder: HardEncoder, examples, batch_size: int):
             for chunk in (examples[i : i + batch_size] for i in range(0, len(examples), batch_size))]  # fmt: skip
 
 
-def rtn_copy(model, bits: int, group_size: int):
-    """A copy with the language model's decoder Linears rounded to nearest (what the quantizers start from)."""
-    q = copy.deepcopy(model)
-    spec = QuantSpec(bits=bits, group_size=group_size, symmetric=True)
-    for name in get_adapter(q).target_module_names():
-        lin = q.get_submodule(name)
-        lin.weight.data.copy_(rtn(lin.weight.data, spec).weight)
-    return q
-
-
-def _lr_scale(step: int, elapsed: float, warm_s: float | None, args) -> float:
-    if step < args.warmup:
-        return (step + 1) / args.warmup
-    progress = (elapsed - warm_s) / max(args.max_seconds - warm_s, 1e-9)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
 def train(args, model, encoder, device, val) -> tuple[list, int, float]:
-    loader = DataLoader(
-        _Stream(encoder, args.batch_size, args.seed), batch_size=None, num_workers=args.workers,
-        pin_memory=device.type == "cuda", prefetch_factor=8 if args.workers else None,
-    )  # fmt: skip
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": rest}], lr=args.lr,
-                            weight_decay=0.0, betas=(0.9, 0.98), fused=device.type == "cuda")  # fmt: skip
-    log, step, warm_s, start = [], 0, None, time.perf_counter()
-    for batch in loader:
-        elapsed = time.perf_counter() - start
-        if step == args.warmup:
-            warm_s = elapsed
-        if elapsed >= args.max_seconds or (args.steps is not None and step >= args.steps):
-            break
-        scale = _lr_scale(step, elapsed, warm_s, args)
-        for g in opt.param_groups:
-            g["lr"] = args.lr * scale
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = model(**encoder.model_inputs(batch), labels=batch["labels"], use_cache=False).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step += 1
-        if step % args.log_every == 0:
-            model.eval()
-            quick = exact_match(model, encoder, val[: max(1, 512 // args.eval_batch_size)], device)
-            model.train()
-            entry = {"step": step, "loss": loss.item(), "lr": args.lr * scale,
-                     "s": round(time.perf_counter() - start, 1), "val_exact_match": quick["exact_match"],
-                     "val_per_kind": quick["per_kind"]}  # fmt: skip
-            log.append(entry)
-            print(args.family, json.dumps(entry), flush=True)
-    return log, step, time.perf_counter() - start
+    log = []
+
+    def on_log(entry: dict) -> None:
+        model.eval()
+        quick = exact_match(model, encoder, val[: max(1, 512 // args.eval_batch_size)], device)
+        model.train()
+        entry = {**entry, "s": round(entry["s"], 1), "val_exact_match": quick["exact_match"],
+                 "val_per_kind": quick["per_kind"]}  # fmt: skip
+        log.append(entry)
+        print(args.family, json.dumps(entry), flush=True)
+
+    def loss_fn(model, batch):
+        return model(**encoder.model_inputs(batch), labels=batch["labels"], use_cache=False).loss
+
+    stream = TrainStream(scenes_hard.examples, encoder, args.batch_size, args.seed)
+    steps, seconds = fit(model, stream, device, args, args.max_seconds, loss_fn, on_log)
+    return log, steps, seconds
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -149,7 +94,7 @@ def main(args: argparse.Namespace) -> dict:
                "params": sum(p.numel() for p in model.parameters()), "shape": vars(shape), "args": vars(args),
                "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                "torch": torch.__version__, "log": log}  # fmt: skip
-    for name, setting in {"fp": None, "rtn_w4_g128": (4, 128), "rtn_w3_g128": (3, 128), "rtn_w2_g64": (2, 64)}.items():
+    for name, setting in RTN_SETTINGS.items():
         m = model if setting is None else rtn_copy(model, *setting)
         results[name] = exact_match(m, encoder, val, device)
         print(args.family, name, json.dumps(results[name]), flush=True)

@@ -15,20 +15,15 @@ W3 g128, W2 g64), writing everything to ``<out>/training.json``.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import math
 import os
-import time
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from vlm_training import RTN_SETTINGS, TrainStream, fit, rtn_copy
 
-from lightning_tlq.adapters import get_adapter
-from lightning_tlq.core.quantizer import QuantSpec, rtn
 from lightning_tlq.evaluate import normalize_answer
 from lightning_tlq.models.scenes import (
     FastEncoder,
@@ -38,20 +33,6 @@ from lightning_tlq.models.scenes import (
     pixel_values,
 )
 from lightning_tlq.tasks import scenes
-
-
-class _Stream(IterableDataset):
-    """Collated training batches of the ``train`` split; each worker draws its own seed."""
-
-    def __init__(self, encoder: FastEncoder, batch_size: int, seed: int) -> None:
-        self.encoder, self.batch_size, self.seed = encoder, batch_size, seed
-
-    def __iter__(self):
-        torch.set_num_threads(1)  # many workers share the cores: intra-op threads would oversubscribe them
-        info = get_worker_info()
-        stream = scenes.examples("train", seed=self.seed * 1000 + (info.id if info else 0))
-        while True:
-            yield self.encoder.batch([next(stream) for _ in range(self.batch_size)])
 
 
 @torch.no_grad()
@@ -89,17 +70,6 @@ def greedy_exact_match(model, encoder: FastEncoder, examples, device, batch_size
     return {"exact_match": sum(hits.values()) / sum(totals.values()), "per_kind": per_kind}
 
 
-def rtn_copy(model, bits: int, group_size: int):
-    """A copy with the language model's decoder linears rounded to nearest (what the quantizers start from)."""
-    q = copy.deepcopy(model)
-    adapter = get_adapter(q)
-    spec = QuantSpec(bits=bits, group_size=group_size, symmetric=True)
-    for name in adapter.target_module_names():
-        lin = q.get_submodule(name)
-        lin.weight.data.copy_(rtn(lin.weight.data, spec).weight)
-    return q
-
-
 def main(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -117,48 +87,20 @@ def main(args: argparse.Namespace) -> None:
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32).to(device).train()
     n_params = sum(p.numel() for p in model.parameters())
     encoder = FastEncoder(processor.tokenizer)
-    loader = DataLoader(
-        _Stream(encoder, args.batch_size, args.seed), batch_size=None, num_workers=args.workers,
-        pin_memory=device.type == "cuda", prefetch_factor=8 if args.workers else None, persistent_workers=False,
-    )  # fmt: skip
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr, betas=(0.9, 0.98), fused=device.type == "cuda",
-    )  # fmt: skip
-    budget, warm_s = args.minutes * 60, None
     log = []
-    start = time.perf_counter()
-    step = 0
-    for batch in loader:  # the schedule follows wall-clock time: cosine from warm-up to the end of the budget
-        elapsed = time.perf_counter() - start
-        if step < args.warmup:
-            lr_scale = (step + 1) / args.warmup
-        else:
-            if warm_s is None:
-                warm_s = elapsed
-            lr_scale = 0.5 * (1 + math.cos(math.pi * min(1.0, (elapsed - warm_s) / max(budget - warm_s, 1e-9))))
-        if elapsed >= budget or (args.steps is not None and step >= args.steps):
-            break
-        for g in opt.param_groups:
-            g["lr"] = args.lr * lr_scale
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                pixel_values=pixel_values(batch.pop("images")), labels=batch["labels"], use_cache=False,
-            ).loss  # fmt: skip
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step += 1
-        if step % args.log_every == 0:
-            entry = {"step": step, "loss": loss.item(), "lr": args.lr * lr_scale, "s": time.perf_counter() - start}
-            log.append(entry)
-            print(json.dumps(entry), flush=True)
-    train_s = time.perf_counter() - start
+
+    def on_log(entry: dict) -> None:
+        log.append(entry)
+        print(json.dumps(entry), flush=True)
+
+    def loss_fn(model, batch):
+        return model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+            pixel_values=pixel_values(batch.pop("images")), labels=batch["labels"], use_cache=False,
+        ).loss  # fmt: skip
+
+    stream = TrainStream(scenes.examples, encoder, args.batch_size, args.seed)
+    step, train_s = fit(model, stream, device, args, args.minutes * 60, loss_fn, on_log)
     model.eval()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -172,8 +114,7 @@ def main(args: argparse.Namespace) -> None:
                "shape": vars(shape), "args": vars(args), "log": log, "device": torch.cuda.get_device_name()
                if device.type == "cuda" else "cpu", "torch": torch.__version__}  # fmt: skip
     evals = {split: scenes.take(split, args.eval_n) for split in ("validation", "test")}
-    settings = {"fp": None, "rtn_w4_g128": (4, 128), "rtn_w3_g128": (3, 128), "rtn_w2_g64": (2, 64)}
-    for name, setting in settings.items():
+    for name, setting in RTN_SETTINGS.items():
         m = model if setting is None else rtn_copy(model, *setting)
         results[name] = {split: greedy_exact_match(m, encoder, ex, device) for split, ex in evals.items()}
         print(name, json.dumps(results[name]), flush=True)

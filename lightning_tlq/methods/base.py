@@ -149,17 +149,7 @@ class GPTQSolve(Method):
     ) -> QuantResult:
         _check_tokens(stats, where)
         solve = partial(gptq_quantize_lean, reuse_h=stats.reuse_h) if stats.lean else gptq_quantize
-        return solve(
-            weight,
-            stats.H,
-            quant.spec,
-            block_size=quant.block_size,
-            damp=quant.damp,
-            act_order=quant.act_order,
-            name=where,
-            cross=stats.cross,
-            kernel=quant.kernel,
-        )
+        return solve(weight, stats.H, quant.spec, name=where, **_solve_options(stats, quant))
 
     def quantize_shared(
         self,
@@ -177,16 +167,19 @@ class GPTQSolve(Method):
             return [self.quantize(weights[0], stats, quant, module=modules[0], where=wheres[0])]
         shared = partial(gptq_quantize_shared_lean, reuse_h=stats.reuse_h) if stats.lean else gptq_quantize_shared
         return shared(  # type: ignore[return-value]
-            weights,
-            stats.H,
-            quant.spec,
-            block_size=quant.block_size,
-            damp=quant.damp,
-            act_order=quant.act_order,
-            names=wheres,
-            cross=stats.cross,
-            kernel=quant.kernel,
+            weights, stats.H, quant.spec, names=wheres, **_solve_options(stats, quant)
         )
+
+
+def _solve_options(stats: ModuleStats, quant: QuantArgs) -> dict[str, Any]:
+    """The GPTQ solve's keyword arguments common to one module and shared modules."""
+    return {
+        "block_size": quant.block_size,
+        "damp": quant.damp,
+        "act_order": quant.act_order,
+        "cross": stats.cross,
+        "kernel": quant.kernel,
+    }
 
 
 def _check_tokens(stats: ModuleStats, where: str) -> None:

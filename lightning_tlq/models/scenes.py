@@ -9,15 +9,14 @@ builds its config and processor from scratch (for training) and encodes scenes e
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from transformers import LlavaConfig, PreTrainedTokenizerFast, ProcessorMixin
 
-from lightning_tlq.models.tiny import CLIP_MEAN, CLIP_STD, build_processor
+from lightning_tlq.models.encoding import WordEncoder, normalize
+from lightning_tlq.models.tiny import build_processor
 from lightning_tlq.tasks import scenes
 
 PATCH_SIZE = 8
@@ -85,7 +84,7 @@ def build_scenes_config(tokenizer: PreTrainedTokenizerFast, shape: ScenesModelSh
     return config
 
 
-class FastEncoder:
+class FastEncoder(WordEncoder):
     """Token ids, labels and pixel values of scenes examples without running the HF processor.
 
     Gives exactly what ``encode_sample(build_scenes_processor(), sample)`` gives (tested), for whole batches.
@@ -98,33 +97,10 @@ class FastEncoder:
         self.prefix = [ids("user"), ids(":"), *[ids("<image>")] * IMAGE_TOKENS]
         self.suffix = [ids("assistant"), ids(":")]
 
-    def _words(self, text: str) -> list[int]:
-        return [self.vocab[w] for w in text.split()]
-
-    def ids(self, question: str, answer: str) -> tuple[list[int], int]:
-        """``(input_ids, answer_start)`` of one example: prompt, answer words, eos."""
-        prompt = self.prefix + self._words(question) + self.suffix
-        return prompt + self._words(answer) + [self.eos], len(prompt)
-
-    def batch(self, examples: Sequence[scenes.Example]) -> dict[str, torch.Tensor]:
-        """Right-padded ``input_ids``, ``attention_mask``, ``labels`` (answer + eos) and uint8 ``images``."""
-        rows = [self.ids(e.question, e.answer) for e in examples]
-        length = max(len(r) for r, _ in rows)
-        input_ids = torch.full((len(rows), length), self.pad, dtype=torch.long)
-        labels = torch.full((len(rows), length), -100, dtype=torch.long)
-        for i, (row, start) in enumerate(rows):
-            input_ids[i, : len(row)] = torch.tensor(row)
-            labels[i, start : len(row)] = input_ids[i, start : len(row)]
-        images = torch.from_numpy(np.stack([e.image for e in examples]))
-        return {"input_ids": input_ids, "attention_mask": input_ids != self.pad, "labels": labels, "images": images}
-
 
 def pixel_values(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``[B, 64, 64, 3]`` uint8 -> the CLIP processor's normalised ``[B, 3, 64, 64]`` pixel values."""
-    mean = torch.tensor(CLIP_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=images.device).view(1, 3, 1, 1)
-    x = images.permute(0, 3, 1, 2).float() * (1 / 255)
-    return ((x - mean) / std).to(dtype)
+    return normalize(images).to(dtype)
 
 
 def model_task(config: Any) -> str | None:

@@ -19,6 +19,7 @@ import transformers
 from transformers import LlavaConfig, PretrainedConfig, ProcessorMixin, Qwen2VLConfig
 
 from lightning_tlq.data import Sample, encode_sample
+from lightning_tlq.models.encoding import WordEncoder, normalize
 from lightning_tlq.models.scenes import TASK_KEY
 from lightning_tlq.models.tiny import CLIP_MEAN, CLIP_STD, build_processor
 from lightning_tlq.tasks import scenes_hard
@@ -120,7 +121,7 @@ def build_hard_model(family: str, shape: HardModelShape | None = None, seed: int
     return model, processor
 
 
-class HardEncoder:
+class HardEncoder(WordEncoder):
     """Token ids, labels and model inputs of hard-scenes examples in batches, without the HF processor.
 
     The prompt's fixed parts (before and after the question) are read once from a real processor encoding, so the
@@ -145,26 +146,6 @@ class HardEncoder:
         self.token_types = "mm_token_type_ids" in probe  # Qwen2-VL's processor gives them in transformers 5.x
         if self.prefix.count(self.image_token) != IMAGE_TOKENS:
             raise ValueError(f"The processor gives {self.prefix.count(self.image_token)} image tokens, not 144.")
-
-    def _words(self, text: str) -> list[int]:
-        return [self.vocab[w] for w in text.split()]
-
-    def ids(self, question: str, answer: str) -> tuple[list[int], int]:
-        """``(input_ids, answer_start)`` of one example: prompt, answer words, eos."""
-        prompt = self.prefix + self._words(question) + self.suffix
-        return prompt + self._words(answer) + [self.eos], len(prompt)
-
-    def batch(self, examples: Sequence[scenes_hard.Example]) -> dict[str, torch.Tensor]:
-        """Right-padded ``input_ids``, ``attention_mask``, ``labels`` (answer + eos) and uint8 ``images``."""
-        rows = [self.ids(e.question, e.answer) for e in examples]
-        length = max(len(r) for r, _ in rows)
-        input_ids = torch.full((len(rows), length), self.pad, dtype=torch.long)
-        labels = torch.full((len(rows), length), -100, dtype=torch.long)
-        for i, (row, start) in enumerate(rows):
-            input_ids[i, : len(row)] = torch.tensor(row)
-            labels[i, start : len(row)] = input_ids[i, start : len(row)]
-        images = torch.from_numpy(np.stack([e.image for e in examples]))
-        return {"input_ids": input_ids, "attention_mask": input_ids != self.pad, "labels": labels, "images": images}
 
     def model_inputs(self, batch: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> dict[str, Any]:
         """The model's keyword arguments for a :meth:`batch` (moved to a device or not): what the processor gives."""
@@ -193,13 +174,6 @@ class HardEncoder:
                 item["image_grid_thw"] = inputs["image_grid_thw"][i : i + 1]
             out.append(item)
         return out
-
-
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """``[B, H, W, 3]`` uint8 -> CLIP-normalised float32 ``[B, 3, H, W]`` (both families' processors)."""
-    mean = torch.tensor(CLIP_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=images.device).view(1, 3, 1, 1)
-    return (images.permute(0, 3, 1, 2).float() * (1 / 255) - mean) / std
 
 
 def qwen_patches(pixels: torch.Tensor) -> torch.Tensor:

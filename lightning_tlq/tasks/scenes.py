@@ -17,25 +17,19 @@ split rejects candidates that hash into another, so no test sample can ever appe
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, get_args
 
 import numpy as np
-from PIL import Image
 
-from lightning_tlq.tasks.font import CHARACTERS, DIGITS, GLYPH_HEIGHT, text_mask
+from lightning_tlq.tasks import common
+from lightning_tlq.tasks.common import CELL, JITTER, SPLITS, Example, Split, Thing, split_of  # noqa: F401 (re-exported)
+from lightning_tlq.tasks.font import CHARACTERS, DIGITS
 
-Split = Literal["train", "validation", "test"]
-SPLITS: tuple[str, ...] = get_args(Split)
 KINDS: tuple[str, ...] = ("read", "sum", "count", "compare", "position", "color")
 
 IMAGE_SIZE = 64
-_CELL = 16  # the image is a 4x4 grid of cells; each object sits in its own cell
-_GRID = IMAGE_SIZE // _CELL
-_JITTER = 2
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -58,20 +52,6 @@ WORDS: tuple[str, ...] = tuple(
 )
 """Every word (whitespace-separated, lower case) that a question or an answer of this task uses."""
 
-_SPLIT_BUCKETS: dict[str, range] = {"test": range(0, 10), "validation": range(10, 20), "train": range(20, 100)}
-_SPLIT_SALT = {"train": 0, "validation": 1, "test": 2}
-
-
-@dataclass(frozen=True)
-class Thing:
-    """One drawn object: shape, colour name, centre (x, y) in pixels and radius."""
-
-    shape: str
-    color: str
-    x: int
-    y: int
-    r: int
-
 
 @dataclass
 class Scene:
@@ -83,19 +63,6 @@ class Scene:
 
     def key(self) -> tuple:
         return (tuple((t.shape, t.color, t.x, t.y, t.r) for t in self.things), self.text, self.text_xy)
-
-
-@dataclass
-class Example:
-    """A rendered question: ``image`` is ``[64, 64, 3]`` uint8."""
-
-    kind: str
-    question: str
-    answer: str
-    image: np.ndarray
-
-    def pil(self) -> Image.Image:
-        return Image.fromarray(self.image, mode="RGB")
 
 
 # --------------------------------------------------------------------------------------------------- drawing
@@ -120,57 +87,25 @@ def render(scene: Scene) -> np.ndarray:
     for t in scene.things:
         image[_thing_mask(t)] = COLORS[t.color]
     if scene.text:
-        mask = text_mask(scene.text)
-        x, y = scene.text_xy
-        region = image[y : y + mask.shape[0], x : x + mask.shape[1]]
-        if region.shape[:2] != mask.shape:
-            raise ValueError(f"Text {scene.text!r} at {scene.text_xy} does not fit in the image.")
-        region[mask] = INK
+        common.draw_text(image, scene.text, *scene.text_xy, INK)
     return image
 
 
 # --------------------------------------------------------------------------------------------------- layout
 
 
-class _Layout:
+class _Layout(common.Layout):
     """Free cells of the 4x4 grid; objects and text each take cells, so nothing overlaps."""
 
-    def __init__(self, rng: random.Random) -> None:
-        self.rng = rng
-        self.free = [(row, col) for row in range(_GRID) for col in range(_GRID)]
-        rng.shuffle(self.free)
-
-    def take(self, cell: tuple[int, int] | None = None) -> tuple[int, int]:
-        cell = cell if cell is not None else self.free[-1]
-        self.free.remove(cell)
-        return cell
+    size, shapes, colors = IMAGE_SIZE, SHAPES, COLORS
 
     def thing(self, shape: str, color: str, cell: tuple[int, int] | None = None) -> Thing:
         row, col = self.take(cell)
         r = self.rng.randint(3, 5)
-        j = lambda: self.rng.randint(-_JITTER, _JITTER)  # noqa: E731
-        return Thing(shape, color, col * _CELL + _CELL // 2 + j(), row * _CELL + _CELL // 2 + j(), r)
+        j = lambda: self.rng.randint(-JITTER, JITTER)  # noqa: E731
+        return Thing(shape, color, col * CELL + CELL // 2 + j(), row * CELL + CELL // 2 + j(), r)
 
-    def text(self, text: str) -> tuple[int, int]:
-        """Place ``text`` inside one grid row, taking the cells it overlaps."""
-        width = len(text) * 6 - 1
-        rows = sorted({c[0] for c in self.free if all((c[0], k) in self.free for k in range(_GRID))})
-        row = self.rng.choice(rows)
-        x = self.rng.randint(1, IMAGE_SIZE - width - 1)
-        y = row * _CELL + self.rng.randint(1, _CELL - GLYPH_HEIGHT - 1)
-        for col in range(x // _CELL, (x + width - 1) // _CELL + 1):
-            self.take((row, col))
-        return x, y
-
-    def distractors(self, n: int, avoid: Sequence[tuple[str, str]] = ()) -> list[Thing]:
-        out = []
-        for _ in range(min(n, len(self.free))):
-            while True:
-                shape, color = self.rng.choice(SHAPES), self.rng.choice(list(COLORS))
-                if (shape, color) not in avoid:
-                    break
-            out.append(self.thing(shape, color))
-        return out
+    text = common.Layout.place_text
 
 
 # --------------------------------------------------------------------------------------------------- skills
@@ -197,11 +132,7 @@ def _count(rng: random.Random) -> tuple[Scene, str, str]:
     shape, color, count = rng.choice(SHAPES), rng.choice(list(COLORS)), rng.randint(1, 6)
     layout = _Layout(rng)
     things = [layout.thing(shape, color) for _ in range(count)]
-    for _ in range(rng.randint(0, 3)):  # distractors share the colour or the shape, never both
-        if rng.random() < 0.5:
-            things.append(layout.thing(rng.choice([s for s in SHAPES if s != shape]), color))
-        else:
-            things.append(layout.thing(shape, rng.choice([c for c in COLORS if c != color])))
+    things += layout.near_misses(shape, color, rng.randint(0, 3))  # distractors share the colour or the shape
     return Scene(things), f"how many {color} {PLURAL[shape]} are there ?", NUMBERS[count]
 
 
@@ -247,40 +178,14 @@ _SKILLS = {
 # --------------------------------------------------------------------------------------------------- splits
 
 
-def split_of(kind: str, scene: Scene, question: str, answer: str) -> str:
-    """The split a sample belongs to, decided by a hash of its whole content."""
-    digest = hashlib.blake2b(repr((kind, scene.key(), question, answer)).encode(), digest_size=8).digest()
-    bucket = int.from_bytes(digest, "little") % 100
-    return next(name for name, buckets in _SPLIT_BUCKETS.items() if bucket in buckets)
-
-
-def _check(split: str, kinds: Sequence[str]) -> None:
-    if split not in SPLITS:
-        raise ValueError(f"split={split!r} is not a split of the scenes task; choose one of {', '.join(SPLITS)}.")
-    unknown = [k for k in kinds if k not in _SKILLS]
-    if unknown or not kinds:
-        raise ValueError(f"Unknown scenes kinds {unknown or kinds}; choose from {', '.join(KINDS)}.")
-
-
 def examples(split: str, seed: int = 0, kinds: Sequence[str] = KINDS) -> Iterator[Example]:
     """An endless, deterministic stream of ``split``'s examples, cycling through ``kinds``.
 
     Streams of different splits never share a sample; the same ``(split, seed)`` always gives the same stream.
     """
-    _check(split, kinds)
-    rng = random.Random(f"scenes/{_SPLIT_SALT[split]}/{seed}")
-    i = 0
-    while True:
-        kind = kinds[i % len(kinds)]
-        scene, question, answer = _SKILLS[kind](rng)
-        if split_of(kind, scene, question, answer) == split:
-            yield Example(kind, question, answer, render(scene))
-            i += 1
+    yield from common.stream("scenes", _SKILLS, render, split, seed, kinds)
 
 
 def take(split: str, n: int, seed: int = 0, kinds: Sequence[str] = KINDS) -> list[Example]:
     """The first ``n`` examples of :func:`examples`."""
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}.")
-    stream = examples(split, seed, kinds)
-    return [next(stream) for _ in range(n)]
+    return common.first(examples(split, seed, kinds), n)

@@ -16,22 +16,21 @@ sample's content, exactly as in the easy task (10% ``test``, 10% ``validation``,
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from lightning_tlq.tasks.font import CHARACTERS, GLYPH_HEIGHT, GLYPH_WIDTH, text_mask
-from lightning_tlq.tasks.scenes import BACKGROUND, INK, SHAPES, SPLITS, Example
+from lightning_tlq.tasks import common
+from lightning_tlq.tasks.common import CELL, JITTER, SPLITS, Example, Thing, split_of  # noqa: F401 (re-exported)
+from lightning_tlq.tasks.font import CHARACTERS
+from lightning_tlq.tasks.scenes import BACKGROUND, INK, SHAPES
 from lightning_tlq.tasks.scenes import COLORS as _EASY_COLORS
 
 KINDS: tuple[str, ...] = ("read", "colors", "count", "add", "relation")
 IMAGE_SIZE = 96
-_CELL = 16
-_GRID = IMAGE_SIZE // _CELL  # 6x6 cells
-_JITTER = 2
+_GRID = IMAGE_SIZE // CELL  # 6x6 cells
 COLORS: dict[str, tuple[int, int, int]] = {**_EASY_COLORS, "orange": (240, 140, 30), "cyan": (40, 200, 210)}
 PLURAL: dict[str, str] = {s: s + "s" for s in SHAPES}
 _QUESTION_WORDS = ("what", "does", "the", "text", "say", "?", "are", "colors", "from", "left", "to", "right",
@@ -39,20 +38,6 @@ _QUESTION_WORDS = ("what", "does", "the", "text", "say", "?", "are", "colors", "
                    "below")  # fmt: skip
 WORDS: tuple[str, ...] = tuple(sorted({*_QUESTION_WORDS, *COLORS, *SHAPES, *PLURAL.values(), *CHARACTERS}))
 """Every word (whitespace-separated, lower case) that a question or an answer of this task uses."""
-
-_SPLIT_BUCKETS: dict[str, range] = {"test": range(0, 10), "validation": range(10, 20), "train": range(20, 100)}
-_SPLIT_SALT = {"train": 0, "validation": 1, "test": 2}
-
-
-@dataclass(frozen=True)
-class Thing:
-    """One drawn object: shape, colour name, centre (x, y) in pixels and radius."""
-
-    shape: str
-    color: str
-    x: int
-    y: int
-    r: int
 
 
 @dataclass
@@ -90,56 +75,27 @@ def render(scene: Scene) -> np.ndarray:
     for t in scene.things:
         _draw_thing(image, t)
     for text, x, y in scene.texts:
-        mask = text_mask(text)
-        region = image[y : y + mask.shape[0], x : x + mask.shape[1]]
-        if region.shape[:2] != mask.shape:
-            raise ValueError(f"Text {text!r} at {(x, y)} does not fit in the image.")
-        region[mask] = INK
+        common.draw_text(image, text, x, y, INK)
     return image
 
 
 # --------------------------------------------------------------------------------------------------- layout
 
 
-class _Layout:
+class _Layout(common.Layout):
     """Free cells of the 6x6 grid; objects and text each take cells, so nothing overlaps."""
 
-    def __init__(self, rng: random.Random) -> None:
-        self.rng = rng
-        self.free = [(row, col) for row in range(_GRID) for col in range(_GRID)]
-        rng.shuffle(self.free)
-
-    def take(self, cell: tuple[int, int] | None = None) -> tuple[int, int]:
-        cell = cell if cell is not None else self.free[-1]
-        self.free.remove(cell)
-        return cell
+    size, shapes, colors = IMAGE_SIZE, SHAPES, COLORS
 
     def thing(self, shape: str, color: str, cell: tuple[int, int] | None = None) -> Thing:
         row, col = self.take(cell)
         rng = self.rng
-        x = col * _CELL + _CELL // 2 + rng.randint(-_JITTER, _JITTER)
-        return Thing(shape, color, x, row * _CELL + _CELL // 2 + rng.randint(-_JITTER, _JITTER), rng.randint(2, 4))
+        x = col * CELL + CELL // 2 + rng.randint(-JITTER, JITTER)
+        return Thing(shape, color, x, row * CELL + CELL // 2 + rng.randint(-JITTER, JITTER), rng.randint(2, 4))
 
     def text(self, text: str) -> tuple[str, int, int]:
         """Place ``text`` inside one free grid row, taking the cells it overlaps."""
-        width = len(text) * (GLYPH_WIDTH + 1) - 1
-        rows = sorted({c[0] for c in self.free if all((c[0], k) in self.free for k in range(_GRID))})
-        row = self.rng.choice(rows)
-        x = self.rng.randint(1, IMAGE_SIZE - width - 1)
-        y = row * _CELL + self.rng.randint(1, _CELL - GLYPH_HEIGHT - 1)
-        for col in range(x // _CELL, (x + width - 1) // _CELL + 1):
-            self.take((row, col))
-        return text, x, y
-
-    def distractors(self, n: int, avoid: Sequence[tuple[str, str]] = ()) -> list[Thing]:
-        out = []
-        for _ in range(min(n, len(self.free))):
-            while True:
-                shape, color = self.rng.choice(SHAPES), self.rng.choice(list(COLORS))
-                if (shape, color) not in avoid:
-                    break
-            out.append(self.thing(shape, color))
-        return out
+        return (text, *self.place_text(text))
 
 
 # --------------------------------------------------------------------------------------------------- skills
@@ -164,11 +120,7 @@ def _count(rng: random.Random) -> tuple[Scene, str, str]:
     shape, color, count = rng.choice(SHAPES), rng.choice(list(COLORS)), rng.randint(1, 12)
     layout = _Layout(rng)
     things = [layout.thing(shape, color) for _ in range(count)]
-    for _ in range(rng.randint(0, 6)):  # distractors share the colour or the shape, never both
-        if rng.random() < 0.5:
-            things.append(layout.thing(rng.choice([s for s in SHAPES if s != shape]), color))
-        else:
-            things.append(layout.thing(shape, rng.choice([c for c in COLORS if c != color])))
+    things += layout.near_misses(shape, color, rng.randint(0, 6))  # distractors share the colour or the shape
     return Scene(things), f"how many {color} {PLURAL[shape]} are there ?", " ".join(str(count))
 
 
@@ -197,40 +149,14 @@ _SKILLS = {"read": _read, "colors": _colors, "count": _count, "add": _add, "rela
 # --------------------------------------------------------------------------------------------------- splits
 
 
-def split_of(kind: str, scene: Scene, question: str, answer: str) -> str:
-    """The split a sample belongs to, decided by a hash of its whole content."""
-    digest = hashlib.blake2b(repr((kind, scene.key(), question, answer)).encode(), digest_size=8).digest()
-    bucket = int.from_bytes(digest, "little") % 100
-    return next(name for name, buckets in _SPLIT_BUCKETS.items() if bucket in buckets)
-
-
-def _check(split: str, kinds: Sequence[str]) -> None:
-    if split not in SPLITS:
-        raise ValueError(f"split={split!r} is not a split of the scenes_hard task; choose one of {', '.join(SPLITS)}.")
-    unknown = [k for k in kinds if k not in _SKILLS]
-    if unknown or not kinds:
-        raise ValueError(f"Unknown scenes_hard kinds {unknown or kinds}; choose from {', '.join(KINDS)}.")
-
-
 def examples(split: str, seed: int = 0, kinds: Sequence[str] = KINDS) -> Iterator[Example]:
     """An endless, deterministic stream of ``split``'s examples (``[96, 96, 3]`` images), cycling through ``kinds``.
 
     Streams of different splits never share a sample; the same ``(split, seed)`` always gives the same stream.
     """
-    _check(split, kinds)
-    rng = random.Random(f"scenes_hard/{_SPLIT_SALT[split]}/{seed}")
-    i = 0
-    while True:
-        kind = kinds[i % len(kinds)]
-        scene, question, answer = _SKILLS[kind](rng)
-        if split_of(kind, scene, question, answer) == split:
-            yield Example(kind, question, answer, render(scene))
-            i += 1
+    yield from common.stream("scenes_hard", _SKILLS, render, split, seed, kinds)
 
 
 def take(split: str, n: int, seed: int = 0, kinds: Sequence[str] = KINDS) -> list[Example]:
     """The first ``n`` examples of :func:`examples`."""
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}.")
-    stream = examples(split, seed, kinds)
-    return [next(stream) for _ in range(n)]
+    return common.first(examples(split, seed, kinds), n)
