@@ -1,6 +1,7 @@
 """Factorisations behind GPTQ: the upper Cholesky factor of a damped inverse Hessian.
 
-``damped_inverse_factor`` returns ``U`` with ``U^T U = (H + d I)^-1``, raising the damping tenfold on failure;
+``damped_inverse_factor`` returns ``U`` with ``U^T U = (H + d I)^-1``, raising the damping tenfold on failure
+(:func:`retry_damping`, the schedule the low-memory solve shares);
 ``inverse_upper_factor`` computes it from one Cholesky and one triangular inverse, and
 ``lower_triangular_inverse`` is that inverse by block recursion (mostly matrix products on a GPU).
 """
@@ -8,6 +9,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -65,27 +67,28 @@ def inverse_upper_factor(H: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return U, bool(torch.isfinite(U).all())
 
 
-def damped_inverse_factor(H: torch.Tensor, damp: float, max_retries: int, name: str) -> tuple[torch.Tensor, float, int]:
-    """Return ``(U, damp_used, retries)`` with ``U`` the upper Cholesky factor of ``(H + d I)^-1``.
+def retry_damping(
+    attempt: Callable[[float], torch.Tensor | None], damp: float, max_retries: int, name: str
+) -> tuple[torch.Tensor, float, int]:
+    """The damping schedule: ``attempt(rel)`` with ``rel = damp, 10 damp, ...`` until it returns a factor (None on
+    failure), each retry logged as a WARNING. Returns ``(U, damp_used, retries)``.
 
     Raises:
-        GPTQError: If factorisation fails after ``max_retries`` tenfold damping increases.
+        GPTQError: If every attempt fails (``max_retries`` tenfold damping increases).
     """
-    mean_diag = float(torch.diagonal(H).mean())
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     rel = damp
-    for attempt in range(max_retries + 1):
-        U, ok = inverse_upper_factor(H + (rel * mean_diag) * eye)
-        if ok:
-            return U, rel, attempt
-        if attempt < max_retries:
+    for retry in range(max_retries + 1):
+        U = attempt(rel)
+        if U is not None:
+            return U, rel, retry
+        if retry < max_retries:
             logger.warning(
                 "GPTQ module %s: Cholesky factorisation failed with relative damping %g; "
                 "retrying with %g (retry %d/%d).",
                 label(name),
                 rel,
                 rel * 10,
-                attempt + 1,
+                retry + 1,
                 max_retries,
             )
             rel *= 10
@@ -94,3 +97,19 @@ def damped_inverse_factor(H: torch.Tensor, damp: float, max_retries: int, name: 
         f"{max_retries} retries. Check the calibration data (NaN/Inf activations, too few tokens, all-zero token "
         f"weights), or raise `damp` / `max_retries`. GPTQ does not fall back to round-to-nearest."
     )
+
+
+def damped_inverse_factor(H: torch.Tensor, damp: float, max_retries: int, name: str) -> tuple[torch.Tensor, float, int]:
+    """Return ``(U, damp_used, retries)`` with ``U`` the upper Cholesky factor of ``(H + d I)^-1``.
+
+    Raises:
+        GPTQError: If factorisation fails after ``max_retries`` tenfold damping increases.
+    """
+    mean_diag = float(torch.diagonal(H).mean())
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+
+    def attempt(rel: float) -> torch.Tensor | None:
+        U, ok = inverse_upper_factor(H + (rel * mean_diag) * eye)
+        return U if ok else None
+
+    return retry_damping(attempt, damp, max_retries, name)

@@ -24,17 +24,15 @@ CPU.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 
 import torch
 
-from lightning_tlq.core.factor import GPTQError, label, lower_triangular_inverse
+from lightning_tlq.core.factor import label, lower_triangular_inverse, retry_damping
 from lightning_tlq.core.gptq import GPTQResult, _assemble, _BlockSolve, _Factor, _solve_rows
 from lightning_tlq.core.gptq_checks import Kernel, _check_cross, _use_triton, _validate
 from lightning_tlq.core.quantizer import QuantSpec
 
-logger = logging.getLogger("lightning_tlq.core.gptq")
 __all__ = ["CHUNK_BYTES", "flip_", "gathered", "gptq_quantize_lean", "gptq_quantize_shared_lean"]
 
 CHUNK_BYTES = 64 << 20
@@ -122,8 +120,9 @@ def _damped_factor(
     A: torch.Tensor | None = given.pop()
     assert A is not None
     undamped = A.diagonal().clone()
-    rel = damp
-    for attempt in range(max_retries + 1):
+
+    def attempt(rel: float) -> torch.Tensor | None:
+        nonlocal A
         if A is None:
             A = rebuild()
         A.add_(0.0)  # what adding d * I does off the diagonal (-0.0 becomes +0.0)
@@ -133,32 +132,15 @@ def _damped_factor(
         else:
             L, info = workspace[0], torch.empty((), dtype=torch.int32, device=A.device)
             torch.linalg.cholesky_ex(A, out=(L, info))
-        if int(info) == 0:
-            if workspace is None:
-                A = None  # only L is needed from here on
-            U = flip_(_inverse_into(L, None if workspace is None else workspace[1]))
-            del L
-            if bool(torch.isfinite(U).all()):
-                return U, rel, attempt
-            del U
-        else:
-            del L
-        if attempt < max_retries:
-            logger.warning(
-                "GPTQ module %s: Cholesky factorisation failed with relative damping %g; "
-                "retrying with %g (retry %d/%d).",
-                label(name),
-                rel,
-                rel * 10,
-                attempt + 1,
-                max_retries,
-            )
-            rel *= 10
-    raise GPTQError(
-        f"Module {label(name)}: Hessian is not positive definite even with relative damping {rel:g} after "
-        f"{max_retries} retries. Check the calibration data (NaN/Inf activations, too few tokens, all-zero token "
-        f"weights), or raise `damp` / `max_retries`. GPTQ does not fall back to round-to-nearest."
-    )
+        if int(info) != 0:
+            return None
+        if workspace is None:
+            A = None  # only L is needed from here on
+        U = flip_(_inverse_into(L, None if workspace is None else workspace[1]))
+        del L
+        return U if bool(torch.isfinite(U).all()) else None
+
+    return retry_damping(attempt, damp, max_retries, name)
 
 
 def _factor_lean(
