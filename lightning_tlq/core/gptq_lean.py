@@ -25,12 +25,13 @@ CPU.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
 
 import torch
 
-from lightning_tlq.core.factor import label, lower_triangular_inverse, retry_damping
-from lightning_tlq.core.gptq import GPTQResult, _assemble, _BlockSolve, _Factor, _solve_rows
-from lightning_tlq.core.gptq_checks import Kernel, _check_cross, _use_triton, _validate
+from lightning_tlq.core.factor import lower_triangular_inverse, retry_damping
+from lightning_tlq.core.gptq import GPTQOptions, GPTQResult, _Factor, _solve_shared
 from lightning_tlq.core.quantizer import QuantSpec
 
 __all__ = ["CHUNK_BYTES", "flip_", "gathered", "gptq_quantize_lean", "gptq_quantize_shared_lean"]
@@ -143,16 +144,14 @@ def _damped_factor(
     return retry_damping(attempt, damp, max_retries, name)
 
 
-def _factor_lean(
-    H: torch.Tensor, device: torch.device, *, damp: float, act_order: bool, max_retries: int, name: str, reuse_h: bool
-) -> _Factor:
+def _factor_lean(H: torch.Tensor, device: torch.device, opts: GPTQOptions, name: str, reuse_h: bool = False) -> _Factor:
     """``core.gptq._factor`` with ``H`` (any float dtype, any device) gathered in chunks; read only unless
     ``reuse_h`` (a float64 ``H``'s storage then holds the factor and its inverse once it is gathered)."""
     n = H.shape[-1]
     diag = torch.diagonal(H).to(device=device, dtype=torch.float32, copy=True)
     dead = diag == 0
     diag[dead] = 1.0
-    perm = torch.argsort(diag, descending=True, stable=True) if act_order else None
+    perm = torch.argsort(diag, descending=True, stable=True) if opts.act_order else None
     order = perm if perm is not None else torch.arange(n, device=device)
 
     def build() -> torch.Tensor:  # the permuted Hessian, dead inputs' H_ii := 1
@@ -168,7 +167,7 @@ def _factor_lean(
         given = [flip_(A)]
         del A
         U, used, retries = _damped_factor(
-            given, lambda: flip_(build()), workspace, n, mean_diag, damp, max_retries, name
+            given, lambda: flip_(build()), workspace, n, mean_diag, opts.damp, opts.max_retries, name
         )
     return _Factor(U, perm, dead, used, retries)
 
@@ -178,15 +177,11 @@ def gptq_quantize_shared_lean(
     H: torch.Tensor,
     spec: QuantSpec,
     *,
-    block_size: int = 128,
-    damp: float = 0.01,
-    act_order: bool = True,
-    max_retries: int = 3,
     names: Sequence[str] | None = None,
     cross: torch.Tensor | None = None,
-    kernel: Kernel = "auto",
     concat_rows: bool = True,
     reuse_h: bool = False,
+    **options: Any,
 ) -> list[GPTQResult]:
     """:func:`~lightning_tlq.core.gptq.gptq_quantize_shared` (same arguments, same results) with the least memory.
 
@@ -194,40 +189,10 @@ def gptq_quantize_shared_lean(
     the Cholesky factor and its inverse): for a caller that never reads it again. ``cross`` (GPTAQ) is converted and
     permuted as the fast path does.
     """
-    names = list(names) if names is not None else [""] * len(weights)
-    if not weights or len(names) != len(weights):
-        raise ValueError(f"gptq_quantize_shared: need one name per weight, got {len(names)} for {len(weights)}.")
-    if len({(W.dtype, W.device) for W in weights}) > 1:
-        raise ValueError(f"gptq_quantize_shared: {', '.join(names)} must have one dtype and device.")
-    groups = max(_validate(W, H, spec, block_size, damp, max_retries, n) for W, n in zip(weights, names))
-    fused = _use_triton(kernel, weights[0], block_size, names[0])
-    device, in_features = weights[0].device, weights[0].shape[1]
-    Wfs = [W.detach().to(torch.float32, copy=True) for W in weights]
-    Hg = H.detach().reshape(groups, in_features, in_features)
-    Cg = None
-    if cross is not None:
-        Cg = _check_cross(cross, H, names[0]).to(device=device, dtype=torch.float32).reshape(Hg.shape)
-    rows = [W.shape[0] // groups for W in weights]
-    joint = ", ".join(label(n) for n in names)
-    solves: list[list[_BlockSolve]] = [[] for _ in weights]
-    for g in range(groups):
-        tag = "" if groups == 1 else f"[group {g}]"
-        f = _factor_lean(
-            Hg[g], device, damp=damp, act_order=act_order, max_retries=max_retries, name=joint + tag, reuse_h=reuse_h
-        )
-        blocks = [Wf[g * r : (g + 1) * r] for Wf, r in zip(Wfs, rows)]
-        kw = {"block_size": block_size, "scale_dtype": weights[0].dtype, "fused": fused}
-        kw["cross"] = None if Cg is None else Cg[g]
-        if concat_rows and len(blocks) > 1:
-            s = _solve_rows(torch.cat(blocks), f, spec, name=joint + tag, **kw)
-            parts = zip(s.codes.split(rows), s.scale.split(rows), s.zero.split(rows))
-            for out, (c, sc, z) in zip(solves, parts):
-                out.append(_BlockSolve(c, sc, z, s.damp, s.retries, s.perm))
-        else:
-            for out, block, n in zip(solves, blocks, names):
-                out.append(_solve_rows(block, f, spec, name=n if groups == 1 else f"{label(n)}{tag}", **kw))
-        del f
-    return [_assemble(s, spec, W.dtype) for s, W in zip(solves, weights)]
+    return _solve_shared(
+        weights, H, spec, GPTQOptions(**options), names=names, cross=cross, concat_rows=concat_rows,
+        factor=partial(_factor_lean, reuse_h=reuse_h),
+    )  # fmt: skip
 
 
 def gptq_quantize_lean(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, name: str = "", **kw) -> GPTQResult:
