@@ -273,8 +273,10 @@ def gptq_quantize(
         ValueError: On bad shapes or arguments (incl. ``kernel="triton"`` where the fused step cannot run).
         GPTQError: If the Hessian is non-finite or cannot be factorised after all retries.
     """
-    opts = GPTQOptions(block_size, damp, act_order, max_retries, kernel)
-    return _solve_shared([W], H, spec, opts, names=[name], cross=cross, factor=_fast_factor)[0]
+    return gptq_quantize_shared(
+        [W], H, spec, names=[name], cross=cross, block_size=block_size, damp=damp, act_order=act_order,
+        max_retries=max_retries, kernel=kernel,
+    )[0]  # fmt: skip
 
 
 def gptq_quantize_shared(
@@ -285,6 +287,7 @@ def gptq_quantize_shared(
     names: Sequence[str] | None = None,
     cross: torch.Tensor | None = None,
     concat_rows: bool = True,
+    factor: FactorFn = _fast_factor,
     **options: Any,
 ) -> list[GPTQResult]:
     """:func:`gptq_quantize` for several weights that read one input and so share one Hessian (q/k/v, gate/up).
@@ -299,26 +302,12 @@ def gptq_quantize_shared(
         weights: the weights ``[out_i, in]``, one dtype and device.
         names: one per weight (messages); a shared factor is named by all of them.
         H, cross: as in :func:`gptq_quantize`.
+        factor: how each Hessian (group) is factorised (:data:`FactorFn`): by default as :func:`gptq_quantize`
+            does; :mod:`lightning_tlq.core.gptq_lean` passes the same factor built with the least memory.
         options: ``block_size``, ``damp``, ``act_order``, ``max_retries``, ``kernel`` (:class:`GPTQOptions`), as in
             :func:`gptq_quantize`.
     """
     opts = GPTQOptions(**options)
-    return _solve_shared(weights, H, spec, opts, names=names, cross=cross, concat_rows=concat_rows, factor=_fast_factor)
-
-
-def _solve_shared(
-    weights: Sequence[torch.Tensor],
-    H: torch.Tensor,
-    spec: QuantSpec,
-    opts: GPTQOptions,
-    *,
-    names: Sequence[str] | None,
-    cross: torch.Tensor | None,
-    factor: FactorFn,
-    concat_rows: bool = True,
-) -> list[GPTQResult]:
-    """:func:`gptq_quantize_shared` with the Hessian factorised by ``factor`` (the fast path's or the low-memory
-    one, :mod:`lightning_tlq.core.gptq_lean`), one Hessian group at a time."""
     names, groups = _check_shared(weights, H, spec, opts, names)
     fused = _use_triton(opts.kernel, weights[0], opts.block_size, names[0])
     device, in_features = weights[0].device, weights[0].shape[1]

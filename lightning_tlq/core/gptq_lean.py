@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from lightning_tlq.core.factor import lower_triangular_inverse, retry_damping
-from lightning_tlq.core.gptq import GPTQOptions, GPTQResult, _Factor, _solve_shared
+from lightning_tlq.core.factor import retry_damping, triangular_inverse
+from lightning_tlq.core.gptq import GPTQOptions, GPTQResult, _Factor, gptq_quantize_shared
 from lightning_tlq.core.quantizer import QuantSpec
 
 __all__ = ["CHUNK_BYTES", "flip_", "gathered", "gptq_quantize_lean", "gptq_quantize_shared_lean"]
@@ -83,27 +83,6 @@ def _workspace(H: torch.Tensor, n: int, reuse: bool) -> tuple[torch.Tensor, torc
     return flat[: n * n].view(n, n).mT, flat[n * n :].view(n, n).mT  # the strides cholesky_ex gives its result
 
 
-def _inverse_into(L: torch.Tensor, out: torch.Tensor | None, leaf: int = 2048) -> torch.Tensor:
-    """:func:`~lightning_tlq.core.factor.lower_triangular_inverse` (CUDA) or the triangular solve (CPU) that
-    ``core.factor.inverse_upper_factor`` uses, written into ``out`` (None: a new tensor) with the same operations."""
-    n = L.shape[0]
-    if not L.is_cuda or n <= leaf:
-        eye = torch.eye(n, dtype=L.dtype, device=L.device)
-        inverse = torch.linalg.solve_triangular(L, eye, upper=False)
-        return inverse if out is None else out.copy_(inverse)
-    out = torch.zeros_like(L) if out is None else out.zero_()
-    h = n // 2
-    out[:h, :h] = lower_triangular_inverse(L[:h, :h], leaf)
-    out[h:, h:] = lower_triangular_inverse(L[h:, h:], leaf)
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        out[h:, :h] = -(out[h:, h:] @ (L[h:, :h] @ out[:h, :h]))
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
-    return out
-
-
 def _damped_factor(
     given: list[torch.Tensor],
     rebuild: Callable[[], torch.Tensor],
@@ -137,7 +116,7 @@ def _damped_factor(
             return None
         if workspace is None:
             A = None  # only L is needed from here on
-        U = flip_(_inverse_into(L, None if workspace is None else workspace[1]))
+        U = flip_(triangular_inverse(L, None if workspace is None else workspace[1]))
         del L
         return U if bool(torch.isfinite(U).all()) else None
 
@@ -173,15 +152,7 @@ def _factor_lean(H: torch.Tensor, device: torch.device, opts: GPTQOptions, name:
 
 
 def gptq_quantize_shared_lean(
-    weights: Sequence[torch.Tensor],
-    H: torch.Tensor,
-    spec: QuantSpec,
-    *,
-    names: Sequence[str] | None = None,
-    cross: torch.Tensor | None = None,
-    concat_rows: bool = True,
-    reuse_h: bool = False,
-    **options: Any,
+    weights: Sequence[torch.Tensor], H: torch.Tensor, spec: QuantSpec, *, reuse_h: bool = False, **kw: Any
 ) -> list[GPTQResult]:
     """:func:`~lightning_tlq.core.gptq.gptq_quantize_shared` (same arguments, same results) with the least memory.
 
@@ -189,10 +160,7 @@ def gptq_quantize_shared_lean(
     the Cholesky factor and its inverse): for a caller that never reads it again. ``cross`` (GPTAQ) is converted and
     permuted as the fast path does.
     """
-    return _solve_shared(
-        weights, H, spec, GPTQOptions(**options), names=names, cross=cross, concat_rows=concat_rows,
-        factor=partial(_factor_lean, reuse_h=reuse_h),
-    )  # fmt: skip
+    return gptq_quantize_shared(weights, H, spec, factor=partial(_factor_lean, reuse_h=reuse_h), **kw)
 
 
 def gptq_quantize_lean(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, name: str = "", **kw) -> GPTQResult:
