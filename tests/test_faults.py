@@ -32,13 +32,7 @@ _DIST_VARS = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PO
 _HINT = "rerun with --resume true"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Exact codes are compared across runs: pin the intra-op threads (the result must not depend on them)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # exact codes compared: one intra-op thread (conftest)
 
 
 @pytest.fixture

@@ -23,13 +23,7 @@ from lightning_tlq.models.tiny import build_tiny_vlm
 from lightning_tlq.module import TLQModule
 from lightning_tlq.settings import CalibrationSettings
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # exact codes compared: one intra-op thread (conftest)
 
 
 def test_chunked_flip_and_gather_are_exact(monkeypatch) -> None:
