@@ -153,16 +153,11 @@ def decided_answers(
 
 
 def greedy_predictions(
-    module: TLQModule,
-    encoded: Sequence[dict[str, Tensor]],
-    logits: Tensor,
-    targets: Tensor,
-    rows: Tensor,
-    max_new_tokens: int,
+    module: TLQModule, encoded: Sequence[dict[str, Tensor]], decided: Sequence[str | None], max_new_tokens: int
 ) -> list[str]:
-    """The greedy answers of a batch: decided by the teacher-forced logits where they can be, generated (in one
-    ``generate`` call) for the rest."""
-    answers = decided_answers(module, encoded, logits, targets, rows, max_new_tokens)
+    """The greedy answers of a batch: those ``decided`` (:func:`decided_answers`) as they are, the others (None)
+    generated in one ``generate`` call."""
+    answers = list(decided)
     rest = [i for i, answer in enumerate(answers) if answer is None]
     if rest:
         for i, answer in zip(rest, greedy_answers(module, [encoded[i] for i in rest], max_new_tokens)):

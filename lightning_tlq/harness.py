@@ -56,7 +56,7 @@ from lightning_tlq.eval_forward import ReferenceLogits as ReferenceLogits  # re-
 from lightning_tlq.eval_forward import _answer_counts, _answer_logits, _check_lengths, _check_module, _encode
 from lightning_tlq.eval_forward import greedy_answers as greedy_answers  # re-exported
 from lightning_tlq.eval_forward import reference_logits as reference_logits  # re-exported
-from lightning_tlq.eval_greedy import greedy_predictions
+from lightning_tlq.eval_greedy import decided_answers, greedy_predictions
 from lightning_tlq.eval_models import _device, _pad_id
 from lightning_tlq.eval_models import activation_bits as activation_bits  # re-exported
 from lightning_tlq.eval_models import check_reference as check_reference  # re-exported
@@ -211,7 +211,8 @@ def evaluate_shard(
         result.seconds["forward"] += time.perf_counter() - tick
         tick = time.perf_counter()
         if exact_match == "greedy":
-            predictions = greedy_predictions(module, items, logits, targets, rows, max_new_tokens)  # generates the rest
+            decided = decided_answers(module, items, logits, targets, rows, max_new_tokens)
+            predictions = greedy_predictions(module, items, decided, max_new_tokens)  # generates the rest
             correct = [normalize_answer(p) == normalize_answer(s.answer) for p, s in zip(predictions, batch_samples)]
         else:
             predictions, correct = _teacher_forced(module, logits, targets, rows, len(items))

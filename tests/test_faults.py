@@ -32,8 +32,7 @@ _DIST_VARS = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PO
 _HINT = "rerun with --resume true"
 
 
-# Exact codes are compared across runs: pin the intra-op threads (the result must not depend on them).
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread")  # exact codes compared: one intra-op thread (conftest)
 
 
 @pytest.fixture

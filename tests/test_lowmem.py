@@ -23,7 +23,7 @@ from lightning_tlq.models.tiny import build_tiny_vlm
 from lightning_tlq.module import TLQModule
 from lightning_tlq.settings import CalibrationSettings
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread")  # exact codes compared: one intra-op thread (conftest)
 
 
 def test_chunked_flip_and_gather_are_exact(monkeypatch) -> None:

@@ -86,5 +86,8 @@ def test_blocked_triangular_inverse_matches_the_direct_solve() -> None:
         for leaf in (1, 4, 16, n):
             inv = lower_triangular_inverse(L, leaf=leaf)
             assert torch.equal(inv, inv.tril())  # exactly lower triangular
+            out = torch.full((n, n), float("nan"), dtype=torch.float64).mT  # column-major, as the lean solve's
+            assert lower_triangular_inverse(L, leaf=leaf, out=out) is out
+            assert torch.equal(out, inv)  # written in place, the same values
             torch.testing.assert_close(inv, direct, rtol=1e-10, atol=1e-10)
         assert torch.equal(lower_triangular_inverse(L, leaf=n), direct)  # up to leaf: exactly the direct path

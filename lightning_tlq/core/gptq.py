@@ -33,19 +33,29 @@ choice: ``docs/performance.md``, "Measurements behind design choices").
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from lightning_tlq.core import gptq_triton
 from lightning_tlq.core.factor import GPTQError, damped_inverse_factor
 from lightning_tlq.core.factor import label as _label
-from lightning_tlq.core.gptq_checks import KERNELS, Kernel, _check_cross, _use_triton, _validate
+from lightning_tlq.core.gptq_checks import KERNELS, GPTQOptions, Kernel, _check_cross, _check_shared, _use_triton
 from lightning_tlq.core.quantizer import QuantSpec, codes_to_values, compute_qparams, dequantize, round_to_grid
 
 logger = logging.getLogger(__name__)
-__all__ = ["GPTQError", "GPTQResult", "KERNELS", "Kernel", "asymmetric_target", "gptq_quantize", "gptq_quantize_shared"]
+__all__ = [
+    "GPTQError",
+    "GPTQOptions",
+    "GPTQResult",
+    "KERNELS",
+    "Kernel",
+    "asymmetric_target",
+    "gptq_quantize",
+    "gptq_quantize_shared",
+]
 
 
 @dataclass
@@ -150,17 +160,26 @@ class _Factor:
     retries: int
 
 
-def _factor(H: torch.Tensor, *, damp: float, act_order: bool, max_retries: int, name: str) -> _Factor:
-    """Dead inputs, act order and the damped inverse factor of one Hessian ``H [in, in]``."""
+def _factor(H: torch.Tensor, opts: GPTQOptions, name: str) -> _Factor:
+    """Dead inputs, act order and the damped inverse factor of one Hessian ``H [in, in]`` (float32)."""
     H = H.clone()
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1.0
-    perm = torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order else None
+    perm = torch.argsort(torch.diagonal(H), descending=True, stable=True) if opts.act_order else None
     if perm is not None:
         H = H[perm][:, perm]
     with torch.profiler.record_function("gptq.factor"):
-        U, used, retries = damped_inverse_factor(H, damp, max_retries, name)
+        U, used, retries = damped_inverse_factor(H, opts.damp, opts.max_retries, name)
     return _Factor(U, perm, dead, used, retries)
+
+
+def _fast_factor(H: torch.Tensor, device: torch.device, opts: GPTQOptions, name: str) -> _Factor:
+    """:func:`_factor` of a Hessian given in any float dtype, on any device (a :data:`FactorFn`)."""
+    return _factor(H.to(device=device, dtype=torch.float32), opts, name)
+
+
+FactorFn = Callable[[torch.Tensor, torch.device, GPTQOptions, str], _Factor]
+"""How one Hessian ``[in, in]`` (as given: any float dtype and device) is factorised on the weights' device."""
 
 
 def _solve_rows(
@@ -255,8 +274,8 @@ def gptq_quantize(
         GPTQError: If the Hessian is non-finite or cannot be factorised after all retries.
     """
     return gptq_quantize_shared(
-        [W], H, spec, block_size=block_size, damp=damp, act_order=act_order, max_retries=max_retries,
-        names=[name], cross=cross, kernel=kernel,
+        [W], H, spec, names=[name], cross=cross, block_size=block_size, damp=damp, act_order=act_order,
+        max_retries=max_retries, kernel=kernel,
     )[0]  # fmt: skip
 
 
@@ -265,14 +284,11 @@ def gptq_quantize_shared(
     H: torch.Tensor,
     spec: QuantSpec,
     *,
-    block_size: int = 128,
-    damp: float = 0.01,
-    act_order: bool = True,
-    max_retries: int = 3,
     names: Sequence[str] | None = None,
     cross: torch.Tensor | None = None,
-    kernel: Kernel = "auto",
     concat_rows: bool = True,
+    factor: FactorFn = _fast_factor,
+    **options: Any,
 ) -> list[GPTQResult]:
     """:func:`gptq_quantize` for several weights that read one input and so share one Hessian (q/k/v, gate/up).
 
@@ -285,27 +301,29 @@ def gptq_quantize_shared(
     Args:
         weights: the weights ``[out_i, in]``, one dtype and device.
         names: one per weight (messages); a shared factor is named by all of them.
-        H, spec, block_size, damp, act_order, max_retries, cross, kernel: as in :func:`gptq_quantize`.
+        H, cross: as in :func:`gptq_quantize`.
+        factor: how each Hessian (group) is factorised (:data:`FactorFn`): by default as :func:`gptq_quantize`
+            does; :mod:`lightning_tlq.core.gptq_lean` passes the same factor built with the least memory.
+        options: ``block_size``, ``damp``, ``act_order``, ``max_retries``, ``kernel`` (:class:`GPTQOptions`), as in
+            :func:`gptq_quantize`.
     """
-    names = list(names) if names is not None else [""] * len(weights)
-    if not weights or len(names) != len(weights):
-        raise ValueError(f"gptq_quantize_shared: need one name per weight, got {len(names)} for {len(weights)}.")
-    if len({(W.dtype, W.device) for W in weights}) > 1:
-        raise ValueError(f"gptq_quantize_shared: {', '.join(names)} must have one dtype and device.")
-    groups = max(_validate(W, H, spec, block_size, damp, max_retries, n) for W, n in zip(weights, names))
-    fused = _use_triton(kernel, weights[0], block_size, names[0])
-    in_features = weights[0].shape[1]
-    Wfs = [W.detach().to(torch.float32).clone() for W in weights]
-    Hg = H.detach().to(device=weights[0].device, dtype=torch.float32).reshape(groups, in_features, in_features)
-    Cg = None if cross is None else _check_cross(cross, H, names[0]).to(Hg).reshape(Hg.shape)
+    opts = GPTQOptions(**options)
+    names, groups = _check_shared(weights, H, spec, opts, names)
+    fused = _use_triton(opts.kernel, weights[0], opts.block_size, names[0])
+    device, in_features = weights[0].device, weights[0].shape[1]
+    Wfs = [W.detach().to(torch.float32, copy=True) for W in weights]
+    Hg = H.detach().reshape(groups, in_features, in_features)
+    Cg = None
+    if cross is not None:
+        Cg = _check_cross(cross, H, names[0]).to(device=device, dtype=torch.float32).reshape(Hg.shape)
     rows = [W.shape[0] // groups for W in weights]
     joint = ", ".join(_label(n) for n in names)
     solves: list[list[_BlockSolve]] = [[] for _ in weights]
     for g in range(groups):
         tag = "" if groups == 1 else f"[group {g}]"
-        f = _factor(Hg[g], damp=damp, act_order=act_order, max_retries=max_retries, name=joint + tag)
+        f = factor(Hg[g], device, opts, joint + tag)
         blocks = [Wf[g * r : (g + 1) * r] for Wf, r in zip(Wfs, rows)]
-        kw = {"block_size": block_size, "scale_dtype": weights[0].dtype, "fused": fused}
+        kw = {"block_size": opts.block_size, "scale_dtype": weights[0].dtype, "fused": fused}
         kw["cross"] = None if Cg is None else Cg[g]
         if concat_rows and len(blocks) > 1:
             s = _solve_rows(torch.cat(blocks), f, spec, name=joint + tag, **kw)
@@ -315,4 +333,5 @@ def gptq_quantize_shared(
         else:
             for out, block, n in zip(solves, blocks, names):
                 out.append(_solve_rows(block, f, spec, name=n if groups == 1 else f"{_label(n)}{tag}", **kw))
+        del f
     return [_assemble(s, spec, W.dtype) for s, W in zip(solves, weights)]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal, get_args
 
 import torch
@@ -11,7 +13,7 @@ from lightning_tlq.core.factor import GPTQError
 from lightning_tlq.core.factor import label as _label
 from lightning_tlq.core.quantizer import QuantSpec
 
-__all__ = ["KERNELS", "Kernel"]
+__all__ = ["KERNELS", "GPTQOptions", "Kernel"]
 
 Kernel = Literal["auto", "triton", "torch"]
 """The GPTQ column loop: ``triton`` the fused block step (:mod:`lightning_tlq.core.gptq_triton`, CUDA tensors,
@@ -19,48 +21,72 @@ Kernel = Literal["auto", "triton", "torch"]
 KERNELS: tuple[str, ...] = get_args(Kernel)
 
 
-def _validate(
-    W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_size: int, damp: float, max_retries: int, name: str
-) -> int:
+@dataclass(frozen=True)
+class GPTQOptions:
+    """The solver's settings, passed as one value through the solve (the public functions take them as keywords,
+    see :func:`lightning_tlq.core.gptq.gptq_quantize`)."""
+
+    block_size: int = 128
+    damp: float = 0.01
+    act_order: bool = True
+    max_retries: int = 3
+    kernel: Kernel = "auto"
+
+
+def _error(kind: type[Exception], name: str, message: str) -> Exception:
+    """``kind("Module <name>: <message>")``, the form of every solver error."""
+    return kind(f"Module {_label(name)}: {message}")
+
+
+def _validate(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, opts: GPTQOptions, name: str) -> int:
     """Check arguments and return the number of Hessian groups."""
     if W.dim() != 2 or not W.is_floating_point():
-        raise ValueError(
-            f"Module {_label(name)}: W must be a 2-D float tensor [out, in], got {W.dtype} {tuple(W.shape)}."
-        )
+        raise _error(ValueError, name, f"W must be a 2-D float tensor [out, in], got {W.dtype} {tuple(W.shape)}.")
     out_features, in_features = W.shape
     spec.check_shape(in_features, name)
     if H.dim() not in (2, 3) or tuple(H.shape[-2:]) != (in_features, in_features):
-        raise ValueError(
-            f"Module {_label(name)}: H must be [in, in] or [G, in, in] with in={in_features}, got {tuple(H.shape)}."
+        raise _error(
+            ValueError, name, f"H must be [in, in] or [G, in, in] with in={in_features}, got {tuple(H.shape)}."
         )
     groups = 1 if H.dim() == 2 else H.shape[0]
     if out_features % groups != 0:
-        raise ValueError(
-            f"Module {_label(name)}: grouped Hessian has {groups} groups, "
-            f"which must divide out_features={out_features}."
+        raise _error(
+            ValueError, name, f"grouped Hessian has {groups} groups, which must divide out_features={out_features}."
         )
-    if block_size <= 0 or damp <= 0 or max_retries < 0:
-        raise ValueError(
-            f"Module {_label(name)}: need block_size > 0, damp > 0 and max_retries >= 0, "
-            f"got {block_size}, {damp} and {max_retries}."
+    if opts.block_size <= 0 or opts.damp <= 0 or opts.max_retries < 0:
+        raise _error(
+            ValueError,
+            name,
+            f"need block_size > 0, damp > 0 and max_retries >= 0, got {opts.block_size}, {opts.damp} and "
+            f"{opts.max_retries}.",
         )
     if not bool(torch.isfinite(H).all()):
-        raise GPTQError(
-            f"Module {_label(name)}: Hessian contains NaN or Inf. Check the calibration inputs and token weights."
-        )
+        raise _error(GPTQError, name, "Hessian contains NaN or Inf. Check the calibration inputs and token weights.")
     return groups
+
+
+def _check_shared(
+    weights: Sequence[torch.Tensor], H: torch.Tensor, spec: QuantSpec, opts: GPTQOptions, names: Sequence[str] | None
+) -> tuple[list[str], int]:
+    """Check several weights solved against one Hessian; return their names (``""`` each by default) and the number
+    of Hessian groups."""
+    names = list(names) if names is not None else [""] * len(weights)
+    if not weights or len(names) != len(weights):
+        raise ValueError(f"gptq_quantize_shared: need one name per weight, got {len(names)} for {len(weights)}.")
+    if len({(W.dtype, W.device) for W in weights}) > 1:
+        raise ValueError(f"gptq_quantize_shared: {', '.join(names)} must have one dtype and device.")
+    return names, max(_validate(W, H, spec, opts, n) for W, n in zip(weights, names))
 
 
 def _check_cross(cross: torch.Tensor, H: torch.Tensor, name: str) -> torch.Tensor:
     if tuple(cross.shape) != tuple(H.shape):
-        raise ValueError(
-            f"Module {_label(name)}: the cross term must have the Hessian's shape {tuple(H.shape)}, "
-            f"got {tuple(cross.shape)}."
+        raise _error(
+            ValueError,
+            name,
+            f"the cross term must have the Hessian's shape {tuple(H.shape)}, got {tuple(cross.shape)}.",
         )
     if not bool(torch.isfinite(cross).all()):
-        raise GPTQError(
-            f"Module {_label(name)}: the cross term contains NaN or Inf. Check the full-precision activations."
-        )
+        raise _error(GPTQError, name, "the cross term contains NaN or Inf. Check the full-precision activations.")
     return cross.detach()
 
 
@@ -71,14 +97,14 @@ def _use_triton(kernel: str, W: torch.Tensor, block_size: int, name: str) -> boo
         ValueError: For an unknown ``kernel``, or ``kernel="triton"`` where the fused step cannot run.
     """
     if kernel not in KERNELS:
-        raise ValueError(
-            f"Module {_label(name)}: kernel={kernel!r} is not supported; choose one of {', '.join(KERNELS)}."
-        )
+        raise _error(ValueError, name, f"kernel={kernel!r} is not supported; choose one of {', '.join(KERNELS)}.")
     applies = W.is_cuda and block_size <= 128 and gptq_triton.available()
     if kernel == "triton" and not applies:
-        raise ValueError(
-            f"Module {_label(name)}: kernel='triton' needs Triton installed, a CUDA weight and block_size <= 128 "
+        raise _error(
+            ValueError,
+            name,
+            f"kernel='triton' needs Triton installed, a CUDA weight and block_size <= 128 "
             f"(got device {W.device.type}, block_size {block_size}, Triton "
-            f"{'available' if gptq_triton.available() else 'unavailable'}); use kernel='auto' or 'torch'."
+            f"{'available' if gptq_triton.available() else 'unavailable'}); use kernel='auto' or 'torch'.",
         )
     return applies and kernel != "torch"

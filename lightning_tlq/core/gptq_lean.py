@@ -24,17 +24,16 @@ CPU.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
 
 import torch
 
-from lightning_tlq.core.factor import GPTQError, label, lower_triangular_inverse
-from lightning_tlq.core.gptq import GPTQResult, _assemble, _BlockSolve, _Factor, _solve_rows
-from lightning_tlq.core.gptq_checks import Kernel, _check_cross, _use_triton, _validate
+from lightning_tlq.core.factor import retry_damping, triangular_inverse
+from lightning_tlq.core.gptq import GPTQOptions, GPTQResult, _Factor, gptq_quantize_shared
 from lightning_tlq.core.quantizer import QuantSpec
 
-logger = logging.getLogger("lightning_tlq.core.gptq")
 __all__ = ["CHUNK_BYTES", "flip_", "gathered", "gptq_quantize_lean", "gptq_quantize_shared_lean"]
 
 CHUNK_BYTES = 64 << 20
@@ -84,27 +83,6 @@ def _workspace(H: torch.Tensor, n: int, reuse: bool) -> tuple[torch.Tensor, torc
     return flat[: n * n].view(n, n).mT, flat[n * n :].view(n, n).mT  # the strides cholesky_ex gives its result
 
 
-def _inverse_into(L: torch.Tensor, out: torch.Tensor | None, leaf: int = 2048) -> torch.Tensor:
-    """:func:`~lightning_tlq.core.factor.lower_triangular_inverse` (CUDA) or the triangular solve (CPU) that
-    ``core.factor.inverse_upper_factor`` uses, written into ``out`` (None: a new tensor) with the same operations."""
-    n = L.shape[0]
-    if not L.is_cuda or n <= leaf:
-        eye = torch.eye(n, dtype=L.dtype, device=L.device)
-        inverse = torch.linalg.solve_triangular(L, eye, upper=False)
-        return inverse if out is None else out.copy_(inverse)
-    out = torch.zeros_like(L) if out is None else out.zero_()
-    h = n // 2
-    out[:h, :h] = lower_triangular_inverse(L[:h, :h], leaf)
-    out[h:, h:] = lower_triangular_inverse(L[h:, h:], leaf)
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        out[h:, :h] = -(out[h:, h:] @ (L[h:, :h] @ out[:h, :h]))
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
-    return out
-
-
 def _damped_factor(
     given: list[torch.Tensor],
     rebuild: Callable[[], torch.Tensor],
@@ -122,8 +100,9 @@ def _damped_factor(
     A: torch.Tensor | None = given.pop()
     assert A is not None
     undamped = A.diagonal().clone()
-    rel = damp
-    for attempt in range(max_retries + 1):
+
+    def attempt(rel: float) -> torch.Tensor | None:
+        nonlocal A
         if A is None:
             A = rebuild()
         A.add_(0.0)  # what adding d * I does off the diagonal (-0.0 becomes +0.0)
@@ -133,44 +112,25 @@ def _damped_factor(
         else:
             L, info = workspace[0], torch.empty((), dtype=torch.int32, device=A.device)
             torch.linalg.cholesky_ex(A, out=(L, info))
-        if int(info) == 0:
-            if workspace is None:
-                A = None  # only L is needed from here on
-            U = flip_(_inverse_into(L, None if workspace is None else workspace[1]))
-            del L
-            if bool(torch.isfinite(U).all()):
-                return U, rel, attempt
-            del U
-        else:
-            del L
-        if attempt < max_retries:
-            logger.warning(
-                "GPTQ module %s: Cholesky factorisation failed with relative damping %g; "
-                "retrying with %g (retry %d/%d).",
-                label(name),
-                rel,
-                rel * 10,
-                attempt + 1,
-                max_retries,
-            )
-            rel *= 10
-    raise GPTQError(
-        f"Module {label(name)}: Hessian is not positive definite even with relative damping {rel:g} after "
-        f"{max_retries} retries. Check the calibration data (NaN/Inf activations, too few tokens, all-zero token "
-        f"weights), or raise `damp` / `max_retries`. GPTQ does not fall back to round-to-nearest."
-    )
+        if int(info) != 0:
+            return None
+        if workspace is None:
+            A = None  # only L is needed from here on
+        U = flip_(triangular_inverse(L, None if workspace is None else workspace[1]))
+        del L
+        return U if bool(torch.isfinite(U).all()) else None
+
+    return retry_damping(attempt, damp, max_retries, name)
 
 
-def _factor_lean(
-    H: torch.Tensor, device: torch.device, *, damp: float, act_order: bool, max_retries: int, name: str, reuse_h: bool
-) -> _Factor:
+def _factor_lean(H: torch.Tensor, device: torch.device, opts: GPTQOptions, name: str, reuse_h: bool = False) -> _Factor:
     """``core.gptq._factor`` with ``H`` (any float dtype, any device) gathered in chunks; read only unless
     ``reuse_h`` (a float64 ``H``'s storage then holds the factor and its inverse once it is gathered)."""
     n = H.shape[-1]
     diag = torch.diagonal(H).to(device=device, dtype=torch.float32, copy=True)
     dead = diag == 0
     diag[dead] = 1.0
-    perm = torch.argsort(diag, descending=True, stable=True) if act_order else None
+    perm = torch.argsort(diag, descending=True, stable=True) if opts.act_order else None
     order = perm if perm is not None else torch.arange(n, device=device)
 
     def build() -> torch.Tensor:  # the permuted Hessian, dead inputs' H_ii := 1
@@ -186,25 +146,13 @@ def _factor_lean(
         given = [flip_(A)]
         del A
         U, used, retries = _damped_factor(
-            given, lambda: flip_(build()), workspace, n, mean_diag, damp, max_retries, name
+            given, lambda: flip_(build()), workspace, n, mean_diag, opts.damp, opts.max_retries, name
         )
     return _Factor(U, perm, dead, used, retries)
 
 
 def gptq_quantize_shared_lean(
-    weights: Sequence[torch.Tensor],
-    H: torch.Tensor,
-    spec: QuantSpec,
-    *,
-    block_size: int = 128,
-    damp: float = 0.01,
-    act_order: bool = True,
-    max_retries: int = 3,
-    names: Sequence[str] | None = None,
-    cross: torch.Tensor | None = None,
-    kernel: Kernel = "auto",
-    concat_rows: bool = True,
-    reuse_h: bool = False,
+    weights: Sequence[torch.Tensor], H: torch.Tensor, spec: QuantSpec, *, reuse_h: bool = False, **kw: Any
 ) -> list[GPTQResult]:
     """:func:`~lightning_tlq.core.gptq.gptq_quantize_shared` (same arguments, same results) with the least memory.
 
@@ -212,40 +160,7 @@ def gptq_quantize_shared_lean(
     the Cholesky factor and its inverse): for a caller that never reads it again. ``cross`` (GPTAQ) is converted and
     permuted as the fast path does.
     """
-    names = list(names) if names is not None else [""] * len(weights)
-    if not weights or len(names) != len(weights):
-        raise ValueError(f"gptq_quantize_shared: need one name per weight, got {len(names)} for {len(weights)}.")
-    if len({(W.dtype, W.device) for W in weights}) > 1:
-        raise ValueError(f"gptq_quantize_shared: {', '.join(names)} must have one dtype and device.")
-    groups = max(_validate(W, H, spec, block_size, damp, max_retries, n) for W, n in zip(weights, names))
-    fused = _use_triton(kernel, weights[0], block_size, names[0])
-    device, in_features = weights[0].device, weights[0].shape[1]
-    Wfs = [W.detach().to(torch.float32, copy=True) for W in weights]
-    Hg = H.detach().reshape(groups, in_features, in_features)
-    Cg = None
-    if cross is not None:
-        Cg = _check_cross(cross, H, names[0]).to(device=device, dtype=torch.float32).reshape(Hg.shape)
-    rows = [W.shape[0] // groups for W in weights]
-    joint = ", ".join(label(n) for n in names)
-    solves: list[list[_BlockSolve]] = [[] for _ in weights]
-    for g in range(groups):
-        tag = "" if groups == 1 else f"[group {g}]"
-        f = _factor_lean(
-            Hg[g], device, damp=damp, act_order=act_order, max_retries=max_retries, name=joint + tag, reuse_h=reuse_h
-        )
-        blocks = [Wf[g * r : (g + 1) * r] for Wf, r in zip(Wfs, rows)]
-        kw = {"block_size": block_size, "scale_dtype": weights[0].dtype, "fused": fused}
-        kw["cross"] = None if Cg is None else Cg[g]
-        if concat_rows and len(blocks) > 1:
-            s = _solve_rows(torch.cat(blocks), f, spec, name=joint + tag, **kw)
-            parts = zip(s.codes.split(rows), s.scale.split(rows), s.zero.split(rows))
-            for out, (c, sc, z) in zip(solves, parts):
-                out.append(_BlockSolve(c, sc, z, s.damp, s.retries, s.perm))
-        else:
-            for out, block, n in zip(solves, blocks, names):
-                out.append(_solve_rows(block, f, spec, name=n if groups == 1 else f"{label(n)}{tag}", **kw))
-        del f
-    return [_assemble(s, spec, W.dtype) for s, W in zip(solves, weights)]
+    return gptq_quantize_shared(weights, H, spec, factor=partial(_factor_lean, reuse_h=reuse_h), **kw)
 
 
 def gptq_quantize_lean(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, name: str = "", **kw) -> GPTQResult:

@@ -21,10 +21,13 @@ workers. Only the ungrouped Hessian ``[in, in]`` is handled (importance groups h
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import torch
 
-from lightning_tlq.core.gptq import GPTQResult, _assemble, _check_cross, _Factor, _factor, _solve_rows, _validate
+from lightning_tlq.core.gptq import GPTQOptions, GPTQResult, _assemble, _Factor, _fast_factor, _solve_rows
+from lightning_tlq.core.gptq_checks import _check_cross, _validate
 from lightning_tlq.core.gptq_lean import _factor_lean
 from lightning_tlq.core.quantizer import QuantSpec
 
@@ -62,27 +65,23 @@ def gptq_factor(
     H: torch.Tensor,
     spec: QuantSpec,
     *,
-    block_size: int = 128,
-    damp: float = 0.01,
-    act_order: bool = True,
-    max_retries: int = 3,
     name: str = "",
     cross: torch.Tensor | None = None,
     lean: bool = False,
     reuse_h: bool = False,
+    **options: Any,
 ) -> GPTQFactor:
     """The shared part of :func:`~lightning_tlq.core.gptq.gptq_quantize` for ``W [out, in]`` and ``H [in, in]``
-    (same arguments and errors; ``W`` is only checked, its rows are solved by :func:`gptq_rows`). ``lean``: the
-    same factor with the least memory (:mod:`lightning_tlq.core.gptq_lean`; ``reuse_h``: ``H``'s storage may hold
-    it, the caller never reads ``H`` again)."""
-    if _validate(W, H, spec, block_size, damp, max_retries, name) != 1:
+    (same arguments and errors, ``options`` those of :class:`~lightning_tlq.core.gptq.GPTQOptions`; ``W`` is only
+    checked, its rows are solved by :func:`gptq_rows`). ``lean``: the same factor with the least memory
+    (:mod:`lightning_tlq.core.gptq_lean`; ``reuse_h``: ``H``'s storage may hold it, the caller never reads ``H``
+    again)."""
+    opts = GPTQOptions(**options)
+    if _validate(W, H, spec, opts, name) != 1:
         raise ValueError(f"gptq_factor takes an ungrouped Hessian [in, in], got {tuple(H.shape)}.")
     C = None if cross is None else _check_cross(cross, H, name).to(device=W.device, dtype=torch.float32)
-    kw = {"damp": damp, "act_order": act_order, "max_retries": max_retries, "name": name}
-    if lean:
-        f = _factor_lean(H.detach(), W.device, reuse_h=reuse_h, **kw)
-    else:
-        f = _factor(H.detach().to(device=W.device, dtype=torch.float32), **kw)
+    factor = partial(_factor_lean, reuse_h=reuse_h) if lean else _fast_factor
+    f = factor(H.detach(), W.device, opts, name)
     return GPTQFactor(f.U, f.perm, f.dead, f.damp, f.retries, C)
 
 
