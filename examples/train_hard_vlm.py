@@ -25,10 +25,19 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from qwen_training import batch_vision_attention, shared_positions
 from vlm_training import RTN_SETTINGS, TrainStream, fit, rtn_copy
 
 from lightning_tlq.models.scenes_hard import SMOKE_SHAPE, HardEncoder, HardModelShape, build_hard_model
 from lightning_tlq.tasks import scenes_hard
+
+
+def forward_inputs(model, encoder: HardEncoder, batch: dict) -> dict:
+    """The model's inputs for a batch; Qwen2-VL gets its rope positions once per batch (``qwen_training``)."""
+    inputs = encoder.model_inputs(batch)
+    if encoder.family == "qwen2_vl":
+        inputs["position_ids"] = shared_positions(model, inputs)
+    return inputs
 
 
 @torch.no_grad()
@@ -38,7 +47,7 @@ def exact_match(model, encoder: HardEncoder, batches, device) -> dict:
     for kinds, batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out = model(**encoder.model_inputs(batch), labels=batch["labels"], use_cache=False)
+            out = model(**forward_inputs(model, encoder, batch), labels=batch["labels"], use_cache=False)
         labels = batch["labels"][:, 1:]
         ok = ((out.logits[:, :-1].argmax(-1) == labels) | (labels == -100)).all(1).tolist()
         for kind, good in zip(kinds, ok):
@@ -67,7 +76,7 @@ def train(args, model, encoder, device, val) -> tuple[list, int, float]:
         print(args.family, json.dumps(entry), flush=True)
 
     def loss_fn(model, batch):
-        return model(**encoder.model_inputs(batch), labels=batch["labels"], use_cache=False).loss
+        return model(**forward_inputs(model, encoder, batch), labels=batch["labels"], use_cache=False).loss
 
     stream = TrainStream(scenes_hard.examples, encoder, args.batch_size, args.seed)
     steps, seconds = fit(model, stream, device, args, args.max_seconds, loss_fn, on_log)
@@ -81,6 +90,8 @@ def main(args: argparse.Namespace) -> dict:
     shape = SMOKE_SHAPE if args.smoke else HardModelShape()
     model, processor = build_hard_model(args.family, shape, seed=args.seed)
     model = model.to(device).train()
+    if args.family == "qwen2_vl":  # one attention call per block instead of one per image
+        batch_vision_attention(model, (scenes_hard.IMAGE_SIZE // 4) ** 2)
     encoder = HardEncoder(processor, args.family)
     val = eval_batches(encoder, scenes_hard.take("validation", args.eval_n), args.eval_batch_size)
     log, steps, train_s = train(args, model, encoder, device, val)
@@ -117,7 +128,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--warmup", type=int, default=150)
-    p.add_argument("--workers", type=int, default=6, help="DataLoader workers rendering the train split")
+    p.add_argument("--workers", type=int, default=max(1, min(14, (os.cpu_count() or 2) - 2)),
+                   help="DataLoader workers rendering the train split (default: all cores but two, at most 14)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-n", type=int, default=2000, help="validation samples of the final evaluation")
     p.add_argument("--eval-batch-size", type=int, default=256)

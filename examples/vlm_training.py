@@ -78,8 +78,12 @@ def fit(
     rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": rest}], lr=args.lr,
                             weight_decay=0.0, betas=(0.9, 0.98), fused=device.type == "cuda")  # fmt: skip
-    step, warm_s, start = 0, None, time.perf_counter()
-    for batch in loader:
+    step, warm_s, start, waited = 0, None, time.perf_counter(), 0.0
+    batches = iter(loader)
+    while True:
+        fetch = time.perf_counter()
+        batch = next(batches)
+        waited += time.perf_counter() - fetch  # time the step loop stood waiting for rendered batches
         elapsed = time.perf_counter() - start
         if step == args.warmup:
             warm_s = elapsed
@@ -97,5 +101,6 @@ def fit(
         opt.step()
         step += 1
         if step % args.log_every == 0:
-            on_log({"step": step, "loss": loss.item(), "lr": args.lr * scale, "s": time.perf_counter() - start})
+            on_log({"step": step, "loss": loss.item(), "lr": args.lr * scale, "s": time.perf_counter() - start,
+                    "data_wait_s": round(waited, 1)})  # fmt: skip
     return step, time.perf_counter() - start

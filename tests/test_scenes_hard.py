@@ -2,6 +2,8 @@
 
 import collections
 import hashlib
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -94,3 +96,24 @@ def test_load_samples_draws_the_hard_task_and_shapes_are_checked():
         models.HardModelShape(hidden_size=512, num_attention_heads=4)
     with pytest.raises(ValueError, match="choose one of llava, qwen2_vl"):
         models.build_hard_processor("gemma3")
+
+
+def test_qwen_training_speedups_give_the_stock_logits():
+    """Batched vision attention and shared rope positions (examples/qwen_training.py) change no real token's logit."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    from qwen_training import batch_vision_attention, shared_positions
+
+    torch.manual_seed(0)
+    model, processor = models.build_hard_model("qwen2_vl", models.SMOKE_SHAPE)
+    encoder = models.HardEncoder(processor, "qwen2_vl")
+    batch = encoder.batch(scenes_hard.take("train", 6))
+    inputs = encoder.model_inputs(batch)
+    real = batch["attention_mask"].bool()
+    assert len(set(real.sum(1).tolist())) > 1  # rows of different lengths: the shared positions are exercised
+    with torch.no_grad():
+        stock = model(**inputs, use_cache=False).logits[real]
+        shared = model(**inputs, position_ids=shared_positions(model, inputs), use_cache=False).logits[real]
+        assert batch_vision_attention(model, (scenes_hard.IMAGE_SIZE // 4) ** 2) == models.SMOKE_SHAPE.vision_layers
+        fast = model(**inputs, position_ids=shared_positions(model, inputs), use_cache=False).logits[real]
+    assert torch.equal(shared, stock)
+    torch.testing.assert_close(fast, stock, atol=1e-5, rtol=1e-5)  # one attention call per batch, not per image
