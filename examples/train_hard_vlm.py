@@ -89,6 +89,11 @@ def main(args: argparse.Namespace) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = True
     shape = SMOKE_SHAPE if args.smoke else HardModelShape()
     model, processor = build_hard_model(args.family, shape, seed=args.seed)
+    if args.init:  # continue from a saved checkpoint's weights (a fresh optimizer and schedule)
+        model, info = type(model).from_pretrained(args.init, config=model.config, dtype=torch.float32,
+                                                  output_loading_info=True)  # fmt: skip
+        if info["missing_keys"] or info["unexpected_keys"]:
+            raise SystemExit(f"--init {args.init} does not fit the {args.family} benchmark model: {info}")
     model = model.to(device).train()
     if args.family == "qwen2_vl":  # one attention call per block instead of one per image
         batch_vision_attention(model, (scenes_hard.IMAGE_SIZE // 4) ** 2)
@@ -122,6 +127,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--family", choices=("llava", "qwen2_vl"), default="llava")
     p.add_argument("--out", default=None, help="checkpoint directory (default hard-<family>)")
     p.add_argument("--json", default=None, help="also write training.json here")
+    p.add_argument("--init", default=None, help="start from this checkpoint's weights (its *.safetensors shards)")
     p.add_argument("--max-seconds", type=float, default=200.0, help="wall-clock training budget (excl. eval, save)")
     p.add_argument("--steps", type=int, default=None, help="stop after this many steps")
     p.add_argument("--batch-size", type=int, default=128)

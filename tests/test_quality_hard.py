@@ -65,6 +65,10 @@ def test_train_and_table_smoke(tmp_path):
         subprocess.run([*cmd, "--out", str(out)], env=env, check=True, timeout=300, capture_output=True)
         assert json.loads((out / "training.json").read_text())["steps"] == 3
         models.append(f"{family}={out}")
+    more = tmp_path / "llava_more"  # --init continues from a checkpoint's weights
+    subprocess.run([*cmd[:-1], "llava", "--init", str(tmp_path / "llava"), "--out", str(more)], env=env, check=True,
+                   timeout=300, capture_output=True)  # fmt: skip
+    assert json.loads((more / "training.json").read_text())["args"]["init"] == str(tmp_path / "llava")
     table = tmp_path / "q.json"
     subprocess.run([sys.executable, str(EXAMPLE), "--smoke", "--models", *models, "--methods", "rtn", "gptq", "tlq",
                     "--settings", "W2A16 g64", "--seeds", "0", "--json", str(table), "--md", str(tmp_path / "q.md"),
