@@ -135,7 +135,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--warmup", type=int, default=150)
     p.add_argument("--workers", type=int, default=max(1, min(14, (os.cpu_count() or 2) - 2)),
-                   help="DataLoader workers rendering the train split (default: all cores but two, at most 14)")  # fmt: skip
+                   help="DataLoader workers rendering the train split (default: the cores but two, <= 14)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-n", type=int, default=2000, help="validation samples of the final evaluation")
     p.add_argument("--eval-batch-size", type=int, default=256)
