@@ -77,9 +77,8 @@ class CalibrationLoop:
         self.collector = collector or TokenImportance(score, settings.importance.groups)
         if settings.needs_importance and self.collector.score != score:
             raise ValueError(
-                f"quant.method={self.quant.method} needs importance.score={score!r} (mbq weighs vision tokens by "
-                f"their mean |gradient|), but the collector collects {self.collector.score!r} scores: pass "
-                f"TokenImportance({score!r}) or none."
+                f"quant.method={self.quant.method} needs importance.score={score!r}, but the collector collects "
+                f"{self.collector.score!r} scores: pass TokenImportance({score!r}) or none."
             )
         self.checkpoint = checkpoint
         self.collective = Collective()
@@ -101,11 +100,6 @@ class CalibrationLoop:
         self.vision_records: list[dict[str, Any]] = []
         self.method_state: dict[ModuleKey, float] = {}
         """The method's per-run values derived from importance (mbq: ``(layer, block output)`` -> vision weight)."""
-
-    @property
-    def vision_weights(self) -> dict[ModuleKey, float]:
-        """mbq's per-layer vision weights (an alias of :attr:`method_state`)."""
-        return self.method_state
 
     # --- driver ------------------------------------------------------------------------------------------------
     def run(self, batches: Sequence[dict[str, Tensor]]) -> list[dict[str, Any]]:
@@ -315,9 +309,7 @@ class CalibrationLoop:
         if self.method.smoothing is None:
             return None
         plan = self.adapter.smoothing_plan(index)
-        weights = None
-        if self.method.smoothing.objective == "mbq":
-            weights = {f.block_output: self.method_state[ModuleKey(index, f.block_output)] for f in plan}
+        weights = self.method.scale_search_weights(self.method_state, index, plan)
         return LayerSmoothing(
             index,
             layer,

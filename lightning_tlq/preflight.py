@@ -192,18 +192,19 @@ def check_batches(batches: Sequence[dict[str, Tensor]], vision: bool = False) ->
 
 
 def check_output_space(
-    fabric: Any, output_dir: str, structure: nn.Module, quant: QuantArgs, dtype: str, encoded: Sequence[dict],
-    batch_size: int, export: bool = False,
+    output_dir: str, structure: nn.Module, quant: QuantArgs, dtype: str, encoded: Sequence[dict],
+    batch_size: int, export: bool = False, checkpoint: Any = None,
 ) -> int:  # fmt: skip
     """Fail (:class:`~lightning_tlq.outputs.OutputWriteError`, ENOSPC) before the weights load if the output's
-    filesystem clearly lacks room for the output, the checkpoint (if this run keeps one) and the export.
+    filesystem clearly lacks room for the output, the checkpoint and the export.
+
+    Args:
+        checkpoint: the run's :class:`~lightning_tlq.resume.LayerCheckpoint`, or None when it keeps none.
 
     Returns the estimated bytes still needed.
     """
     from lightning_tlq.outputs import check_free_space, estimate_bytes
-    from lightning_tlq.resume import LayerCheckpoint
 
-    checkpoint = next((c for c in getattr(fabric, "_callbacks", []) if isinstance(c, LayerCheckpoint)), None)
     lengths = [int(item["input_ids"].shape[-1]) for item in encoded]
     needs = estimate_bytes(
         structure, quant, dtype, lengths, batch_size, checkpoint=checkpoint is not None, export=export

@@ -146,7 +146,9 @@ def _main(
     # Every rank validates every sample: a bad one then fails all ranks alike instead of leaving the others waiting.
     encoded = encode_samples(load_processor_for(*source), samples, limit)
     quant, out = pipeline.settings.quant, pipeline.output_dir  # room for output and checkpoint, before the weights
-    check_output_space(fabric, out, structure, quant, dtype, encoded, data.batch_size, pipeline.export)
+    check_output_space(
+        out, structure, quant, dtype, encoded, data.batch_size, pipeline.export, checkpoint=pipeline.checkpoint
+    )
     module = TLQModule(model, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code)
     module.configure_model()
     check_finite_weights(module.model)

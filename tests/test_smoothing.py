@@ -208,15 +208,15 @@ def test_mbq_vision_weights_match_a_direct_autograd_computation():
         ratios = [float((sums[i, b][0] / sums[i, b][1]) / (sums[i, b][2] / sums[i, b][3])) for i in range(2)]
         median = statistics.median(ratios)
         for i, ratio in enumerate(ratios):
-            assert loop.vision_weights[ModuleKey(i, b)] == pytest.approx(max(ratio, median), rel=1e-4)
+            assert loop.method_state[ModuleKey(i, b)] == pytest.approx(max(ratio, median), rel=1e-4)
             record = loop.results[ModuleKey(i, "mlp.gate_proj" if "mlp" in b else "self_attn.q_proj")].record
             assert record["vision_weight"] == pytest.approx(max(ratio, median), rel=1e-4)
-    assert 0 < min(loop.vision_weights.values()) < 1  # vision tokens get much smaller gradients than answers
+    assert 0 < min(loop.method_state.values()) < 1  # vision tokens get much smaller gradients than answers
 
 
 def test_mbq_refuses_a_collector_of_other_scores():
     model, processor = build_tiny_vlm("llava", seed=0)
     fabric = Fabric(accelerator="cpu", devices=1)
-    with pytest.raises(ValueError, match="mbq weighs vision tokens by their mean \\|gradient\\|.*'grad_abs'"):
+    with pytest.raises(ValueError, match="quant.method=mbq needs importance.score='grad_abs'.*'fisher'"):
         CalibrationLoop(fabric, TLQModule().attach(model, processor), CalibrationSettings(QuantArgs(method="mbq")),
                         collector=TokenImportance("fisher"))  # fmt: skip

@@ -107,6 +107,13 @@ class Method:
         """Per-run values derived from the raw importance scores, keyed by ``(layer, module)`` (default none)."""
         return {}
 
+    def scale_search_weights(
+        self, state: Mapping[ModuleKey, float], index: int, plan: Sequence[Any]
+    ) -> dict[str, float] | None:
+        """Vision-token weights for layer ``index``'s scale search, ``block output module -> weight``, from
+        :meth:`after_importance`'s ``state``; None weighs every token alike (default)."""
+        return None
+
     def quantize(
         self, weight: Tensor, stats: ModuleStats, quant: QuantArgs, *, module: str, where: str, smoothing: Any = None
     ) -> QuantResult:

@@ -48,3 +48,8 @@ class MBQ(Method):
             floored = floor_at_median(ratios[b * n_layers : (b + 1) * n_layers])
             out.update(zip(keys[b * n_layers : (b + 1) * n_layers], floored))
         return out
+
+    def scale_search_weights(
+        self, state: Mapping[ModuleKey, float], index: int, plan: Sequence[Any]
+    ) -> dict[str, float] | None:
+        return {f.block_output: state[ModuleKey(index, f.block_output)] for f in plan}
