@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import resource
+import sys
 import threading
 import time
 from typing import Any
@@ -29,18 +30,25 @@ NOMINAL = {"bf16": 780e12, "tf32": 406e12, "fp32": 50.6e12, "factor": 26e12}
 
 
 class MemoryProbe:
-    """Peak GPU memory per calibration phase (no-op without CUDA)."""
+    """Peak GPU memory per calibration phase (no-op without CUDA); with ``progress``, one stderr line per phase
+    (elapsed seconds, peak GiB, host resident set), for long runs that might not finish inside a time limit."""
 
-    def __init__(self) -> None:
+    def __init__(self, progress: bool = False) -> None:
         self.cuda = torch.cuda.is_available()
         self.phases: dict[str, float] = {}
         self._phase = "before"
+        self.progress, self._start = progress, time.perf_counter()
 
     def _close(self, next_phase: str) -> None:
+        peak = 0.0
         if self.cuda:
             peak = torch.cuda.max_memory_allocated() / GIB
             self.phases[self._phase] = max(self.phases.get(self._phase, 0.0), round(peak, 3))
             torch.cuda.reset_peak_memory_stats()
+        if self.progress:
+            elapsed, host = time.perf_counter() - self._start, rss_bytes() / GIB
+            print(f"[{elapsed:7.1f} s] {self._phase} done: peak {peak:.2f} GiB, host {host:.1f} GiB", file=sys.stderr,
+                  flush=True)  # fmt: skip
         self._phase = next_phase
 
     def on_calibration_start(self, **_: Any) -> None:

@@ -203,6 +203,9 @@ def main(fabric, args) -> dict | None:
     t0 = time.perf_counter()
     model = build_model(args.shape, args.layers)
     build_s = time.perf_counter() - t0
+    if args.progress:
+        PROBE.progress = True
+        print(f"model built in {build_s:.1f} s, host {rss_bytes() / 2**30:.1f} GiB", file=sys.stderr, flush=True)
     module = TLQModule().attach(model, processor=None)
     shard = shard_range(args.samples, fabric.world_size, fabric.global_rank)
     batches = build_batches(args.samples, args.image_tokens, args.text_tokens, args.batch_size, shard)
@@ -319,6 +322,7 @@ def parse(argv=None):
     )
     p.add_argument("--floor", action="store_true", help="also measure the GPU's ceilings and the floor for the work")
     p.add_argument("--json", default=None, help="append the result as one JSON line to this file")
+    p.add_argument("--progress", action="store_true", help="a stderr line per phase and layer (time, peaks)")
     p.add_argument("--trace", default=None, help="profile rank 0's calibration into this Chrome trace (.json.gz ok)")
     return p.parse_args(argv)
 
