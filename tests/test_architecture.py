@@ -161,3 +161,36 @@ def test_only_the_environment_module_reads_os_environ() -> None:
         if ("os.environ" in path.read_text() or "os.getenv" in path.read_text()) and name != "lightning_tlq.environment"
     )
     assert not readers, f"{readers} read the environment: declare the variable in lightning_tlq/environment.py"
+
+
+_PICTURE = (  # top to bottom
+    ("cli", "lightning_cli", "callbacks", "run_calibration", "trainer_fabric", "calibrate", "evaluate", "launch"),
+    ("pipeline",),
+    ("loop", "importance_pass", "vision", "activations", "placement", "lowmem"),
+    ("stage", "module_stats", "smoothing", "shared_stats", "rowsplit", "tokenweights"),
+    ("methods",),
+    ("adapters", "models", "tasks"),
+    ("core",),
+)
+LAYERS: dict[str, int] = {m: len(_PICTURE) - 1 - rank for rank, names in enumerate(_PICTURE) for m in names}
+"""The layers of docs/architecture.md's picture (top = 6), by first name below ``lightning_tlq``; modules beside
+the layers (data, outputs, evaluation, config, keys, environment...) are not ranked."""
+
+
+def _layer(module: str) -> int | None:
+    return LAYERS.get(module.removeprefix("lightning_tlq.").partition(".")[0])
+
+
+def test_no_import_runs_back_up_the_layers() -> None:
+    upward = sorted(
+        f"{name} ({_layer(name)}) imports {target} ({_layer(target)})"
+        for name, targets in _graph().items()
+        for target in targets
+        if _layer(name) is not None and _layer(target) is not None and _layer(target) > _layer(name)
+    )
+    assert not upward, "imports that run back up the layers of docs/architecture.md:\n" + "\n".join(upward)
+
+
+def test_every_layer_of_the_picture_exists() -> None:
+    tops = {name.removeprefix("lightning_tlq.").partition(".")[0] for name in _modules()}
+    assert set(LAYERS) <= tops, f"docs/architecture.md layers without a module: {sorted(set(LAYERS) - tops)}"
