@@ -7,12 +7,13 @@
 Each cell is a real ``lightning_tlq.calibrate`` call (calibration split of the task, ``--calib-n`` samples, the
 cell's seed for data and token sets; output written and reloaded), then the harness on the first ``--test-n``
 samples of the test split: teacher-forced exact match (equal to greedy: word-level tokenizer), answer NLL and KL to
-the FP model's logits (computed once per worker and model). Cells run in priority order on ``--workers``
-processes side by side (the GPU when present): FP and rtn/gptq/tlq at W3A16 and W2A16, then W4A16 and W4A8, then
-the other methods of ``--methods`` (in the order given), then the other seeds. Each finished cell is appended to
-``<json>.jsonl`` and the JSON and Markdown are rewritten, so a run cut short keeps what it finished; no cell
-starts after ``--max-seconds``. The JSON holds, per cell, the per-item correctness (hex bits) behind the paired
-bootstrap 95% interval of TLQ minus GPTQ exact match over test items (items averaged over the seeds both share).
+the FP model's logits (computed once per model by the first worker that needs them, shared through a file). Cells
+run in priority order on ``--workers`` processes side by side (the GPU when present): FP and rtn/gptq/tlq at W3A16
+and W2A16, then W4A16 and W4A8, then the other methods of ``--methods`` (in the order given), then the other seeds.
+Each finished cell is appended to ``<json>.jsonl`` and the JSON and Markdown are rewritten, so a run cut short keeps
+what it finished; no cell starts after ``--max-seconds``. The JSON holds, per cell, the per-item correctness (hex
+bits) behind the paired bootstrap 95% interval of TLQ minus GPTQ exact match over test items (items averaged over
+the seeds both share).
 """
 
 from __future__ import annotations
@@ -87,6 +88,35 @@ def _worker(rank: int, opts: dict, tasks, results) -> None:
     eval_kw = {"batch_size": opts["batch_size"], "exact_match": "teacher_forced", "num_examples": None}
     fp: dict[str, tuple] = {}
     scratch = Path(tempfile.mkdtemp(prefix=f"tlq_hard_{rank}_"))
+
+    def reference(name: str) -> tuple:
+        """The FP model's encodings and logits: computed by the first worker that needs them, shared by file."""
+        if name in fp:
+            return fp[name]
+        cache = Path(opts["fp_dir"]) / f"{name}.pt"
+        try:
+            os.close(os.open(cache.with_suffix(".claim"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:  # another worker computes it: wait (its failure or the deadline ends the wait)
+            while not cache.exists() and not cache.with_suffix(".failed").exists() and time.time() < opts["deadline"]:
+                time.sleep(0.2)
+            if cache.exists():
+                fp[name] = torch.load(cache, weights_only=False)
+                return fp[name]
+        start = time.perf_counter()
+        try:
+            module = load_module(opts["models"][name], device=device)
+            encoded = HardEncoder(module.processor, module.model.config.model_type).items(examples)
+            ref = reference_logits(module, samples, encoded=encoded, batch_size=opts["batch_size"])
+            metrics = evaluate_model(module, samples, encoded=encoded, **eval_kw)
+        except Exception:
+            cache.with_suffix(".failed").touch()
+            raise
+        fp[name] = (encoded, ref)
+        torch.save(fp[name], cache.with_suffix(".tmp"))
+        cache.with_suffix(".tmp").replace(cache)
+        results.put({"fp": name, **_summary(metrics), "eval_s": time.perf_counter() - start, "worker": rank})
+        return fp[name]
+
     try:
         while time.time() < opts["deadline"]:
             cell = tasks.get()
@@ -94,22 +124,14 @@ def _worker(rank: int, opts: dict, tasks, results) -> None:
                 break
             path = opts["models"][cell["model"]]
             try:
-                if cell["model"] not in fp:
-                    start = time.perf_counter()
-                    module = load_module(path, device=device)
-                    encoded = HardEncoder(module.processor, module.model.config.model_type).items(examples)
-                    ref = reference_logits(module, samples, encoded=encoded, batch_size=opts["batch_size"])
-                    metrics = evaluate_model(module, samples, encoded=encoded, **eval_kw)
-                    fp[cell["model"]] = (encoded, ref)
-                    results.put({"fp": cell["model"], **_summary(metrics), "eval_s": time.perf_counter() - start})
-                    del module
-                encoded, ref = fp[cell["model"]]
                 data, quant, importance, token_set = _quant_args(cell, opts["calib_n"])
                 out, start = scratch / "out", time.perf_counter()
                 calibrate(path, data, quant, importance, token_set, output_dir=str(out), overwrite=True,
                           checkpoint=False, accelerator=device, metrics=False, seed=cell["seed"],
                           quiet=True)  # fmt: skip
-                calib_s, start = time.perf_counter() - start, time.perf_counter()
+                calib_s = time.perf_counter() - start
+                encoded, ref = reference(cell["model"])  # after the calibration: a wait for it overlaps that
+                start = time.perf_counter()
                 module = load_module(str(out), device=device)
                 metrics = evaluate_model(module, samples, encoded=encoded, reference=ref, **eval_kw)
                 del module
@@ -198,7 +220,7 @@ def run(args: argparse.Namespace) -> dict:
         tasks.put(None)
     opts = {"models": models, "test_n": args.test_n, "calib_n": args.calib_n, "batch_size": args.batch_size,
             "threads": max(1, (os.cpu_count() or 1) // args.workers), "cpu": args.cpu,
-            "deadline": start + args.max_seconds}  # fmt: skip
+            "deadline": start + args.max_seconds, "fp_dir": tempfile.mkdtemp(prefix="tlq_hard_fp_")}  # fmt: skip
     procs = [ctx.Process(target=_worker, args=(r, opts, tasks, results), daemon=True) for r in range(args.workers)]
     for p in procs:
         p.start()
@@ -232,6 +254,7 @@ def run(args: argparse.Namespace) -> dict:
         _write(Path(args.md), markdown(state))
     for p in procs:
         p.terminate() if p.is_alive() else None
+    shutil.rmtree(opts["fp_dir"], ignore_errors=True)
     state["status"] = "complete" if len(state["cells"]) + len(state["errors"]) == len(cells) else "partial"
     state["bootstrap"], state["elapsed_s"] = bootstrap(state["cells"]), time.time() - start
     _write(json_path, json.dumps(state))

@@ -77,6 +77,8 @@ def test_train_and_table_smoke(tmp_path):
     assert state["status"] == "complete"
     assert not state["errors"]
     assert sorted(state["fp"]) == ["llava", "qwen2_vl"]
+    records = [json.loads(line) for line in table.with_suffix(".jsonl").read_text().splitlines()]
+    assert sorted(r["fp"] for r in records if "fp" in r) == ["llava", "qwen2_vl"]  # once per model, not per worker
     assert {(c["model"], c["method"]) for c in state["cells"]} == {
         (m, k) for m in ("llava", "qwen2_vl") for k in ("rtn", "gptq", "tlq")
     }
