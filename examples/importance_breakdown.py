@@ -5,7 +5,7 @@ Runs a TLQ calibration of a saved checkpoint on its task's calibration split (as
 does), reads the final token weights through a :class:`~lightning_tlq.observers.CalibrationObserver`
 (``on_importance_ready``) and the per-layer records ``CalibrationLoop.run`` returns, and prints markdown tables.
 
-    python examples/importance_breakdown.py --model /work/saved/callE/llava --samples 32 --json out.json
+    python examples/importance_breakdown.py --model hard-llava --samples 32 --json out.json
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def load(path: str, num_samples: int, batch_size: int, seed: int) -> tuple[TLQMo
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="/work/saved/callE/llava")
+    p.add_argument("--model", default="hard-llava")
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
