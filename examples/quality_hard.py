@@ -53,14 +53,37 @@ def plan(models: list[str], methods: list[str], settings: list[str], seeds: list
     return [c for _, c in sorted(cells, key=lambda x: x[0])]
 
 
+def ablation(spec: str) -> str:
+    """``"floor=0.5,keep_mass=0.9"`` -> the TLQ variant's method name ``"tlq@floor=0.5,keep_mass=0.9"`` (checked)."""
+    from lightning_tlq.config import ImportanceArgs, TokenSetArgs
+
+    _overrides(spec, ImportanceArgs, TokenSetArgs)
+    return f"tlq@{spec}"
+
+
+def _overrides(spec: str, *classes) -> list[dict]:
+    """Per class, the ``key=value`` items of ``spec`` that name one of its fields (values typed by the default)."""
+    out: list[dict] = [{} for _ in classes]
+    for item in filter(None, spec.split(",")):
+        key, sep, value = item.partition("=")
+        owner = next((i for i, c in enumerate(classes) if key in c.__dataclass_fields__), None)
+        if not sep or owner is None:
+            raise SystemExit(f"--ablations {spec!r}: {item!r} is not key=value of importance.* or token_set.*")
+        default = getattr(classes[owner](), key)
+        out[owner][key] = type(default)(value) if isinstance(default, (int, float)) else value
+    return out
+
+
 def _quant_args(cell: dict, calib_n: int):
     from lightning_tlq.config import DataArgs, ImportanceArgs, QuantArgs, TokenSetArgs
 
     bits, group, act = SETTINGS[cell["setting"]]
-    method, _, target = cell["method"].partition("_")
+    name, _, spec = cell["method"].partition("@")  # tlq@floor=0.5: a TLQ ablation
+    method, _, target = name.partition("_")
+    importance, token_set = _overrides(spec, ImportanceArgs, TokenSetArgs)
     quant = QuantArgs(method=method, bits=bits, group_size=group, act_bits=act, target=target or "quantized")
     data = DataArgs(num_samples=calib_n, batch_size=8, seed=cell["seed"], split="calibration")
-    return data, quant, ImportanceArgs(), TokenSetArgs(seed=cell["seed"])
+    return data, quant, ImportanceArgs(**importance), TokenSetArgs(**{"seed": cell["seed"], **token_set})
 
 
 def _summary(metrics: dict) -> dict:
@@ -182,7 +205,7 @@ def markdown(state: dict) -> str:
     for model, fp in state["fp"].items():
         lines.append(f"| {model} | - | FP | - | {100 * fp['exact_match']:.2f} | 100 | {fp['nll']:.4f} | 0 | - |")
         for setting in SETTINGS:
-            for method in METHODS:
+            for method in dict.fromkeys([*METHODS, *(c["method"] for c in state["cells"])]):
                 g = [c for c in state["cells"] if (c["model"], c["setting"], c["method"]) == (model, setting, method)]
                 if g:
                     acc = [c["exact_match"] for c in g]
@@ -211,7 +234,7 @@ def run(args: argparse.Namespace) -> dict:
 
     start = time.time()
     models = dict(m.split("=", 1) for m in args.models)
-    cells = plan(list(models), args.methods, args.settings, args.seeds)
+    cells = plan(list(models), args.methods + [ablation(a) for a in args.ablations], args.settings, args.seeds)
     ctx = mp.get_context("spawn")
     tasks, results = ctx.Queue(), ctx.Queue()
     for cell in cells:
@@ -266,6 +289,8 @@ def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["llava=hard-llava", "qwen2_vl=hard-qwen2_vl"], help="name=path")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="in priority order")
+    p.add_argument("--ablations", nargs="*", default=[], help="TLQ variants after the methods, e.g. floor=0.5 "
+                   "mode=modality keep_mass=0.9,p_rest=0.2 (importance.* / token_set.* fields)")  # fmt: skip
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--test-n", type=int, default=2000)

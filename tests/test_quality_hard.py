@@ -26,6 +26,22 @@ def test_plan_runs_the_core_cells_first(runner):
     assert {m for s, m, _, _ in keys if s != "W4A8 g128"} == set(runner.METHODS) - {"smoothquant"}
 
 
+def test_ablations_are_tlq_variants_with_typed_overrides(runner):
+    name = runner.ablation("floor=0.5,keep_mass=0.9,mode=modality")
+    assert name == "tlq@floor=0.5,keep_mass=0.9,mode=modality"
+    cell = {"setting": "W2A16 g64", "method": name, "seed": 2}
+    data, quant, importance, token_set = runner._quant_args(cell, 64)
+    assert (quant.method, quant.bits, quant.group_size, data.seed) == ("tlq", 2, 64, 2)
+    assert (importance.floor, importance.mode, token_set.keep_mass, token_set.seed) == (0.5, "modality", 0.9, 2)
+    assert runner._quant_args({**cell, "method": "tlq"}, 64)[2].floor == 0.1  # the default
+    with pytest.raises(SystemExit, match="'flor=0.5' is not key=value"):
+        runner.ablation("flor=0.5")
+    with pytest.raises(ValueError, match=r"importance.floor"):
+        runner._quant_args({**cell, "method": "tlq@floor=2"}, 64)
+    cells = runner.plan(["a"], ["gptq", "tlq", name], ["W3A16 g128"], [0])
+    assert [c["method"] for c in cells] == ["gptq", "tlq", name]
+
+
 def _cell(method, correct, seed=0):
     bits = runner_bits(correct)
     return {"model": "m", "setting": "W3A16 g128", "method": method, "seed": seed, **bits}
