@@ -241,7 +241,11 @@ def main(fabric, args) -> dict | None:
     peak = torch.tensor([by_phase["peak"] if cuda else 0.0], dtype=torch.float64)
     peaks = loop.collective.gather_cat(peak).tolist()
     walls = loop.collective.gather_cat(torch.tensor([wall], dtype=torch.float64)).tolist()
+    digest_start = time.perf_counter()
+    digest = codes_digest(loop.results, fabric.device)
+    digest_s = time.perf_counter() - digest_start
     result = {
+        "digest_s": digest_s,
         "shape": args.shape, "layers": args.layers or SHAPES[args.shape]["num_hidden_layers"], "method": args.method,
         "devices": fabric.world_size, "gpu": torch.cuda.get_device_name(fabric.device) if cuda else "cpu",
         "samples": args.samples, "tokens_per_sample": args.image_tokens + args.text_tokens + 2,
@@ -253,7 +257,7 @@ def main(fabric, args) -> dict | None:
         "kernel": args.kernel, "pin_layers": args.pin_layers, "importance_granularity": args.importance_granularity,
         "torch": torch.__version__, "placement_s_rank0": loop.placement.seconds,
         "registered_gib_rank0": loop.placement.registered_bytes / 2**30,
-        "solve_s_by_module": _by_module(records, "seconds"), "codes_digest": codes_digest(loop.results),
+        "solve_s_by_module": _by_module(records, "seconds"), "codes_digest": digest,
         "memory_profile": args.memory_profile, "gpu_peak_gib_by_phase": by_phase,
         "image_tokens": args.image_tokens, "text_tokens": args.text_tokens,
         "host_rss_after_build_gib": round(host_after_build, 2), "host_peak_rss_calibration_gib": round(host_peak, 2),
@@ -280,13 +284,18 @@ def main(fabric, args) -> dict | None:
     return result
 
 
-def codes_digest(results: dict) -> str:
+def codes_digest(results: dict, device: str | torch.device | None = None) -> str:
     """A position-sensitive checksum of every module's integer codes and scales: equal runs print equal digests
-    (how the speed switches are checked against each other on the GPU)."""
+    (how the speed switches are checked against each other on the GPU).
+
+    The codes part is exact integer arithmetic (no overflow: codes < 2**8, weights < 10**6, < 2**31 elements), so
+    it is the same on any ``device`` (default: the GPU when present; at 32B the CPU needs minutes for it); the
+    scales are summed on the CPU, in one order."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     total, scales = 0, 0.0
     for name in sorted(results):
-        codes = results[name].codes.flatten().to(torch.int64)
-        weights = (torch.arange(codes.numel(), dtype=torch.int64) * 2654435761) % 1000003
+        codes = results[name].codes.flatten().to(device, torch.int64)
+        weights = (torch.arange(codes.numel(), dtype=torch.int64, device=device) * 2654435761) % 1000003
         total = (total + int((codes * weights).sum())) % (2**61 - 1)
         scales += float(results[name].scale.double().sum())
     return f"{total:x}/{scales:.12e}"
