@@ -19,12 +19,12 @@ from lightning.fabric import Fabric
 
 from lightning_tlq import CalibrationObserver, CalibrationSettings, QuantArgs, TLQModule
 from lightning_tlq.config import DataArgs
-from lightning_tlq.data import collate, token_masks
+from lightning_tlq.data import token_masks
 from lightning_tlq.datamodule import encode_samples, load_samples
-from lightning_tlq.distributed import shard_batches
 from lightning_tlq.loop import CalibrationLoop
 from lightning_tlq.models.scenes import model_task
 from lightning_tlq.preflight import model_max_length, resolve_max_length
+from lightning_tlq.run_calibration import rank_batches
 
 KINDS = ("image", "text", "answer")
 
@@ -127,11 +127,7 @@ def load(path: str, num_samples: int, batch_size: int, seed: int) -> tuple[TLQMo
     data = DataArgs(num_samples=num_samples, batch_size=batch_size, seed=seed)
     samples = load_samples(data, model_task(module.model.config))
     encoded = encode_samples(module.processor, samples, resolve_max_length(None, model_max_length(module.model)))
-    batches = []
-    for ids in shard_batches(len(samples), batch_size, 1, 0):
-        batch = collate([encoded[i] for i in ids], module.adapter.pad_token_id)
-        batches.append({**batch, "sample_id": torch.tensor(list(ids))})
-    return module, batches
+    return module, rank_batches(encoded, batch_size, module.adapter.pad_token_id)
 
 
 def main(argv=None) -> dict:

@@ -69,7 +69,7 @@ def _overrides(spec: str, *classes) -> list[dict]:
         owner = next((i for i, c in enumerate(classes) if key in c.__dataclass_fields__), None)
         if not sep or owner is None:
             raise SystemExit(f"--ablations {spec!r}: {item!r} is not key=value of importance.* or token_set.*")
-        default = getattr(classes[owner](), key)
+        default = classes[owner].__dataclass_fields__[key].default
         out[owner][key] = type(default)(value) if isinstance(default, (int, float)) else value
     return out
 

@@ -132,6 +132,19 @@ def calibrate(
     return run_on_ranks(fabric, _main, pipeline, source, data, dtype, seed)
 
 
+def rank_batches(
+    encoded: Sequence[dict[str, torch.Tensor]], batch_size: int, pad_token_id: int, world_size: int = 1, rank: int = 0
+) -> list[dict[str, torch.Tensor]]:
+    """This rank's collated calibration batches, each with its samples' global ``sample_id`` (which keys the token
+    set's random draws): global batches, whole batches per rank, so the batches are identical for any number of
+    ranks."""
+    batches = []
+    for ids in shard_batches(len(encoded), batch_size, world_size, rank):
+        batch = collate([encoded[i] for i in ids], pad_token_id)
+        batches.append({**batch, "sample_id": torch.tensor(list(ids))})
+    return batches
+
+
 def _main(
     fabric: Any, pipeline: Calibration, source: tuple[str, str | None, bool], data: DataArgs, dtype: str, seed: int
 ) -> dict[str, Any]:
@@ -152,10 +165,7 @@ def _main(
     module = TLQModule(model, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code)
     module.configure_model()
     check_finite_weights(module.model)
-    batches = []  # global batches, whole batches per rank: identical batches for any number of ranks
-    for ids in shard_batches(len(samples), data.batch_size, fabric.world_size, fabric.global_rank):
-        encoded_batch = collate([encoded[i] for i in ids], module.adapter.pad_token_id)
-        batches.append({**encoded_batch, "sample_id": torch.tensor(list(ids))})
+    batches = rank_batches(encoded, data.batch_size, module.adapter.pad_token_id, fabric.world_size, fabric.global_rank)
     extra = {"data": asdict(data), "dtype": dtype, "revision": revision, "trust_remote_code": trust_remote_code}
     extra["save_dtype"] = pipeline.save_dtype or dtype
     report = pipeline.run(fabric, module, batches, model_name=model, extra_settings=extra)
