@@ -13,6 +13,7 @@ from typing import Literal
 from lightning_tlq.core.actquant import check_act_bits
 from lightning_tlq.core.gptq import KERNELS, Kernel
 from lightning_tlq.core.quantizer import QuantSpec
+from lightning_tlq.losses import LABEL_SOURCES, LabelSource
 from lightning_tlq.methods import Method, get_method, method_names
 
 MethodName = Literal[method_names()]  # type: ignore[valid-type]  # the registered methods
@@ -142,9 +143,14 @@ class ImportanceArgs:
     granularity: Granularity = "module"
     """Hessian token weights: ``module`` each module's own; ``input`` one per token for the modules reading one
     input (q/k/v, gate/up: the mean of their weights), so they share one Hessian and one factorisation."""
+    labels: LabelSource = "data"
+    """Next tokens the importance loss scores: ``data`` the calibration answers, ``model`` tokens drawn from the
+    full-precision model's own distribution at the answer positions (seeded per sample): the gradients then
+    estimate the Fisher information, the curvature of the KL divergence to the full-precision outputs."""
 
     def __post_init__(self) -> None:
         _check_choice("importance.score", self.score, _SCORES)
+        _check_choice("importance.labels", self.labels, LABEL_SOURCES)
         _check_choice("importance.mode", self.mode, _MODES)
         _check_choice("importance.granularity", self.granularity, _GRANULARITIES)
         if self.groups < 1:

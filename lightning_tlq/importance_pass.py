@@ -64,18 +64,24 @@ class ImportancePass:
         self.adapter = module.adapter
 
     def run(
-        self, batches: Sequence[dict[str, Tensor]], masks: Sequence[TokenMasks], captured: Sequence[CapturedInputs]
+        self,
+        batches: Sequence[dict[str, Tensor]],
+        masks: Sequence[TokenMasks],
+        captured: Sequence[CapturedInputs],
+        sample_ids: Sequence[Tensor],
     ) -> Importance:
-        """Backward, then token weights; an empty :class:`Importance` when the run needs none."""
+        """Backward, then token weights; an empty :class:`Importance` when the run needs none. ``sample_ids``: per
+        batch its samples' global ids (they seed the draws of ``importance.labels="model"``)."""
         if not self.settings.needs_importance:
             return Importance()
         emit(self.fabric, "on_importance_start", targets=self.targets())
         self.collector.on_importance_start(self.fabric, self.targets())
         try:
+            draws = sample_ids if self.settings.importance.labels == "model" else [None] * len(batches)
             if self.placement.layerwise:
-                self._backward_layerwise(batches, captured)
+                self._backward_layerwise(batches, captured, draws)
             else:
-                self._backward_whole(batches)
+                self._backward_whole(batches, draws)
         finally:
             self.collector.on_importance_end(self.fabric)
             emit(self.fabric, "on_importance_end")
@@ -102,16 +108,21 @@ class ImportancePass:
         getattr(self.collector, hook)(self.fabric, batch_idx)
         emit(self.fabric, hook, batch_idx=batch_idx)
 
-    def _backward_whole(self, batches: Sequence[dict[str, Tensor]]) -> None:
+    def _backward_whole(self, batches: Sequence[dict[str, Tensor]], draws: Sequence[Tensor | None]) -> None:
         for batch_idx, batch in enumerate(batches):
             self._batch(batch_idx, start=True)
             with torch.enable_grad():
-                loss = self.module.sft_loss(batch, vision_grads=self.vision is not None)
+                loss = self.module.sft_loss(batch, vision_grads=self.vision is not None, draw_ids=draws[batch_idx])
                 check_loss(loss, batch_idx)
                 loss.backward()
             self._batch(batch_idx, start=False)
 
-    def _backward_layerwise(self, batches: Sequence[dict[str, Tensor]], captured: Sequence[CapturedInputs]) -> None:
+    def _backward_layerwise(
+        self,
+        batches: Sequence[dict[str, Tensor]],
+        captured: Sequence[CapturedInputs],
+        draws: Sequence[Tensor | None],
+    ) -> None:
         """Backward of the SFT loss one decoder layer at a time; equals a whole-model backward.
 
         Forward: store every layer's input. Head: loss and ``dL/dh_L``. Backward: for the last layer down to the
@@ -129,7 +140,7 @@ class ImportancePass:
             h = last[b].to(device, non_blocking=True).detach().requires_grad_(True)  # from page-locked host memory
             last[b] = None  # type: ignore[call-overload]  # each batch's gradient replaces its output
             with torch.enable_grad():
-                loss = answer_loss_from_hidden(self.adapter.head, h, batches[b]["labels"])
+                loss = answer_loss_from_hidden(self.adapter.head, h, batches[b]["labels"], draws[b])
                 check_loss(loss, b)
                 (grad,) = torch.autograd.grad(loss, h)
             grads.append(grad)

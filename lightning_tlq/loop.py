@@ -128,7 +128,7 @@ class CalibrationLoop:
             if self.vision is None:  # embeddings and vision tower are done with: only the head runs from here
                 self._park(modified=False)
             with self._timed("importance"):
-                importance = self._importance(batches, masks, captured, resumed)
+                importance = self._importance(batches, masks, captured, sample_ids, resumed)
             if self.vision is not None:
                 self._calibrate_vision(batches, sample_ids, importance, resumed)
                 captured = self._capture(batches)  # the decoder now sees what the quantized tower produces
@@ -145,6 +145,7 @@ class CalibrationLoop:
         batches: Sequence[dict[str, Tensor]],
         masks: Sequence[TokenMasks],
         captured: Sequence[CapturedInputs],
+        sample_ids: Sequence[Tensor],
         resumed: ResumeState | None,
     ) -> Importance:
         if resumed is not None:
@@ -159,7 +160,7 @@ class CalibrationLoop:
                 self.collective,
                 self.settings,
                 self.vision,
-            ).run(batches, masks, captured)
+            ).run(batches, masks, captured, sample_ids)
             emit(
                 self.fabric,
                 "on_importance_ready",

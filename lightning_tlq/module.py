@@ -70,12 +70,14 @@ class TLQModule(pl.LightningModule):
         """Logits of the wrapped model for a collated batch."""
         return self.model(**self.adapter.forward_inputs(batch)).logits
 
-    def sft_loss(self, batch: dict[str, Tensor], vision_grads: bool = False) -> Tensor:
+    def sft_loss(self, batch: dict[str, Tensor], vision_grads: bool = False, draw_ids: Tensor | None = None) -> Tensor:
         """Next-token cross-entropy summed over answer tokens (``labels != -100``).
 
         A sum (not a mean) keeps each token's gradient independent of how many answer tokens share its batch.
         With ``vision_grads`` the vision tower's patch embeddings also start a differentiable path, so the
-        backward pass continues into the vision layers (for vision-tower importance).
+        backward pass continues into the vision layers (for vision-tower importance). With ``draw_ids`` (the
+        batch's global sample ids) the scored next tokens are drawn from the model's own distribution
+        (``importance.labels="model"``, :func:`lightning_tlq.losses.model_draws`).
         """
         check_has_answer(batch["labels"])
         extra = [vision_adapter(self.adapter).vision_embedding()] if vision_grads else []
@@ -84,4 +86,4 @@ class TLQModule(pl.LightningModule):
             logits = self(batch)
         finally:
             handle.remove()
-        return answer_loss(logits, batch["labels"])
+        return answer_loss(logits, batch["labels"], draw_ids)
