@@ -291,10 +291,14 @@ def codes_digest(results: dict, device: str | torch.device | None = None) -> str
     The codes part is exact integer arithmetic (no overflow: codes < 2**8, weights < 10**6, < 2**31 elements), so
     it is the same on any ``device`` (default: the GPU when present; at 32B the CPU needs minutes for it); the
     scales are summed on the CPU, in one order."""
+    from lightning_tlq.core.codepack import PackedCodes
+
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     total, scales = 0, 0.0
     for name in sorted(results):
-        codes = results[name].codes.flatten().to(device, torch.int64)
+        stored = results[name].stored_codes  # packed codes are unpacked on the device
+        codes = (stored.to(device).unpack() if isinstance(stored, PackedCodes) else stored.to(device)).flatten()
+        codes = codes.to(torch.int64)
         weights = (torch.arange(codes.numel(), dtype=torch.int64, device=device) * 2654435761) % 1000003
         total = (total + int((codes * weights).sum())) % (2**61 - 1)
         scales += float(results[name].scale.double().sum())

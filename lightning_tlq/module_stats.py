@@ -3,27 +3,49 @@ accumulators its method and the report need, the result of its solve, and the re
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from lightning_tlq.config import QuantArgs
+from lightning_tlq.core.codepack import PackedCodes
 from lightning_tlq.core.hessian import HessianAccumulator
 from lightning_tlq.methods import ModuleStats
 
 
-@dataclass
 class ModuleResult:
-    """What the solve produced for one module (integer codes kept for export)."""
+    """What the solve produced for one module (integer codes kept for export).
 
-    weight: Tensor | None
-    """The fake-quantized weight (dropped once copied into the module)."""
-    codes: Tensor
-    scale: Tensor
-    zero: Tensor
-    record: dict[str, Any] = field(default_factory=dict)
+    ``codes`` may be given packed (:class:`~lightning_tlq.core.codepack.PackedCodes`, how a stage keeps them on the
+    host); :attr:`codes` always reads them unpacked.
+    """
+
+    __slots__ = ("weight", "_codes", "scale", "zero", "record")
+
+    def __init__(
+        self,
+        weight: Tensor | None,
+        codes: Tensor | PackedCodes,
+        scale: Tensor,
+        zero: Tensor,
+        record: dict[str, Any] | None = None,
+    ) -> None:
+        self.weight = weight
+        """The fake-quantized weight (dropped once copied into the module)."""
+        self._codes, self.scale, self.zero = codes, scale, zero
+        self.record: dict[str, Any] = {} if record is None else record
+
+    @property
+    def codes(self) -> Tensor:
+        """The integer codes ``[out, in]`` (unpacked here if kept packed)."""
+        return self._codes.unpack() if isinstance(self._codes, PackedCodes) else self._codes
+
+    @property
+    def stored_codes(self) -> Tensor | PackedCodes:
+        """The codes as kept (packed or not)."""
+        return self._codes
 
 
 @dataclass

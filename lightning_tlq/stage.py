@@ -7,6 +7,7 @@ and the results are broadcast (:class:`lightning_tlq.distributed.Collective`, no
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 
 from lightning_tlq.actquant import apply_activation_quant
 from lightning_tlq.config import QuantArgs
+from lightning_tlq.core.codepack import PackedCodes, pack_codes
 from lightning_tlq.core.hessian import relative_output_error
 from lightning_tlq.distributed import Collective
 from lightning_tlq.hostmem import HostStaging
@@ -274,8 +276,8 @@ class LayerStage:
             if self.quant.target == "fp":
                 self._original[name] = module.weight.detach().clone()
             module.weight.data.copy_(res.weight)
-            host = self.staging.to_host
-            self.results[name] = ModuleResult(None, host(res.codes), host(res.scale), host(res.zero), record)
+            scale, zero = self.staging.to_host(res.scale), self.staging.to_host(res.zero)
+            self.results[name] = ModuleResult(None, self._host_codes(res.codes), scale, zero, record)
             self._stats.stats.pop(name)  # its Hessians go once every module reading them is solved
         self._stats = None
 
@@ -301,6 +303,13 @@ class LayerStage:
             record.update(self._errors(original, res.weight, st))
             out[name] = (ModuleResult(res.weight, res.codes, res.scale, res.zero), record)
         return out
+
+    def _host_codes(self, codes: Tensor) -> Tensor | PackedCodes:
+        """The codes for the host: packed where they are (codes of <= 4 bits, two or four to a byte), then copied."""
+        packed = pack_codes(codes, self.quant.bits, self.quant.spec.qmin)
+        if isinstance(packed, Tensor):
+            return self.staging.to_host(packed)
+        return dataclasses.replace(packed, data=self.staging.to_host(packed.data))
 
     def _errors(self, original: Tensor, quantized: Tensor, stats: ModuleStatistics) -> dict[str, float | None]:
         out: dict[str, float | None] = {"rel_error": None, "weighted_rel_error": None}
