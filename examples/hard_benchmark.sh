@@ -3,6 +3,7 @@
 # FAMILIES=llava trains one alone (about 2x its steps: the trainers are launch-bound). Settings that worked on one
 # H200 (docs/benchmark_hard.md): batch 512, lr 1e-3 (LLaVA) and 5e-4 (Qwen2-VL; 1e-3 makes it learn nothing
 # visual). TRAIN_S (default 290) + TABLE_S (150) + ~80 s of start-up, evaluation and saving fit a 10-minute call.
+# METHODS, SEEDS (space-separated) and SETTINGS (comma-separated, e.g. "W3A16 g128,W2A16 g64") narrow the table.
 # SMOKE=--smoke: the same lines on the CPU with tiny shapes.
 export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 TRANSFORMERS_VERBOSITY=error NCCL_NVLS_ENABLE=0
 C=${CKPT:-/tmp/hard_ckpt}; L=$OUT/log.txt; mkdir -p "$C" "$OUT"
@@ -16,7 +17,9 @@ for f in $FAMILIES; do
   MODELS+=("$f=$C/$f")
 done
 wait
+IFS=, read -ra SETS <<<"${SETTINGS:-W3A16 g128,W2A16 g64,W4A16 g128,W4A8 g128}"
 timeout $(( TABLE_S + 45 )) python3 examples/quality_hard.py $SMOKE --models "${MODELS[@]}" --workers 8 \
-  --methods rtn gptq tlq gptq_fp tlq_fp awq mbq smoothquant --ablations ${ABLATIONS:-floor=0.3 floor=0.5 mode=modality} \
+  --methods ${METHODS:-rtn gptq tlq gptq_fp tlq_fp awq mbq smoothquant} --settings "${SETS[@]}" \
+  --seeds ${SEEDS:-0 1 2} --ablations ${ABLATIONS:-floor=0.3 floor=0.5 mode=modality} \
   --max-seconds "$TABLE_S" --grace 35 --json "$OUT/quality.json" --md "$OUT/quality.md" >>"$L" 2>&1
 tail -c 4000 "$L"; cat "$OUT/quality.md"

@@ -175,20 +175,23 @@ def _bits(record: dict) -> np.ndarray:
 
 
 def bootstrap(cells: list[dict], resamples: int = 2000, seed: int = 0) -> dict:
-    """Per (model, setting): TLQ minus GPTQ exact match, items averaged over shared seeds, paired bootstrap 95%."""
+    """Per (model, setting): TLQ minus GPTQ exact match, items averaged over shared seeds, paired bootstrap 95%;
+    TLQ ablations (``tlq@...``) against GPTQ too, keyed ``"<model> | <setting> | <variant>"``."""
     by = {}
     for c in cells:
-        if c["method"] in ("tlq", "gptq"):
+        if c["method"] == "gptq" or c["method"] == "tlq" or c["method"].startswith("tlq@"):
             by.setdefault((c["model"], c["setting"]), {}).setdefault(c["method"], {})[c["seed"]] = c
     out, rng = {}, np.random.default_rng(seed)
     for (model, setting), m in by.items():
-        seeds = sorted(set(m.get("tlq", {})) & set(m.get("gptq", {})))
-        if not seeds:
-            continue
-        diff = np.mean([_bits(m["tlq"][s]) - _bits(m["gptq"][s]) for s in seeds], axis=0)
-        idx = rng.integers(0, len(diff), size=(resamples, len(diff)))
-        lo, hi = np.percentile(diff[idx].mean(1), [2.5, 97.5])
-        out[f"{model} | {setting}"] = {"seeds": seeds, "diff": float(diff.mean()), "lo": float(lo), "hi": float(hi)}
+        for variant in sorted(v for v in m if v != "gptq"):
+            seeds = sorted(set(m[variant]) & set(m.get("gptq", {})))
+            if not seeds:
+                continue
+            diff = np.mean([_bits(m[variant][s]) - _bits(m["gptq"][s]) for s in seeds], axis=0)
+            idx = rng.integers(0, len(diff), size=(resamples, len(diff)))
+            lo, hi = np.percentile(diff[idx].mean(1), [2.5, 97.5])
+            key = f"{model} | {setting}" + ("" if variant == "tlq" else f" | {variant}")
+            out[key] = {"seeds": seeds, "diff": float(diff.mean()), "lo": float(lo), "hi": float(hi)}
     return out
 
 

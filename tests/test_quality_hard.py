@@ -62,6 +62,9 @@ def test_bootstrap_interval(runner):
     assert got["seeds"] == [0]
     assert got["diff"] == pytest.approx(0.03)
     assert 0 <= got["lo"] <= 0.03 <= got["hi"] <= 0.1  # every paired difference is >= 0
+    variant = runner.bootstrap([_cell("gptq", base), _cell("tlq@labels=model", better)])
+    assert list(variant) == ["m | W3A16 g128 | tlq@labels=model"]
+    assert variant["m | W3A16 g128 | tlq@labels=model"]["diff"] == pytest.approx(0.03)
 
 
 @pytest.mark.slow
