@@ -79,8 +79,8 @@ class LayerReplay:
         skip_layers: bool = True,
     ) -> list[CapturedInputs]:
         """Decoder inputs (and each layer's call kwargs) per batch; a calibrated vision tower (``quantized_vision``)
-        runs with its activation quantization, as at inference; the family's fast vision path where it has one."""
-        with torch.no_grad(), apply_activation_quant(None, act_bits, quantized_vision), self.adapter.fast_vision():
+        runs with its activation quantization, as at inference."""
+        with torch.no_grad(), apply_activation_quant(None, act_bits, quantized_vision):
             return [self.adapter.capture(self.adapter.forward_inputs(b), skip_layers=skip_layers) for b in batches]
 
     def layer_forward(self, index: int, captured: Sequence[CapturedInputs]) -> LayerForward:

@@ -10,7 +10,6 @@ overrides what differs, and is decorated with :func:`register_adapter`; :func:`g
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, ClassVar
 
 from torch import nn
@@ -126,11 +125,6 @@ class VLMAdapter(LayerExecutionMixin, SmoothingPlanMixin):
                 "use get_adapter(model) to pick the right adapter."
             )
         self.model = model
-
-    def fast_vision(self) -> contextlib.AbstractContextManager[Any]:
-        """A context in which the vision tower runs faster with the same results (families override; default:
-        nothing changes). Calibration captures the decoder inputs inside it."""
-        return contextlib.nullcontext()
 
     # ----------------------------------------------------------------------------------------------- config
     @property

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
 
 from lightning_tlq.adapters.base import VLMAdapter, register_adapter
-from lightning_tlq.adapters.qwen2_vl_attention import batched_vision_attention
 from lightning_tlq.adapters.vision import VisionAdapter
 
 # Values of ``mm_token_type_ids`` expected by Qwen2-VL's M-RoPE index computation.
@@ -49,10 +47,6 @@ class Qwen2VLAdapter(VisionAdapter):
         ("mlp.fc2",),
     )
     projector_linear_groups: ClassVar[tuple[tuple[str, ...], ...]] = (("mlp.0",), ("mlp.2",))
-
-    def fast_vision(self) -> contextlib.AbstractContextManager[Any]:
-        """Vision attention of equal-size images in one call per block (:mod:`.qwen2_vl_attention`)."""
-        return batched_vision_attention(self.model)
 
     def forward_inputs(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         """Build forward kwargs, adding ``mm_token_type_ids`` from ``input_ids`` if the batch has none.
