@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from lightning_tlq.core.codepack import pack_codes
 from lightning_tlq.keys import ModuleKey
 from lightning_tlq.module_stats import ModuleResult
 from lightning_tlq.outputs import wrap_write_error, write_error
@@ -101,12 +102,18 @@ def results_to_disk(results: Mapping[Any, ModuleResult]) -> dict[str, dict[str, 
     }
 
 
-def results_from_disk(saved: Mapping[str, Any], stage: int | None = None) -> dict[ModuleKey, ModuleResult]:
+def results_from_disk(
+    saved: Mapping[str, Any], stage: int | None = None, packing: tuple[int, int] | None = None
+) -> dict[ModuleKey, ModuleResult]:
     """Saved results under their keys: parsed from ``"<stage>.<module>"``, or module names of decoder layer
-    ``stage``."""
+    ``stage``. With ``packing = (bits, qmin)`` codes of <= 4 bits are kept packed (:func:`pack_codes`)."""
+
+    def codes(c: Any) -> Any:
+        return c if packing is None else pack_codes(c, *packing)
+
     return {
         ModuleKey(stage, name) if stage is not None else ModuleKey.parse(name): ModuleResult(
-            None, r["codes"], r["scale"], r["zero"], r["record"]
+            None, codes(r["codes"]), r["scale"], r["zero"], r["record"]
         )
         for name, r in saved.items()
     }

@@ -141,6 +141,14 @@ class LayerCheckpoint(CalibrationObserver):
         self._vision_done = False
 
     # --- restore ------------------------------------------------------------------------------------------------
+    def _packing(self) -> tuple[int, int] | None:
+        """``(bits, qmin)`` of the run's codes, to keep restored codes packed as a running stage keeps them."""
+        quant = self.settings.get("quant") or {}
+        if "bits" not in quant or "symmetric" not in quant:
+            return None
+        bits = int(quant["bits"])
+        return bits, (-(2 ** (bits - 1)) if quant["symmetric"] else 0)
+
     def restore(
         self, fabric: Any, layers: Sequence[nn.Module], vision_modules: Mapping[ModuleKey, nn.Module] | None = None
     ) -> ResumeState | None:
@@ -166,7 +174,7 @@ class LayerCheckpoint(CalibrationObserver):
             saved = load(self.directory / layer_file(index))
             layers[index].load_state_dict(saved["state"])
             records.append(saved["record"])
-            results.update(results_from_disk(saved["results"], stage=index))
+            results.update(results_from_disk(saved["results"], stage=index, packing=self._packing()))
         saved_importance = load(self.directory / importance_file(rank))
         hidden = load(self.directory / activations_file("hidden", next_layer - 1, rank)) if next_layer else None
         fp_file = self.directory / activations_file("fp_hidden", next_layer - 1, rank)

@@ -97,3 +97,21 @@ def test_benchmark_digest_reads_packed_codes_as_unpacked():
     plain = {n: ModuleResult(None, c, scale, torch.zeros(6, 1)) for n, c in codes.items()}
     packed = {n: ModuleResult(None, pack_codes(c, 4, -8), scale, torch.zeros(6, 1)) for n, c in codes.items()}
     assert bench.codes_digest(packed, "cpu") == bench.codes_digest(plain, "cpu")
+
+
+def test_restored_results_are_kept_packed(tmp_path):
+    """A resumed run keeps the finished layers' codes packed as a running stage does (checkpoint files keep them
+    unpacked, as before); the settings give bits and grid."""
+    from lightning_tlq.checkpoint_files import results_from_disk, results_to_disk
+    from lightning_tlq.resume import LayerCheckpoint
+
+    codes = torch.tensor([[0, 15, 3], [7, 8, 1]], dtype=torch.int32)  # asymmetric 4-bit codes
+    saved = results_to_disk({"mlp.up_proj": ModuleResult(None, codes, torch.ones(2, 1), torch.zeros(2, 1))})
+    assert torch.equal(saved["mlp.up_proj"]["codes"], codes)
+    checkpoint = LayerCheckpoint(tmp_path, {"quant": {"bits": 4, "symmetric": False}})
+    assert checkpoint._packing() == (4, 0)
+    assert LayerCheckpoint(tmp_path, {"quant": {"bits": 3, "symmetric": True}})._packing() == (3, -4)
+    assert LayerCheckpoint(tmp_path, {"other": 1})._packing() is None
+    (res,) = results_from_disk(saved, stage=2, packing=checkpoint._packing()).values()
+    assert isinstance(res.stored_codes, PackedCodes)
+    assert torch.equal(res.codes, codes)
