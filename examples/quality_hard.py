@@ -54,11 +54,17 @@ def plan(models: list[str], methods: list[str], settings: list[str], seeds: list
 
 
 def ablation(spec: str) -> str:
-    """``"floor=0.5,keep_mass=0.9"`` -> the TLQ variant's method name ``"tlq@floor=0.5,keep_mass=0.9"`` (checked)."""
-    from lightning_tlq.config import ImportanceArgs, TokenSetArgs
+    """``"floor=0.5,keep_mass=0.9"`` -> the TLQ variant's method name ``"tlq@floor=0.5,keep_mass=0.9"``; a spec
+    naming its method (``"rtn@vision=true"``) is that method's variant. Checked."""
+    from lightning_tlq.config import ImportanceArgs, QuantArgs, TokenSetArgs
 
-    _overrides(spec, ImportanceArgs, TokenSetArgs)
-    return f"tlq@{spec}"
+    method, at, overrides = spec.partition("@")
+    if not at:
+        method, overrides = "tlq", spec
+    if method not in METHODS:
+        raise SystemExit(f"--ablations {spec!r}: {method!r} is not one of {', '.join(METHODS)}")
+    _overrides(overrides, QuantArgs, ImportanceArgs, TokenSetArgs)
+    return f"{method}@{overrides}"
 
 
 def _overrides(spec: str, *classes) -> list[dict]:
@@ -68,9 +74,14 @@ def _overrides(spec: str, *classes) -> list[dict]:
         key, sep, value = item.partition("=")
         owner = next((i for i, c in enumerate(classes) if key in c.__dataclass_fields__), None)
         if not sep or owner is None:
-            raise SystemExit(f"--ablations {spec!r}: {item!r} is not key=value of importance.* or token_set.*")
+            raise SystemExit(f"--ablations {spec!r}: {item!r} is not key=value of quant.*, importance.* or token_set.*")
         default = classes[owner].__dataclass_fields__[key].default
-        out[owner][key] = type(default)(value) if isinstance(default, (int, float)) else value
+        if isinstance(default, bool):
+            if value not in ("true", "false"):
+                raise SystemExit(f"--ablations {spec!r}: {key} takes true or false, got {value!r}")
+            out[owner][key] = value == "true"
+        else:
+            out[owner][key] = type(default)(value) if isinstance(default, (int, float)) else value
     return out
 
 
@@ -80,8 +91,11 @@ def _quant_args(cell: dict, calib_n: int):
     bits, group, act = SETTINGS[cell["setting"]]
     name, _, spec = cell["method"].partition("@")  # tlq@floor=0.5: a TLQ ablation
     method, _, target = name.partition("_")
-    importance, token_set = _overrides(spec, ImportanceArgs, TokenSetArgs)
-    quant = QuantArgs(method=method, bits=bits, group_size=group, act_bits=act, target=target or "quantized")
+    quant_kw, importance, token_set = _overrides(spec, QuantArgs, ImportanceArgs, TokenSetArgs)
+    quant = QuantArgs(
+        **{"method": method, "bits": bits, "group_size": group, "act_bits": act, "target": target or "quantized",
+           **quant_kw}
+    )  # fmt: skip
     data = DataArgs(num_samples=calib_n, batch_size=8, seed=cell["seed"], split="calibration")
     return data, quant, ImportanceArgs(**importance), TokenSetArgs(**{"seed": cell["seed"], **token_set})
 
@@ -176,21 +190,28 @@ def _bits(record: dict) -> np.ndarray:
 
 def bootstrap(cells: list[dict], resamples: int = 2000, seed: int = 0) -> dict:
     """Per (model, setting): TLQ minus GPTQ exact match, items averaged over shared seeds, paired bootstrap 95%;
-    TLQ ablations (``tlq@...``) against GPTQ too, keyed ``"<model> | <setting> | <variant>"``."""
+    TLQ variants (``tlq@X``) against GPTQ's same variant ``gptq@X`` where it ran, else against GPTQ, keyed
+    ``"<model> | <setting> | <variant>"``."""
     by = {}
     for c in cells:
-        if c["method"] == "gptq" or c["method"] == "tlq" or c["method"].startswith("tlq@"):
+        if c["method"].partition("@")[0] in ("gptq", "tlq"):
             by.setdefault((c["model"], c["setting"]), {}).setdefault(c["method"], {})[c["seed"]] = c
     out, rng = {}, np.random.default_rng(seed)
     for (model, setting), m in by.items():
-        for variant in sorted(v for v in m if v != "gptq"):
-            seeds = sorted(set(m[variant]) & set(m.get("gptq", {})))
+        for variant in sorted(v for v in m if v.startswith("tlq")):
+            spec = variant.partition("@")[2]
+            base = f"gptq@{spec}" if f"gptq@{spec}" in m else "gptq"  # tlq@X against gptq@X where it ran
+            seeds = sorted(set(m[variant]) & set(m.get(base, {})))
             if not seeds:
                 continue
-            diff = np.mean([_bits(m[variant][s]) - _bits(m["gptq"][s]) for s in seeds], axis=0)
+            diff = np.mean([_bits(m[variant][s]) - _bits(m[base][s]) for s in seeds], axis=0)
             idx = rng.integers(0, len(diff), size=(resamples, len(diff)))
             lo, hi = np.percentile(diff[idx].mean(1), [2.5, 97.5])
-            key = f"{model} | {setting}" + ("" if variant == "tlq" else f" | {variant}")
+            key = (
+                f"{model} | {setting}"
+                + ("" if variant == "tlq" else f" | {variant}")
+                + ("" if base == "gptq" else f" (vs {base})")
+            )
             out[key] = {"seeds": seeds, "diff": float(diff.mean()), "lo": float(lo), "hi": float(hi)}
     return out
 
@@ -292,8 +313,9 @@ def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["llava=hard-llava", "qwen2_vl=hard-qwen2_vl"], help="name=path")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="in priority order")
-    p.add_argument("--ablations", nargs="*", default=[], help="TLQ variants after the methods, e.g. floor=0.5 "
-                   "mode=modality keep_mass=0.9,p_rest=0.2 (importance.* / token_set.* fields)")  # fmt: skip
+    p.add_argument("--ablations", nargs="*", default=[], help="variants after the methods: TLQ's, e.g. floor=0.5 "
+                   "mode=modality keep_mass=0.9,p_rest=0.2, or any method's, e.g. gptq@vision=true "
+                   "(quant.* / importance.* / token_set.* fields)")  # fmt: skip
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--test-n", type=int, default=2000)

@@ -40,6 +40,19 @@ def test_ablations_are_tlq_variants_with_typed_overrides(runner):
         runner._quant_args({**cell, "method": "tlq@floor=2"}, 64)
     cells = runner.plan(["a"], ["gptq", "tlq", name], ["W3A16 g128"], [0])
     assert [c["method"] for c in cells] == ["gptq", "tlq", name]
+    vision = runner.ablation("rtn@vision=true,floor=0.3")  # any method's variant; quant.* fields too
+    quant, importance = runner._quant_args({**cell, "method": vision}, 64)[1:3]
+    assert (vision, quant.method, quant.vision, quant.bits, importance.floor) == (
+        "rtn@vision=true,floor=0.3",
+        "rtn",
+        True,
+        2,
+        0.3,
+    )
+    with pytest.raises(SystemExit, match="vision takes true or false"):
+        runner.ablation("gptq@vision=yes")
+    with pytest.raises(SystemExit, match="'awq2' is not one of"):
+        runner.ablation("awq2@vision=true")
 
 
 def _cell(method, correct, seed=0):
@@ -65,6 +78,8 @@ def test_bootstrap_interval(runner):
     variant = runner.bootstrap([_cell("gptq", base), _cell("tlq@labels=model", better)])
     assert list(variant) == ["m | W3A16 g128 | tlq@labels=model"]
     assert variant["m | W3A16 g128 | tlq@labels=model"]["diff"] == pytest.approx(0.03)
+    paired = runner.bootstrap([_cell("gptq", better), _cell("gptq@vision=true", base), _cell("tlq@vision=true", base)])
+    assert paired["m | W3A16 g128 | tlq@vision=true (vs gptq@vision=true)"]["diff"] == 0.0  # its own GPTQ variant
 
 
 @pytest.mark.slow
