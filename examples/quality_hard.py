@@ -12,8 +12,9 @@ run in priority order on ``--workers`` processes side by side (the GPU when pres
 and W2A16, then W4A16 and W4A8, then the other methods of ``--methods`` (in the order given), then the other seeds.
 Each finished cell is appended to ``<json>.jsonl`` and the JSON and Markdown are rewritten, so a run cut short keeps
 what it finished; no cell starts after ``--max-seconds``. The JSON holds, per cell, the per-item correctness (hex
-bits) behind the paired bootstrap 95% interval of TLQ minus GPTQ exact match over test items (items averaged over
-the seeds both share).
+bits) behind the paired bootstrap 95% intervals of TLQ minus GPTQ over test items (items averaged over the seeds
+both share): in exact match, and in the share of items whose correctness differs from the FP model's ("changed vs
+FP": answers lost plus answers gained, the damage exact match hides when both are equal).
 """
 
 from __future__ import annotations
@@ -188,10 +189,17 @@ def _bits(record: dict) -> np.ndarray:
     return np.array([c == "1" for c in format(int(record["correct_hex"], 16), f"0{n}b")], dtype=float)
 
 
-def bootstrap(cells: list[dict], resamples: int = 2000, seed: int = 0) -> dict:
+def changed(cell: dict, fp: dict) -> np.ndarray:
+    """Per test item, 1 where the cell's correctness differs from the FP model's (an answer lost or gained)."""
+    return (_bits(cell) != _bits(fp)).astype(float)
+
+
+def bootstrap(cells: list[dict], resamples: int = 2000, seed: int = 0, fp: dict | None = None) -> dict:
     """Per (model, setting): TLQ minus GPTQ exact match, items averaged over shared seeds, paired bootstrap 95%;
     TLQ variants (``tlq@X``) against GPTQ's same variant ``gptq@X`` where it ran, else against GPTQ, keyed
-    ``"<model> | <setting> | <variant>"``."""
+    ``"<model> | <setting> | <variant>"``. With the FP records (``fp``: model -> record) also TLQ minus GPTQ in the
+    share of items whose correctness differs from FP (``changed``, ``changed_lo``, ``changed_hi``): damage that
+    exact match hides when answers are lost and gained in equal numbers."""
     by = {}
     for c in cells:
         if c["method"].partition("@")[0] in ("gptq", "tlq"):
@@ -213,6 +221,10 @@ def bootstrap(cells: list[dict], resamples: int = 2000, seed: int = 0) -> dict:
                 + ("" if base == "gptq" else f" (vs {base})")
             )
             out[key] = {"seeds": seeds, "diff": float(diff.mean()), "lo": float(lo), "hi": float(hi)}
+            if fp and model in fp and fp[model]["n"] == len(diff):
+                ch = np.mean([changed(m[variant][s], fp[model]) - changed(m[base][s], fp[model]) for s in seeds], 0)
+                clo, chi = np.percentile(ch[idx].mean(1), [2.5, 97.5])
+                out[key].update(changed=float(ch.mean()), changed_lo=float(clo), changed_hi=float(chi))
     return out
 
 
@@ -224,10 +236,13 @@ def _fmt(values: list[float], scale: float, digits: int) -> str:
 def markdown(state: dict) -> str:
     lines = [f"Hard-scenes quality table ({state['status']}; {len(state['cells'])} cells, {state['test_n']} test "
              f"items, device {state['device']}, {state['elapsed_s']:.0f} s)", ""]  # fmt: skip
-    head = "| model | setting | method | seeds | exact match (%) | retained (%) | answer NLL | KL (x1e-3) | calib (s) |"
-    lines += [head, "|---|---|---|---|---|---|---|---|---|"]
+    head = (
+        "| model | setting | method | seeds | exact match (%) | retained (%) | changed vs FP (%) | answer NLL | "
+        "KL (x1e-3) | calib (s) |"
+    )
+    lines += [head, "|---|---|---|---|---|---|---|---|---|---|"]
     for model, fp in state["fp"].items():
-        lines.append(f"| {model} | - | FP | - | {100 * fp['exact_match']:.2f} | 100 | {fp['nll']:.4f} | 0 | - |")
+        lines.append(f"| {model} | - | FP | - | {100 * fp['exact_match']:.2f} | 100 | 0 | {fp['nll']:.4f} | 0 | - |")
         for setting in SETTINGS:
             for method in dict.fromkeys([*METHODS, *(c["method"] for c in state["cells"])]):
                 g = [c for c in state["cells"] if (c["model"], c["setting"], c["method"]) == (model, setting, method)]
@@ -235,11 +250,15 @@ def markdown(state: dict) -> str:
                     acc = [c["exact_match"] for c in g]
                     lines.append(f"| {model} | {setting} | {method} | {len(g)} | {_fmt(acc, 100, 2)} | "
                                  f"{_fmt([a / max(fp['exact_match'], 1e-9) for a in acc], 100, 1)} | "
+                                 f"{_fmt([changed(c, fp).mean() for c in g], 100, 2)} | "
                                  f"{_fmt([c['nll'] for c in g], 1, 4)} | {_fmt([c['kl'] for c in g], 1e3, 2)} | "
                                  f"{_fmt([c['calibration_s'] for c in g], 1, 1)} |")  # fmt: skip
     lines += ["", "TLQ - GPTQ exact match (points), paired bootstrap 95% over test items:", ""]
     lines += [f"- {k}: {100 * v['diff']:+.2f} [{100 * v['lo']:+.2f}, {100 * v['hi']:+.2f}] (seeds {v['seeds']})"
               for k, v in state["bootstrap"].items()]  # fmt: skip
+    lines += ["", "TLQ - GPTQ share of items whose correctness differs from FP (points, lower is better):", ""]
+    lines += [f"- {k}: {100 * v['changed']:+.2f} [{100 * v['changed_lo']:+.2f}, {100 * v['changed_hi']:+.2f}]"
+              for k, v in state["bootstrap"].items() if "changed" in v]  # fmt: skip
     lines += [f"- error: {e['model']} {e['setting']} {e['method']} seed {e['seed']}: {e['error']}"
               for e in state["errors"]]  # fmt: skip
     return "\n".join(lines) + "\n"
@@ -296,14 +315,14 @@ def run(args: argparse.Namespace) -> dict:
             what = r.get("error") or f"em {r['exact_match']:.4f} kl {r['kl']:.3g}"
             print(f"[{len(state['cells'])}/{len(cells)}] {time.time() - start:.0f}s", r["model"], r["setting"],
                   r["method"], r["seed"], what, flush=True)  # fmt: skip
-        state["bootstrap"], state["elapsed_s"] = bootstrap(state["cells"]), time.time() - start
+        state["bootstrap"], state["elapsed_s"] = bootstrap(state["cells"], fp=state["fp"]), time.time() - start
         _write(json_path, json.dumps(state))
         _write(Path(args.md), markdown(state))
     for p in procs:
         p.terminate() if p.is_alive() else None
     shutil.rmtree(opts["fp_dir"], ignore_errors=True)
     state["status"] = "complete" if len(state["cells"]) + len(state["errors"]) == len(cells) else "partial"
-    state["bootstrap"], state["elapsed_s"] = bootstrap(state["cells"]), time.time() - start
+    state["bootstrap"], state["elapsed_s"] = bootstrap(state["cells"], fp=state["fp"]), time.time() - start
     _write(json_path, json.dumps(state))
     _write(Path(args.md), markdown(state))
     return state

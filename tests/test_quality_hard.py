@@ -78,6 +78,11 @@ def test_bootstrap_interval(runner):
     variant = runner.bootstrap([_cell("gptq", base), _cell("tlq@labels=model", better)])
     assert list(variant) == ["m | W3A16 g128 | tlq@labels=model"]
     assert variant["m | W3A16 g128 | tlq@labels=model"]["diff"] == pytest.approx(0.03)
+    fp = {"m": runner_bits(base)}  # gptq changes 50 answers of FP (gains them), tlq@x none
+    flips = runner.bootstrap([_cell("gptq", better), _cell("tlq@x=1", base)], fp=fp)["m | W3A16 g128 | tlq@x=1"]
+    assert flips["changed"] == pytest.approx(-0.03)  # 3 of the first 50 items were wrong in FP: gptq changed 3
+    assert flips["changed_lo"] <= -0.03 <= flips["changed_hi"] <= 0
+    assert runner.changed(_cell("gptq", better), fp["m"]).sum() == 3
     paired = runner.bootstrap([_cell("gptq", better), _cell("gptq@vision=true", base), _cell("tlq@vision=true", base)])
     assert paired["m | W3A16 g128 | tlq@vision=true (vs gptq@vision=true)"]["diff"] == 0.0  # its own GPTQ variant
 
