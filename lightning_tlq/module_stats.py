@@ -18,8 +18,9 @@ from lightning_tlq.methods import ModuleStats
 class ModuleResult:
     """What the solve produced for one module (integer codes kept for export).
 
-    ``codes`` may be given packed (:class:`~lightning_tlq.core.codepack.PackedCodes`, how a stage keeps them on the
-    host); :attr:`codes` always reads them unpacked.
+    ``weight`` is the fake-quantized weight (dropped once copied into the module). ``codes`` may be given packed
+    (:class:`~lightning_tlq.core.codepack.PackedCodes`, how a stage keeps them on the host); :attr:`codes` always
+    reads them unpacked.
     """
 
     __slots__ = ("weight", "_codes", "scale", "zero", "record")
@@ -33,7 +34,6 @@ class ModuleResult:
         record: dict[str, Any] | None = None,
     ) -> None:
         self.weight = weight
-        """The fake-quantized weight (dropped once copied into the module)."""
         self._codes, self.scale, self.zero = codes, scale, zero
         self.record: dict[str, Any] = {} if record is None else record
 

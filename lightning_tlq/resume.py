@@ -48,6 +48,7 @@ from lightning_tlq.checkpoint_files import (
     results_from_disk,
     results_to_disk,
 )
+from lightning_tlq.core.quantizer import QuantSpec
 from lightning_tlq.keys import ModuleKey
 from lightning_tlq.module_stats import ModuleResult
 from lightning_tlq.observers import CalibrationObserver
@@ -146,8 +147,8 @@ class LayerCheckpoint(CalibrationObserver):
         quant = self.settings.get("quant") or {}
         if "bits" not in quant or "symmetric" not in quant:
             return None
-        bits = int(quant["bits"])
-        return bits, (-(2 ** (bits - 1)) if quant["symmetric"] else 0)
+        spec = QuantSpec(bits=int(quant["bits"]), group_size=-1, symmetric=bool(quant["symmetric"]))
+        return spec.bits, spec.qmin
 
     def restore(
         self, fabric: Any, layers: Sequence[nn.Module], vision_modules: Mapping[ModuleKey, nn.Module] | None = None
