@@ -110,3 +110,11 @@ def test_labels_setting_is_validated():
     assert ImportanceArgs().labels == "data"
     with pytest.raises(ValueError, match="importance.labels='answers' is not supported; choose one of data, model"):
         ImportanceArgs(labels="answers")
+
+
+def test_cli_flag_reaches_the_run(tmp_path, calibrate_cli):
+    report = calibrate_cli(tmp_path / "out", "--importance.labels", "model")
+    assert report["settings"]["importance"]["labels"] == "model"
+    with pytest.raises(SystemExit):  # jsonargparse refuses values outside data / model
+        calibrate_cli(tmp_path / "bad", "--importance.labels", "answers")
+    assert not (tmp_path / "bad").exists()
