@@ -212,19 +212,25 @@ def bootstrap(cells: list[dict], resamples: int = 2000, seed: int = 0, fp: dict 
             seeds = sorted(set(m[variant]) & set(m.get(base, {})))
             if not seeds:
                 continue
-            diff = np.mean([_bits(m[variant][s]) - _bits(m[base][s]) for s in seeds], axis=0)
-            idx = rng.integers(0, len(diff), size=(resamples, len(diff)))
-            lo, hi = np.percentile(diff[idx].mean(1), [2.5, 97.5])
+            n = m[variant][seeds[0]]["n"]
+            idx = rng.integers(0, n, size=(resamples, n))
+
+            def interval(per_item) -> tuple[float, float, float]:
+                """Mean over items of ``per_item(variant) - per_item(base)`` (seeds averaged) and its 95% interval."""
+                diff = np.mean([per_item(m[variant][s]) - per_item(m[base][s]) for s in seeds], axis=0)
+                lo, hi = np.percentile(diff[idx].mean(1), [2.5, 97.5])
+                return float(diff.mean()), float(lo), float(hi)
+
             key = (
                 f"{model} | {setting}"
                 + ("" if variant == "tlq" else f" | {variant}")
                 + ("" if base == "gptq" else f" (vs {base})")
             )
-            out[key] = {"seeds": seeds, "diff": float(diff.mean()), "lo": float(lo), "hi": float(hi)}
-            if fp and model in fp and fp[model]["n"] == len(diff):
-                ch = np.mean([changed(m[variant][s], fp[model]) - changed(m[base][s], fp[model]) for s in seeds], 0)
-                clo, chi = np.percentile(ch[idx].mean(1), [2.5, 97.5])
-                out[key].update(changed=float(ch.mean()), changed_lo=float(clo), changed_hi=float(chi))
+            out[key] = dict(zip(("diff", "lo", "hi"), interval(_bits)), seeds=seeds)
+            if fp and model in fp and fp[model]["n"] == n:
+                fp_bits = _bits(fp[model])  # decoded once, not per cell
+                values = interval(lambda cell: (_bits(cell) != fp_bits).astype(float))
+                out[key].update(zip(("changed", "changed_lo", "changed_hi"), values))
     return out
 
 

@@ -171,11 +171,12 @@ class LayerCheckpoint(CalibrationObserver):
         rank, next_layer = fabric.global_rank, int(state["next_layer"])
         records: list[dict[str, Any]] = []
         results: dict[ModuleKey, ModuleResult] = {}
+        packing = self._packing()
         for index in range(next_layer):
             saved = load(self.directory / layer_file(index))
             layers[index].load_state_dict(saved["state"])
             records.append(saved["record"])
-            results.update(results_from_disk(saved["results"], stage=index, packing=self._packing()))
+            results.update(results_from_disk(saved["results"], stage=index, packing=packing))
         saved_importance = load(self.directory / importance_file(rank))
         hidden = load(self.directory / activations_file("hidden", next_layer - 1, rank)) if next_layer else None
         fp_file = self.directory / activations_file("fp_hidden", next_layer - 1, rank)
