@@ -4,14 +4,15 @@
 # H200 (docs/benchmark_hard.md): batch 512, lr 1e-3 (LLaVA) and 5e-4 (Qwen2-VL; 1e-3 makes it learn nothing
 # visual). TRAIN_S (default 290) + TABLE_S (150) + ~80 s of start-up, evaluation and saving fit a 10-minute call.
 # METHODS, SEEDS (space-separated) and SETTINGS (comma-separated, e.g. "W3A16 g128,W2A16 g64") narrow the table.
-# SMOKE=--smoke: the same lines on the CPU with tiny shapes.
+# TASK=scenes_fine trains (and tests) the variant with shades instead of read/add. SMOKE=--smoke: the same lines on
+# the CPU with tiny shapes.
 export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 TRANSFORMERS_VERBOSITY=error NCCL_NVLS_ENABLE=0
 C=${CKPT:-/tmp/hard_ckpt}; L=$OUT/log.txt; mkdir -p "$C" "$OUT"
 FAMILIES=${FAMILIES:-"llava qwen2_vl"}; TRAIN_S=${TRAIN_S:-290}; TABLE_S=${TABLE_S:-150}
 set -- $FAMILIES; WORKERS=$(( 14 / $# )); MODELS=()
 for f in $FAMILIES; do
   lr=1e-3; [ "$f" = qwen2_vl ] && lr=5e-4
-  timeout $(( TRAIN_S + 60 )) python3 examples/train_hard_vlm.py $SMOKE --family $f --out "$C/$f" \
+  timeout $(( TRAIN_S + 60 )) python3 examples/train_hard_vlm.py $SMOKE --family $f --task ${TASK:-scenes_hard} --out "$C/$f" \
     --json "$OUT/train_$f.json" --max-seconds "$TRAIN_S" --workers $WORKERS --batch-size 512 --lr $lr --warmup 100 \
     >>"$L" 2>&1 &
   MODELS+=("$f=$C/$f")

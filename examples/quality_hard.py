@@ -6,7 +6,7 @@
 
 Each cell is a real ``lightning_tlq.calibrate`` call (calibration split of the task, ``--calib-n`` samples, the
 cell's seed for data and token sets; output written and reloaded), then the harness on the first ``--test-n``
-samples of the test split: teacher-forced exact match (equal to greedy: word-level tokenizer), answer NLL and KL to
+samples of the test split of the task variant the model was trained on (``config.tlq_task``): teacher-forced exact match (equal to greedy: word-level tokenizer), answer NLL and KL to
 the FP model's logits (computed once per model by the first worker that needs them, shared through a file). Cells
 run in priority order on ``--workers`` processes side by side (the GPU when present): FP and rtn/gptq/tlq at W3A16
 and W2A16, then W4A16 and W4A8, then the other methods of ``--methods`` (in the order given), then the other seeds.
@@ -112,17 +112,27 @@ def _summary(metrics: dict) -> dict:
 def _worker(rank: int, opts: dict, tasks, results) -> None:
     """Take cells from ``tasks`` until None or the deadline; report every FP reference and every cell."""
     import torch
+    import transformers
 
     from lightning_tlq.calibrate import calibrate
     from lightning_tlq.data import Sample
     from lightning_tlq.harness import evaluate_model, load_module, reference_logits
+    from lightning_tlq.models.scenes import model_task
     from lightning_tlq.models.scenes_hard import HardEncoder
     from lightning_tlq.tasks import scenes_hard
 
     torch.set_num_threads(opts["threads"])
     device = "cuda" if torch.cuda.is_available() and not opts["cpu"] else "cpu"
-    examples = scenes_hard.take("test", opts["test_n"])
-    samples = [Sample(e.pil(), e.question, e.answer, e.kind) for e in examples]
+    tests: dict[str, tuple] = {}
+
+    def test_set(name: str) -> tuple:
+        """The first ``test_n`` test examples of the task variant ``name``'s model was trained on, and as samples."""
+        if name not in tests:
+            task = model_task(transformers.AutoConfig.from_pretrained(opts["models"][name])) or "scenes_hard"
+            examples = scenes_hard.take("test", opts["test_n"], kinds=scenes_hard.variant_kinds(task))
+            tests[name] = examples, [Sample(e.pil(), e.question, e.answer, e.kind) for e in examples]
+        return tests[name]
+
     eval_kw = {"batch_size": opts["batch_size"], "exact_match": "teacher_forced", "num_examples": None}
     fp: dict[str, tuple] = {}
     scratch = Path(tempfile.mkdtemp(prefix=f"tlq_hard_{rank}_"))
@@ -141,6 +151,7 @@ def _worker(rank: int, opts: dict, tasks, results) -> None:
                 fp[name] = torch.load(cache, weights_only=False)
                 return fp[name]
         start = time.perf_counter()
+        examples, samples = test_set(name)
         try:
             module = load_module(opts["models"][name], device=device)
             encoded = HardEncoder(module.processor, module.model.config.model_type).items(examples)
@@ -171,7 +182,7 @@ def _worker(rank: int, opts: dict, tasks, results) -> None:
                 encoded, ref = reference(cell["model"])  # after the calibration: a wait for it overlaps that
                 start = time.perf_counter()
                 module = load_module(str(out), device=device)
-                metrics = evaluate_model(module, samples, encoded=encoded, reference=ref, **eval_kw)
+                metrics = evaluate_model(module, test_set(cell["model"])[1], encoded=encoded, reference=ref, **eval_kw)
                 del module
                 shutil.rmtree(out, ignore_errors=True)
                 record = {**cell, **_summary(metrics), "calibration_s": calib_s, "eval_s": time.perf_counter() - start}

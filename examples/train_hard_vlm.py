@@ -19,6 +19,7 @@ everything goes to ``<out>/training.json`` (and ``--json``).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 from collections import defaultdict
@@ -78,7 +79,8 @@ def train(args, model, encoder, device, val) -> tuple[list, int, float]:
     def loss_fn(model, batch):
         return model(**forward_inputs(model, encoder, batch), labels=batch["labels"], use_cache=False).loss
 
-    stream = TrainStream(scenes_hard.examples, encoder, args.batch_size, args.seed)
+    kinds = scenes_hard.variant_kinds(args.task)
+    stream = TrainStream(functools.partial(scenes_hard.examples, kinds=kinds), encoder, args.batch_size, args.seed)
     steps, seconds = fit(model, stream, device, args, args.max_seconds, loss_fn, on_log)
     return log, steps, seconds
 
@@ -88,7 +90,7 @@ def main(args: argparse.Namespace) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
     shape = SMOKE_SHAPE if args.smoke else HardModelShape()
-    model, processor = build_hard_model(args.family, shape, seed=args.seed)
+    model, processor = build_hard_model(args.family, shape, seed=args.seed, task=args.task)
     if args.init:  # continue from a saved checkpoint's weights (a fresh optimizer and schedule)
         model, info = type(model).from_pretrained(args.init, config=model.config, dtype=torch.float32,
                                                   output_loading_info=True)  # fmt: skip
@@ -98,7 +100,8 @@ def main(args: argparse.Namespace) -> dict:
     if args.family == "qwen2_vl":  # one attention call per block instead of one per image
         batch_vision_attention(model, (scenes_hard.IMAGE_SIZE // 4) ** 2)
     encoder = HardEncoder(processor, args.family)
-    val = eval_batches(encoder, scenes_hard.take("validation", args.eval_n), args.eval_batch_size)
+    kinds = scenes_hard.variant_kinds(args.task)
+    val = eval_batches(encoder, scenes_hard.take("validation", args.eval_n, kinds=kinds), args.eval_batch_size)
     log, steps, train_s = train(args, model, encoder, device, val)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -125,6 +128,8 @@ def main(args: argparse.Namespace) -> dict:
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--family", choices=("llava", "qwen2_vl"), default="llava")
+    p.add_argument("--task", choices=tuple(scenes_hard.VARIANTS), default="scenes_hard",
+                   help="the task variant (its kinds): scenes_fine trades read/add for shades")  # fmt: skip
     p.add_argument("--out", default=None, help="checkpoint directory (default hard-<family>)")
     p.add_argument("--json", default=None, help="also write training.json here")
     p.add_argument("--init", default=None, help="start from this checkpoint's weights (its *.safetensors shards)")

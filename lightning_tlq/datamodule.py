@@ -49,7 +49,7 @@ def load_samples(data: DataArgs, task: str | None = None, default_split: str = "
 
         samples = dataset_samples(data)
     elif data.path is None:
-        if task in ("scenes", "scenes_hard"):
+        if task in ("scenes", "scenes_hard", "scenes_fine"):
             samples = scenes_samples(data.split or default_split, data.num_samples, seed=data.seed, task=task)
         else:
             samples = synthetic_samples(data.num_samples, seed=data.seed)
@@ -62,12 +62,16 @@ def load_samples(data: DataArgs, task: str | None = None, default_split: str = "
 
 
 def scenes_samples(split: str, n: int, seed: int = 0, task: str = "scenes") -> list[Sample]:
-    """``n`` samples of the scenes (or ``scenes_hard``) task's ``split`` (``calibration`` is its training split)."""
+    """``n`` samples of the scenes task's ``split`` (``calibration`` is its training split); ``task`` may also
+    name a hard-scenes variant (``scenes_hard``, ``scenes_fine``)."""
     from lightning_tlq.tasks import scenes, scenes_hard
 
     name = "train" if split == "calibration" else split
-    source = scenes_hard if task == "scenes_hard" else scenes
-    return [Sample(e.pil(), e.question, e.answer, e.kind) for e in source.take(name, n, seed=seed)]
+    if task == "scenes":
+        examples = scenes.take(name, n, seed=seed)
+    else:
+        examples = scenes_hard.take(name, n, seed=seed, kinds=scenes_hard.variant_kinds(task))
+    return [Sample(e.pil(), e.question, e.answer, e.kind) for e in examples]
 
 
 def with_template(sample: Sample | ChatSample, template: str) -> ChatSample:

@@ -117,3 +117,32 @@ def test_qwen_training_speedups_give_the_stock_logits():
         fast = model(**inputs, position_ids=shared_positions(model, inputs), use_cache=False).logits[real]
     assert torch.equal(shared, stock)
     torch.testing.assert_close(fast, stock, atol=1e-5, rtol=1e-5)  # one attention call per batch, not per image
+
+
+def test_shades_answers_are_balanced_and_drawn_in_their_shade():
+    examples = scenes_hard.take("validation", 240, kinds=["shades"])
+    answers = [e.answer.split() for e in examples]
+    assert {len(a) for a in answers} == {6, 8, 10}  # 3-5 objects, colour and shade each
+    colors = collections.Counter(w for a in answers for w in a[0::2])
+    shades = collections.Counter(w for a in answers for w in a[1::2])
+    assert set(colors) == set(scenes_hard.COLORS) and _chi2(colors) < 29.9
+    assert set(shades) == set(scenes_hard.SHADES) and _chi2(shades) < 13.8
+    for e, words in zip(examples, answers):
+        drawn = {tuple(p) for p in e.image.reshape(-1, 3).tolist()}
+        named = [f"{c} {s}" for c, s in zip(words[0::2], words[1::2])]
+        assert {scenes_hard.rgb(n) for n in named} == drawn - {scenes_hard.BACKGROUND}
+    assert scenes_hard.rgb("red 2") == tuple(round(v * 0.85) for v in scenes_hard.COLORS["red"])
+    assert scenes_hard.rgb("red") == scenes_hard.rgb("red 1") == scenes_hard.COLORS["red"]
+    assert not ({w for a in answers for w in a} - set(scenes_hard.WORDS))  # no new words: same vocabulary
+
+
+def test_the_fine_variant_is_named_in_the_config_and_drawn_by_calibration():
+    processor = models.build_hard_processor("llava")
+    config = models.build_hard_config("llava", processor, models.SMOKE_SHAPE, task="scenes_fine")
+    assert config.tlq_task == "scenes_fine"
+    samples = load_samples(DataArgs(num_samples=8, seed=1, split="calibration"), task="scenes_fine")
+    expected = scenes_hard.take("train", 8, seed=1, kinds=scenes_hard.FINE_KINDS)
+    assert [s.kind for s in samples] == [e.kind for e in expected] == [*scenes_hard.FINE_KINDS] * 2
+    assert [np.asarray(s.image).tobytes() for s in samples] == [e.image.tobytes() for e in expected]
+    with pytest.raises(ValueError, match="choose one of scenes_hard, scenes_fine"):
+        models.build_hard_config("llava", processor, models.SMOKE_SHAPE, task="scenes_easy")

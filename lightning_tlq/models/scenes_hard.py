@@ -2,8 +2,9 @@
 
 Realistic decoder shapes (hidden 512, MLP 1536, 8 layers, 8 heads of 64) and 144 image tokens per 96x96 image
 (LLaVA: 8 px patches, 12x12; Qwen2-VL: 4 px patches merged 2x2, 24x24 -> 12x12), many more image than text
-tokens as in real VLMs. Trained by ``examples/train_hard_vlm.py``; ``config.tlq_task = "scenes_hard"`` makes
-calibration draw the task's train-side split by default. :class:`HardEncoder` encodes examples in batches
+tokens as in real VLMs. Trained by ``examples/train_hard_vlm.py``; ``config.tlq_task`` (``"scenes_hard"`` or the
+``"scenes_fine"`` variant, :data:`lightning_tlq.tasks.scenes_hard.VARIANTS`) makes calibration draw that task's
+train-side split by default. :class:`HardEncoder` encodes examples in batches
 without the HF processor (tested equal to :func:`lightning_tlq.data.encode_sample`).
 """
 
@@ -69,9 +70,12 @@ def build_hard_processor(family: str) -> ProcessorMixin:
     return processor
 
 
-def build_hard_config(family: str, processor: ProcessorMixin, shape: HardModelShape | None = None) -> PretrainedConfig:
-    """The model config of ``family`` for ``processor`` (from :func:`build_hard_processor`)."""
+def build_hard_config(
+    family: str, processor: ProcessorMixin, shape: HardModelShape | None = None, task: str = "scenes_hard"
+) -> PretrainedConfig:
+    """The model config of ``family`` for ``processor`` (from :func:`build_hard_processor`), trained on ``task``."""
     _check_family(family)
+    scenes_hard.variant_kinds(task)  # a known variant
     s, tok = shape or HardModelShape(), processor.tokenizer
     ids = tok.convert_tokens_to_ids
     text = {
@@ -104,15 +108,17 @@ def build_hard_config(family: str, processor: ProcessorMixin, shape: HardModelSh
             video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
             vision_end_token_id=ids("<|vision_end|>"), tie_word_embeddings=False,
         )  # fmt: skip
-    setattr(config, TASK_KEY, "scenes_hard")
+    setattr(config, TASK_KEY, task)
     config.tlq_model_shape = asdict(s)
     return config
 
 
-def build_hard_model(family: str, shape: HardModelShape | None = None, seed: int = 0) -> tuple[Any, ProcessorMixin]:
-    """A randomly initialised fp32 benchmark model and its processor (generation ids set)."""
+def build_hard_model(
+    family: str, shape: HardModelShape | None = None, seed: int = 0, task: str = "scenes_hard"
+) -> tuple[Any, ProcessorMixin]:
+    """A randomly initialised fp32 benchmark model of ``task`` and its processor (generation ids set)."""
     processor = build_hard_processor(family)
-    config = build_hard_config(family, processor, shape)
+    config = build_hard_config(family, processor, shape, task)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = transformers.AutoModelForImageTextToText.from_config(config, dtype=torch.float32)

@@ -7,7 +7,13 @@ weights). Five skills (``KINDS``), each answered with several tokens, so one wro
 - ``colors``: 3-6 objects in distinct columns -> their colours from left to right (``"red cyan red blue"``);
 - ``count``: 1-12 objects of one colour and shape among distractors sharing one of the two -> digits (``"1 1"``);
 - ``add``: two 2-digit numbers drawn on two lines -> the digits of their sum (``"1 4 2"``);
-- ``relation``: where one object is relative to another -> ``above|below left|right``.
+- ``relation``: where one object is relative to another -> ``above|below left|right``;
+- ``shades`` (not in the default stream): 3-5 objects in distinct columns, each in one of three shades of its
+  colour (100%, 85% or 70% of its RGB) -> colour and shade from left to right (``"red 2 cyan 1 blue 3"``).
+
+Two named variants (:data:`VARIANTS`) fix which kinds a model is trained and tested on: ``scenes_hard`` (the five
+kinds above but ``shades``) and ``scenes_fine`` (``shades``, ``colors``, ``count``, ``relation``: every kind there
+is learnable in a few GPU minutes, and ``shades`` needs a fine colour judgement on every object of the answer).
 
 Objects are small (radius 2-4 px in 16 px cells of a 6x6 grid) and glyphs are 5x7 px, so a LLaVA patch of 8 px
 holds about one character. Drawing is numpy only (identical on every machine); splits are disjoint by hashing each
@@ -29,6 +35,11 @@ from lightning_tlq.tasks.scenes import BACKGROUND, INK, SHAPES
 from lightning_tlq.tasks.scenes import COLORS as _EASY_COLORS
 
 KINDS: tuple[str, ...] = ("read", "colors", "count", "add", "relation")
+FINE_KINDS: tuple[str, ...] = ("shades", "colors", "count", "relation")
+VARIANTS: dict[str, tuple[str, ...]] = {"scenes_hard": KINDS, "scenes_fine": FINE_KINDS}
+"""Task names a model's config can carry (``config.tlq_task``) and the kinds each draws."""
+SHADES: dict[str, float] = {"1": 1.0, "2": 0.85, "3": 0.7}
+"""Shade name (a digit, already a word of the task) -> the factor on the colour's RGB."""
 IMAGE_SIZE = 96
 _GRID = IMAGE_SIZE // CELL  # 6x6 cells
 COLORS: dict[str, tuple[int, int, int]] = {**_EASY_COLORS, "orange": (240, 140, 30), "cyan": (40, 200, 210)}
@@ -54,6 +65,15 @@ class Scene:
 # --------------------------------------------------------------------------------------------------- drawing
 
 
+def rgb(color: str) -> tuple[int, int, int]:
+    """The RGB of a colour name, or of ``"<colour> <shade>"`` (:data:`SHADES`): the colour's RGB times the factor."""
+    name, _, shade = color.partition(" ")
+    if not shade:
+        return COLORS[name]
+    factor = SHADES[shade]
+    return tuple(round(v * factor) for v in COLORS[name])  # type: ignore[return-value]
+
+
 def _draw_thing(image: np.ndarray, t: Thing) -> None:
     """Fill the object's pixels, computed in its bounding box only (the same masks as the easy task's)."""
     y0, x0 = max(t.y - t.r, 0), max(t.x - t.r, 0)
@@ -65,7 +85,7 @@ def _draw_thing(image: np.ndarray, t: Thing) -> None:
         mask = dx * dx + dy * dy <= t.r * t.r + t.r
     else:  # triangle, apex up
         mask = 2 * np.abs(dx) <= dy + t.r
-    image[y0 : y0 + mask.shape[0], x0 : x0 + mask.shape[1]][mask] = COLORS[t.color]
+    image[y0 : y0 + mask.shape[0], x0 : x0 + mask.shape[1]][mask] = rgb(t.color)
 
 
 def render(scene: Scene) -> np.ndarray:
@@ -143,10 +163,25 @@ def _relation(rng: random.Random) -> tuple[Scene, str, str]:
     return Scene(things), f"where is the {c1} {s1} relative to the {c2} {s2} ?", answer
 
 
-_SKILLS = {"read": _read, "colors": _colors, "count": _count, "add": _add, "relation": _relation}
+def _shades(rng: random.Random) -> tuple[Scene, str, str]:
+    cols = sorted(rng.sample(range(_GRID), rng.randint(3, 5)))
+    colors = [f"{rng.choice(list(COLORS))} {rng.choice(list(SHADES))}" for _ in cols]
+    layout = _Layout(rng)
+    things = [layout.thing(rng.choice(SHAPES), c, (rng.randrange(_GRID), col)) for c, col in zip(colors, cols)]
+    return Scene(things), "what colors are there from left to right ?", " ".join(colors)
+
+
+_SKILLS = {"read": _read, "colors": _colors, "count": _count, "add": _add, "relation": _relation, "shades": _shades}
 
 
 # --------------------------------------------------------------------------------------------------- splits
+
+
+def variant_kinds(task: str) -> tuple[str, ...]:
+    """The kinds of a named variant (:data:`VARIANTS`)."""
+    if task not in VARIANTS:
+        raise ValueError(f"Unknown hard-scenes variant {task!r}; choose one of {', '.join(VARIANTS)}.")
+    return VARIANTS[task]
 
 
 def examples(split: str, seed: int = 0, kinds: Sequence[str] = KINDS) -> Iterator[Example]:
