@@ -6,15 +6,16 @@
 
 Each cell is a real ``lightning_tlq.calibrate`` call (calibration split of the task, ``--calib-n`` samples, the
 cell's seed for data and token sets; output written and reloaded), then the harness on the first ``--test-n``
-samples of the test split of the task variant the model was trained on (``config.tlq_task``): teacher-forced exact match (equal to greedy: word-level tokenizer), answer NLL and KL to
-the FP model's logits (computed once per model by the first worker that needs them, shared through a file). Cells
-run in priority order on ``--workers`` processes side by side (the GPU when present): FP and rtn/gptq/tlq at W3A16
-and W2A16, then W4A16 and W4A8, then the other methods of ``--methods`` (in the order given), then the other seeds.
-Each finished cell is appended to ``<json>.jsonl`` and the JSON and Markdown are rewritten, so a run cut short keeps
-what it finished; no cell starts after ``--max-seconds``. The JSON holds, per cell, the per-item correctness (hex
-bits) behind the paired bootstrap 95% intervals of TLQ minus GPTQ over test items (items averaged over the seeds
-both share): in exact match, and in the share of items whose correctness differs from the FP model's ("changed vs
-FP": answers lost plus answers gained, the damage exact match hides when both are equal).
+samples of the test split of the task variant the model was trained on (``config.tlq_task``): teacher-forced exact
+match (equal to greedy: word-level tokenizer), answer NLL and KL to the FP model's logits (computed once per model
+by the first worker that needs them, shared through a file). Cells run in priority order on ``--workers`` processes
+side by side (the GPU when present): FP and rtn/gptq/tlq at W3A16 and W2A16, then W4A16 and W4A8, then the other
+methods of ``--methods`` (in the order given), then the other seeds. Each finished cell is appended to
+``<json>.jsonl`` and the JSON and Markdown are rewritten, so a run cut short keeps what it finished; no cell starts
+after ``--max-seconds``. The JSON holds, per cell, the per-item correctness (hex bits) behind the paired bootstrap
+95% intervals of TLQ minus GPTQ over test items (items averaged over the seeds both share): in exact match, and in
+the share of items whose correctness differs from the FP model's ("changed vs FP": answers lost plus answers gained,
+the damage exact match hides when both are equal).
 """
 
 from __future__ import annotations

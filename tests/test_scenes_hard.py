@@ -125,8 +125,10 @@ def test_shades_answers_are_balanced_and_drawn_in_their_shade():
     assert {len(a) for a in answers} == {6, 8, 10}  # 3-5 objects, colour and shade each
     colors = collections.Counter(w for a in answers for w in a[0::2])
     shades = collections.Counter(w for a in answers for w in a[1::2])
-    assert set(colors) == set(scenes_hard.COLORS) and _chi2(colors) < 29.9
-    assert set(shades) == set(scenes_hard.SHADES) and _chi2(shades) < 13.8
+    assert set(colors) == set(scenes_hard.COLORS)
+    assert set(shades) == set(scenes_hard.SHADES)
+    assert _chi2(colors) < 29.9
+    assert _chi2(shades) < 13.8
     for e, words in zip(examples, answers):
         drawn = {tuple(p) for p in e.image.reshape(-1, 3).tolist()}
         named = [f"{c} {s}" for c, s in zip(words[0::2], words[1::2])]
