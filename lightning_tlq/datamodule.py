@@ -49,7 +49,7 @@ def load_samples(data: DataArgs, task: str | None = None, default_split: str = "
 
         samples = dataset_samples(data)
     elif data.path is None:
-        if task in ("scenes", "scenes_hard", "scenes_fine"):
+        if task in ("scenes", "scenes_hard", "scenes_fine", "scenes_finer"):
             samples = scenes_samples(data.split or default_split, data.num_samples, seed=data.seed, task=task)
         else:
             samples = synthetic_samples(data.num_samples, seed=data.seed)
@@ -63,7 +63,7 @@ def load_samples(data: DataArgs, task: str | None = None, default_split: str = "
 
 def scenes_samples(split: str, n: int, seed: int = 0, task: str = "scenes") -> list[Sample]:
     """``n`` samples of the scenes task's ``split`` (``calibration`` is its training split); ``task`` may also
-    name a hard-scenes variant (``scenes_hard``, ``scenes_fine``)."""
+    name a hard-scenes variant (``scenes_hard``, ``scenes_fine``, ``scenes_finer``)."""
     from lightning_tlq.tasks import scenes, scenes_hard
 
     name = "train" if split == "calibration" else split

@@ -119,22 +119,24 @@ def test_qwen_training_speedups_give_the_stock_logits():
     torch.testing.assert_close(fast, stock, atol=1e-5, rtol=1e-5)  # one attention call per batch, not per image
 
 
-def test_shades_answers_are_balanced_and_drawn_in_their_shade():
-    examples = scenes_hard.take("validation", 240, kinds=["shades"])
+@pytest.mark.parametrize(("kind", "levels"), [("shades", scenes_hard.SHADES), ("fine_shades", scenes_hard.FINE_SHADES)])
+def test_shades_answers_are_balanced_and_drawn_in_their_shade(kind, levels):
+    examples = scenes_hard.take("validation", 240, kinds=[kind])
     answers = [e.answer.split() for e in examples]
     assert {len(a) for a in answers} == {6, 8, 10}  # 3-5 objects, colour and shade each
     colors = collections.Counter(w for a in answers for w in a[0::2])
     shades = collections.Counter(w for a in answers for w in a[1::2])
     assert set(colors) == set(scenes_hard.COLORS)
-    assert set(shades) == set(scenes_hard.SHADES)
+    assert set(shades) == set(levels)
     assert _chi2(colors) < 29.9
-    assert _chi2(shades) < 13.8
+    assert _chi2(shades) < {3: 13.8, 4: 16.3}[len(levels)]
     for e, words in zip(examples, answers):
         drawn = {tuple(p) for p in e.image.reshape(-1, 3).tolist()}
-        named = [f"{c} {s}" for c, s in zip(words[0::2], words[1::2])]
+        named = [f"{c}@{levels[s]}" for c, s in zip(words[0::2], words[1::2])]
         assert {scenes_hard.rgb(n) for n in named} == drawn - {scenes_hard.BACKGROUND}
     assert scenes_hard.rgb("red 2") == tuple(round(v * 0.85) for v in scenes_hard.COLORS["red"])
-    assert scenes_hard.rgb("red") == scenes_hard.rgb("red 1") == scenes_hard.COLORS["red"]
+    assert scenes_hard.rgb("red") == scenes_hard.rgb("red 1") == scenes_hard.rgb("red@1.0") == scenes_hard.COLORS["red"]
+    assert scenes_hard.rgb("red@0.94") == tuple(round(v * 0.94) for v in scenes_hard.COLORS["red"])
     assert not ({w for a in answers for w in a} - set(scenes_hard.WORDS))  # no new words: same vocabulary
 
 
@@ -146,5 +148,6 @@ def test_the_fine_variant_is_named_in_the_config_and_drawn_by_calibration():
     expected = scenes_hard.take("train", 8, seed=1, kinds=scenes_hard.FINE_KINDS)
     assert [s.kind for s in samples] == [e.kind for e in expected] == [*scenes_hard.FINE_KINDS] * 2
     assert [np.asarray(s.image).tobytes() for s in samples] == [e.image.tobytes() for e in expected]
-    with pytest.raises(ValueError, match="choose one of scenes_hard, scenes_fine"):
+    assert load_samples(DataArgs(num_samples=4, split="test"), task="scenes_finer")[0].kind == "fine_shades"
+    with pytest.raises(ValueError, match="choose one of scenes_hard, scenes_fine, scenes_finer"):
         models.build_hard_config("llava", processor, models.SMOKE_SHAPE, task="scenes_easy")

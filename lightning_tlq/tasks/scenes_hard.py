@@ -9,11 +9,13 @@ weights). Five skills (``KINDS``), each answered with several tokens, so one wro
 - ``add``: two 2-digit numbers drawn on two lines -> the digits of their sum (``"1 4 2"``);
 - ``relation``: where one object is relative to another -> ``above|below left|right``;
 - ``shades`` (not in the default stream): 3-5 objects in distinct columns, each in one of three shades of its
-  colour (100%, 85% or 70% of its RGB) -> colour and shade from left to right (``"red 2 cyan 1 blue 3"``).
+  colour (100%, 85% or 70% of its RGB) -> colour and shade from left to right (``"red 2 cyan 1 blue 3"``);
+- ``fine_shades`` (not in the default stream): the same with four shades 6% apart (100, 94, 88, 82%).
 
-Two named variants (:data:`VARIANTS`) fix which kinds a model is trained and tested on: ``scenes_hard`` (the five
-kinds above but ``shades``) and ``scenes_fine`` (``shades``, ``colors``, ``count``, ``relation``: every kind there
-is learnable in a few GPU minutes, and ``shades`` needs a fine colour judgement on every object of the answer).
+Named variants (:data:`VARIANTS`) fix which kinds a model is trained and tested on: ``scenes_hard`` (the five kinds
+above but the shades), ``scenes_fine`` (``shades``, ``colors``, ``count``, ``relation``: every kind there is
+learnable in a few GPU minutes, and ``shades`` needs a colour judgement on every object of the answer) and
+``scenes_finer`` (``fine_shades`` in place of ``shades``: the judgement is finer).
 
 Objects are small (radius 2-4 px in 16 px cells of a 6x6 grid) and glyphs are 5x7 px, so a LLaVA patch of 8 px
 holds about one character. Drawing is numpy only (identical on every machine); splits are disjoint by hashing each
@@ -36,10 +38,13 @@ from lightning_tlq.tasks.scenes import COLORS as _EASY_COLORS
 
 KINDS: tuple[str, ...] = ("read", "colors", "count", "add", "relation")
 FINE_KINDS: tuple[str, ...] = ("shades", "colors", "count", "relation")
-VARIANTS: dict[str, tuple[str, ...]] = {"scenes_hard": KINDS, "scenes_fine": FINE_KINDS}
+FINER_KINDS: tuple[str, ...] = ("fine_shades", "colors", "count", "relation")
+VARIANTS: dict[str, tuple[str, ...]] = {"scenes_hard": KINDS, "scenes_fine": FINE_KINDS, "scenes_finer": FINER_KINDS}
 """Task names a model's config can carry (``config.tlq_task``) and the kinds each draws."""
 SHADES: dict[str, float] = {"1": 1.0, "2": 0.85, "3": 0.7}
-"""Shade name (a digit, already a word of the task) -> the factor on the colour's RGB."""
+"""Shade name (a digit, already a word of the task) -> the factor on the colour's RGB (``shades``)."""
+FINE_SHADES: dict[str, float] = {"1": 1.0, "2": 0.94, "3": 0.88, "4": 0.82}
+"""The same for ``fine_shades`` (whose objects carry their factor: ``"red@0.94"``)."""
 IMAGE_SIZE = 96
 _GRID = IMAGE_SIZE // CELL  # 6x6 cells
 COLORS: dict[str, tuple[int, int, int]] = {**_EASY_COLORS, "orange": (240, 140, 30), "cyan": (40, 200, 210)}
@@ -66,11 +71,15 @@ class Scene:
 
 
 def rgb(color: str) -> tuple[int, int, int]:
-    """The RGB of a colour name, or of ``"<colour> <shade>"`` (:data:`SHADES`): the colour's RGB times the factor."""
-    name, _, shade = color.partition(" ")
-    if not shade:
-        return COLORS[name]
-    factor = SHADES[shade]
+    """The RGB of a colour name, of ``"<colour> <shade>"`` (:data:`SHADES`) or of ``"<colour>@<factor>"``: the
+    colour's RGB times the shade's factor."""
+    if "@" in color:
+        name, factor = color.split("@")[0], float(color.split("@")[1])
+    else:
+        name, _, shade = color.partition(" ")
+        if not shade:
+            return COLORS[name]
+        factor = SHADES[shade]
     return tuple(round(v * factor) for v in COLORS[name])  # type: ignore[return-value]
 
 
@@ -171,7 +180,17 @@ def _shades(rng: random.Random) -> tuple[Scene, str, str]:
     return Scene(things), "what colors are there from left to right ?", " ".join(colors)
 
 
-_SKILLS = {"read": _read, "colors": _colors, "count": _count, "add": _add, "relation": _relation, "shades": _shades}
+def _fine_shades(rng: random.Random) -> tuple[Scene, str, str]:
+    cols = sorted(rng.sample(range(_GRID), rng.randint(3, 5)))
+    picks = [(rng.choice(list(COLORS)), rng.choice(list(FINE_SHADES))) for _ in cols]
+    layout = _Layout(rng)
+    things = [layout.thing(rng.choice(SHAPES), f"{c}@{FINE_SHADES[s]}", (rng.randrange(_GRID), col))
+              for (c, s), col in zip(picks, cols)]  # fmt: skip
+    return Scene(things), "what colors are there from left to right ?", " ".join(f"{c} {s}" for c, s in picks)
+
+
+_SKILLS = {"read": _read, "colors": _colors, "count": _count, "add": _add, "relation": _relation, "shades": _shades,
+           "fine_shades": _fine_shades}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------- splits
