@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 SETTINGS = {"W3A16 g128": (3, 128, None), "W2A16 g64": (2, 64, None), "W4A16 g128": (4, 128, None),
-            "W4A8 g128": (4, 128, 8)}  # fmt: skip  # name: (bits, group, act_bits), in priority order
+            "W4A8 g128": (4, 128, 8), "W3A16 g64": (3, 64, None)}  # fmt: skip  # (bits, group, act_bits), by priority
 CORE = ("rtn", "gptq", "tlq")
 METHODS = ("rtn", "gptq", "tlq", "gptq_fp", "tlq_fp", "awq", "mbq", "smoothquant")  # *_fp: quant.target = fp
 
@@ -44,9 +44,10 @@ def plan(models: list[str], methods: list[str], settings: list[str], seeds: list
     for si, seed in enumerate(seeds):
         for mi, method in enumerate(methods):
             for ti, setting in enumerate(settings):
-                if method == "smoothquant" and SETTINGS[setting][2] is None:
+                base = method.split("@")[0]  # a variant's method
+                if base == "smoothquant" and SETTINGS[setting][2] is None:
                     continue  # smoothquant needs activation quantization
-                if method == "rtn" and si > 0:
+                if base == "rtn" and si > 0:
                     continue  # deterministic: one run
                 for di, model in enumerate(models):
                     core = method in CORE
@@ -277,9 +278,32 @@ def markdown(state: dict) -> str:
     lines += ["", "TLQ - GPTQ share of items whose correctness differs from FP (points, lower is better):", ""]
     lines += [f"- {k}: {100 * v['changed']:+.2f} [{100 * v['changed_lo']:+.2f}, {100 * v['changed_hi']:+.2f}]"
               for k, v in state["bootstrap"].items() if "changed" in v]  # fmt: skip
+    lines += per_kind(state)
     lines += [f"- error: {e['model']} {e['setting']} {e['method']} seed {e['seed']}: {e['error']}"
               for e in state["errors"]]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def per_kind(state: dict) -> list[str]:
+    """Markdown lines: exact match (%) per question kind, FP and each (setting, method) averaged over its seeds."""
+    lines = []
+    for model, fp in state["fp"].items():
+        kinds = sorted(fp.get("per_type", {}))
+        if not kinds:
+            continue
+        lines += ["", f"Exact match per kind (%), {model}:", "", "| setting | method | " + " | ".join(kinds) + " |",
+                  "|---|---|" + "---|" * len(kinds), "| - | FP | " + " | ".join(
+                      f"{100 * fp['per_type'][k]:.1f}" for k in kinds) + " |"]  # fmt: skip
+        groups: dict[tuple, list] = {}
+        for c in state["cells"]:
+            if c["model"] == model:
+                groups.setdefault((c["setting"], c["method"]), []).append(c)
+        order = list(dict.fromkeys([*METHODS, *(c["method"] for c in state["cells"])]))
+        for (setting, method), g in sorted(groups.items(), key=lambda kv: (list(SETTINGS).index(kv[0][0]),
+                                                                           order.index(kv[0][1]))):  # fmt: skip
+            means = [100 * float(np.mean([c["per_type"][k] for c in g])) for k in kinds]
+            lines.append(f"| {setting} | {method} | " + " | ".join(f"{m:.1f}" for m in means) + " |")
+    return lines
 
 
 def _write(path: Path, text: str) -> None:

@@ -19,10 +19,13 @@ def runner():
 def test_plan_runs_the_core_cells_first(runner):
     cells = runner.plan(["a", "b"], list(runner.METHODS), list(runner.SETTINGS), [0, 1, 2])
     keys = [(c["setting"], c["method"], c["seed"], c["model"]) for c in cells]
-    assert len(keys) == len(set(keys)) == 2 * (4 + 6 * 4 * 3 + 3)  # rtn once, smoothquant only at W4A8
+    assert len(keys) == len(set(keys)) == 2 * (5 + 6 * 5 * 3 + 3)  # rtn once, smoothquant only at W4A8
     first = {(s, m) for s, m, _, _ in keys[:12]}
     assert first == {(s, m) for s in ("W3A16 g128", "W2A16 g64") for m in ("rtn", "gptq", "tlq")}
-    assert all(seed == 0 for _, _, seed, _ in keys[:58])
+    assert all(seed == 0 for _, _, seed, _ in keys[:72])
+    variants = runner.plan(["a"], ["rtn@vision=true", "smoothquant@alpha=0.5"], list(runner.SETTINGS), [0, 1])
+    seed1 = [(c["method"], c["setting"]) for c in variants if c["seed"] == 1]
+    assert seed1 == [("smoothquant@alpha=0.5", "W4A8 g128")]  # a variant of rtn runs once, of smoothquant at W4A8
     assert {m for s, m, _, _ in keys if s != "W4A8 g128"} == set(runner.METHODS) - {"smoothquant"}
 
 
@@ -101,7 +104,8 @@ def test_train_and_table_smoke(tmp_path):
     for family in ("llava", "qwen2_vl"):
         out = tmp_path / family
         cmd = [sys.executable, str(root / "examples" / "train_hard_vlm.py"), "--smoke", "--family", family]
-        subprocess.run([*cmd, "--out", str(out)], env=env, check=True, timeout=300, capture_output=True)
+        task = ["--task", "scenes_finer"] if family == "qwen2_vl" else []  # each model is tested on its own variant
+        subprocess.run([*cmd, *task, "--out", str(out)], env=env, check=True, timeout=300, capture_output=True)
         assert json.loads((out / "training.json").read_text())["steps"] == 3
         models.append(f"{family}={out}")
     more = tmp_path / "llava_more"  # --init continues from a checkpoint's weights
@@ -122,3 +126,7 @@ def test_train_and_table_smoke(tmp_path):
         (m, k) for m in ("llava", "qwen2_vl") for k in ("rtn", "gptq", "tlq")
     }
     assert all(c["n"] == 16 and c["kl"] >= 0 for c in state["cells"])
+    kinds = {m: {k for c in state["cells"] if c["model"] == m for k in c["per_type"]} for m in ("llava", "qwen2_vl")}
+    assert kinds == {"llava": {"read", "colors", "count", "add", "relation"},
+                     "qwen2_vl": {"fine_shades", "colors", "count", "relation"}}  # fmt: skip
+    assert "| setting | method | colors | count | fine_shades | relation |" in (tmp_path / "q.md").read_text()
