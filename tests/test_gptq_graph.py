@@ -103,28 +103,45 @@ def test_budget_evicts_least_recently_used_and_refuses_oversized_shapes(monkeypa
     cache.run(*a)
     cache.run(*b)
     cache.run(*a)  # a is now the most recently used
-    cache.run(*c)  # evicts b
+    cache.run(*c)  # a new shape: evicts b
     assert [k.rows for k in cache.lru_keys()] == [8, 24]
     assert cache.evictions == 1
     assert cache.bytes <= cache.budget_bytes
-    cache.run(*b)  # captured again, evicting a
-    assert [k.rows for k in cache.lru_keys()] == [24, 16]
-    assert cache.captures == 4
-    assert len(built) == 4  # b built anew
-    cache.set_budget(size[16])  # shrinking drops the least recently used until the rest fit
-    assert [k.rows for k in cache.lru_keys()] == [16]
-    W = torch.randn(24, 40)  # now over the budget alone: the eager fused loop, nothing captured or evicted
     calls = []
     monkeypatch.setattr(gptq_graph, "fused_loop", lambda *x: calls.append(x) or x[0])
-    out = cache.run(W, *c[1:])
-    assert out is W
-    assert len(calls) == 1
-    assert calls[0][-1].shape == (24, 16)
-    assert [k.rows for k in cache.lru_keys()] == [16]
-    assert cache.eager == 1
+    for _ in range(3):  # a dropped shape comes back only into free room: no capture per call
+        for args in (a, b, c):
+            cache.run(*args)
+    assert [k.rows for k in cache.lru_keys()] == [8, 24]
+    assert len(built) == 3
+    assert len(calls) == 3  # b, eagerly
+    assert calls[0][-1].shape == (16, 16)  # its own errors scratch
+    cache.set_budget(size[24])  # shrinking drops the least recently used until the rest fit
+    assert [k.rows for k in cache.lru_keys()] == [24]
+    cache.set_budget(size[24] + size[16])
+    cache.run(*b)  # dropped before, and now there is room
+    assert [k.rows for k in cache.lru_keys()] == [24, 16]
+    assert len(built) == 4
+    big = _inputs(200, 40)  # over the budget alone: the eager fused loop, nothing captured or evicted
+    assert static_bytes(200, 40, 2, 16) > cache.budget_bytes
+    assert cache.run(*big) is big[0]
+    assert [k.rows for k in cache.lru_keys()] == [24, 16]
+    assert len(calls) == 4
     cache.clear()
     assert cache.lru_keys() == []
     assert cache.bytes == 0
+
+
+def test_clear_forgets_dropped_shapes() -> None:
+    a, b = _inputs(8, 40), _inputs(16, 40)
+    cache, built = _cache(static_bytes(16, 40, 2, 16))  # one at a time
+    cache.run(*a)
+    cache.run(*b)  # new: evicts a
+    assert [k.rows for k in cache.lru_keys()] == [16]
+    cache.clear()
+    cache.run(*a)
+    assert [k.rows for k in cache.lru_keys()] == [8]
+    assert len(built) == 3
 
 
 def test_a_failed_capture_returns_the_warm_up_codes_and_stays_eager(caplog, monkeypatch) -> None:

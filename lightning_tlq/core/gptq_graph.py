@@ -29,15 +29,20 @@ together (501.4 MB) and ``down_proj`` runs the eager fused loop. The capture its
 warm-up allocated cuBLAS's workspace for the side stream: one per device, a few MiB, kept by PyTorch).
 
 Memory is bounded by the cache's budget (:data:`DEFAULT_BUDGET_BYTES`, :func:`set_budget`): a shape whose
-buffers alone exceed it is never captured; otherwise least recently used graphs are dropped until it fits.
-:func:`clear` frees every graph (the calibration loop calls it when a run ends).
+buffers alone exceed it is never captured; a new shape drops least recently used graphs until it fits (vision
+tower shapes give way to the decoder's). A shape that was dropped is captured again only into free room: a run
+cycles through its layer's shapes, and when they do not all fit, LRU re-captures would drop each graph before
+its next use (a capture per call); so the graphs captured first stay and the rest run the eager fused loop.
+:func:`clear` frees every graph; the calibration loop runs inside :func:`released`, which clears the cache when a run
+ends (normally or not).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +57,7 @@ __all__ = [
     "cache",
     "clear",
     "fused_loop",
+    "released",
     "set_budget",
     "static_bytes",
 ]
@@ -169,7 +175,8 @@ class GraphCache:
     """Captured column loops by :class:`GraphKey`, at most ``budget_bytes`` of static buffers in all (LRU).
 
     ``build(key)`` makes an uncaptured graph (tests substitute it). Counters: ``captures``, ``replays``,
-    ``evictions``, ``eager`` (calls run by the eager fused loop: over budget, or capture failed).
+    ``evictions``, ``eager`` (calls run by the eager fused loop: over budget, dropped and no free room, or capture
+    failed). :meth:`clear` empties the cache and forgets dropped and failed shapes (the counters stay).
     """
 
     def __init__(self, budget_bytes: int = DEFAULT_BUDGET_BYTES, build: Builder | None = None) -> None:
@@ -177,6 +184,7 @@ class GraphCache:
         self._build = build or self._new_graph
         self._graphs: OrderedDict[GraphKey, _Graph] = OrderedDict()
         self._failed: set[GraphKey] = set()
+        self._dropped: set[GraphKey] = set()
         self._streams: dict[str, torch.cuda.Stream] = {}
         self.captures = self.replays = self.evictions = self.eager = 0
 
@@ -193,6 +201,7 @@ class GraphCache:
         """Drop every graph and its buffers (the memory returns to PyTorch's caching allocator)."""
         self._graphs.clear()
         self._failed.clear()
+        self._dropped.clear()
 
     def set_budget(self, budget_bytes: int) -> None:
         """Change the budget, dropping least recently used graphs until the rest fit."""
@@ -201,7 +210,7 @@ class GraphCache:
 
     def _evict(self, need: int) -> None:
         while self._graphs and self.bytes + need > self.budget_bytes:
-            self._graphs.popitem(last=False)
+            self._dropped.add(self._graphs.popitem(last=False)[0])
             self.evictions += 1
 
     def _new_graph(self, key: GraphKey) -> _Graph:
@@ -232,7 +241,8 @@ class GraphCache:
             self._graphs.move_to_end(key)
             self.replays += 1
             return graph.replay(*inputs)
-        if key.bytes > self.budget_bytes or key in self._failed:
+        no_room = key in self._dropped and self.bytes + key.bytes > self.budget_bytes
+        if key.bytes > self.budget_bytes or key in self._failed or no_room:
             self.eager += 1
             errors = torch.empty(W.shape[0], min(block_size, W.shape[1]), dtype=torch.float32, device=W.device)
             return fused_loop(W, U, scale, zero, groups, qmin, qmax, block_size, errors)
@@ -258,6 +268,15 @@ cache = GraphCache()
 def clear() -> None:
     """Free every graph of the process-wide cache."""
     cache.clear()
+
+
+@contextlib.contextmanager
+def released() -> Iterator[None]:
+    """Free every graph of the process-wide cache when the block ends, however it ends (a calibration run)."""
+    try:
+        yield
+    finally:
+        clear()
 
 
 def set_budget(budget_bytes: int) -> None:
