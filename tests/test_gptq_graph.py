@@ -70,15 +70,19 @@ def test_static_bytes_of_the_7b_shapes() -> None:
 
 def test_key_names_everything_the_capture_fixes() -> None:
     W, U, scale, zero, groups, qmin, qmax, bs = _inputs(8, 40)
-    key = GraphKey.of(W, scale, qmin, qmax, bs)
-    assert key == GraphKey(8, 40, 2, 16, -8, 7, "cpu", bool(torch.backends.cuda.matmul.allow_tf32))
+    key = GraphKey.of(W, U, scale, qmin, qmax, bs)
+    assert key == GraphKey(8, 40, 2, 16, -8, 7, "cpu", bool(torch.backends.cuda.matmul.allow_tf32), False)
     assert key.bytes == static_bytes(8, 40, 2, 16)
-    assert GraphKey.of(W, scale, 0, 15, bs) != key  # another grid
-    assert GraphKey.of(W, scale, qmin, qmax, 32) != key  # another block size
-    assert GraphKey.of(W[:4], scale[:4], qmin, qmax, bs) != key  # another row count
+    assert GraphKey.of(W, U, scale, 0, 15, bs) != key  # another grid
+    assert GraphKey.of(W, U, scale, qmin, qmax, 32) != key  # another block size
+    assert GraphKey.of(W[:4], U, scale[:4], qmin, qmax, bs) != key  # another row count
+    columns = GraphKey.of(W, U.T.contiguous().T, scale, qmin, qmax, bs)  # U column-major, as factorised
+    assert columns.u_columns
+    assert columns != key
+    assert columns.bytes == key.bytes
     torch.backends.cuda.matmul.allow_tf32 = not key.tf32
     try:
-        assert GraphKey.of(W, scale, qmin, qmax, bs) != key  # the matmul precision the capture fixed
+        assert GraphKey.of(W, U, scale, qmin, qmax, bs) != key  # the matmul precision the capture fixed
     finally:
         torch.backends.cuda.matmul.allow_tf32 = key.tf32
 
@@ -223,6 +227,8 @@ def test_fused_loop_with_group_parameters_equals_per_column_loop(rows, n, group,
     pytest.importorskip("triton")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     W, U, scale, zero, groups = _problem(rows, n, group, seed=rows + n, device=device)
+    if rows % 2 == 0:
+        U = U.T.contiguous().T  # column-major, as the factorisations give it
     ref = _per_column_loop(W, U, scale, zero, groups, 0, 15, block)
     Wg = W.clone()
     errors = torch.empty(rows, min(block, n), device=device)

@@ -40,12 +40,15 @@ def _eager(W, U, scale, zero, groups, qmin, qmax, block):
 SHAPES = [(256, 384, 128, 128), (100, 77, 77, 128), (37, 200, 32, 64), (512, 1000, 128, 128), (16, 129, 64, 128)]
 
 
+@pytest.mark.parametrize("u_columns", [True, False])
 @pytest.mark.parametrize(("rows", "n", "group", "block"), SHAPES)
-def test_replayed_graph_equals_eager_fused_loop(rows, n, group, block) -> None:
-    """Bit-identical codes on the capture call (the warm-up) and on replays with new data of the same shape."""
+def test_replayed_graph_equals_eager_fused_loop(rows, n, group, block, u_columns) -> None:
+    """Bit-identical codes on the capture call (the warm-up) and on replays with new data of the same shape, for
+    ``U`` column-major (as the factorisations give it) or row-major."""
     cache = GraphCache(1 << 30)
     for seed in range(3):
         W, U, scale, zero, groups = _problem(rows, n, group, seed=seed)
+        U = U.T.contiguous().T if u_columns else U.contiguous()
         ref = _eager(W, U, scale, zero, groups, 0, 15, block)
         before = W.clone()
         codes = cache.run(W, U, scale, zero, groups, 0, 15, block)
@@ -55,6 +58,7 @@ def test_replayed_graph_equals_eager_fused_loop(rows, n, group, block) -> None:
     assert (cache.captures, cache.replays, cache.eager) == (1, 2, 0)
     # a symmetric grid is another graph (qmin, qmax are captured)
     W, U, scale, zero, groups = _problem(rows, n, group, seed=9)
+    U = U.T.contiguous().T if u_columns else U.contiguous()
     assert torch.equal(
         cache.run(W, U, scale, zero, groups, -8, 7, block), _eager(W, U, scale, zero, groups, -8, 7, block)
     )

@@ -11,7 +11,9 @@ First call of a shape (:class:`GraphCache`): the static buffers are allocated an
 eagerly on them on a side stream (it compiles the Triton kernel for exactly these pointers' alignments and sets
 up cuBLAS for that stream: nothing is compiled or allocated during capture); its codes are the result. Then the
 loop is captured on the same side stream (``capture_error_mode="thread_local"``: helper threads of the calibration
-loop may use CUDA meanwhile). Later calls replay.
+loop may use CUDA meanwhile; ``capture_begin``/``capture_end`` directly, without the ``gc.collect()`` and
+``empty_cache()`` of ``torch.cuda.graph``, which would hand the calibration's cached memory back to the driver
+mid-run). Later calls replay.
 
 Static buffers of one graph (all 4 bytes an element; ``r`` rows, ``n`` columns, ``g`` groups, block ``b``):
 
@@ -23,10 +25,12 @@ Static buffers of one graph (all 4 bytes an element; ``r`` rows, ``n`` columns, 
 * the block's errors float32 ``[r, b]``: ``4 r b``.
 
 So :func:`static_bytes` ``= 4 (r n + n^2 + 2 r g + n + r min(b, n))``. The 7B shapes with 128-column groups and
-blocks: 3584 x 3584 (q, o) 105.4 MB; 512 x 3584 (k, v) 59.1 MB; 18944 x 3584 (gate, up) 337.0 MB; 3584 x 18944
+blocks: 3584 x 3584 (q, o) 105.4 MB; 512 x 3584 (k, v) 59.1 MB; 18944 x 3584 (gate, up) 336.9 MB; 3584 x 18944
 (down) 1.71 GB (``U`` alone is 1.44 GB). Under the default budget of 1 GiB (1073.7 MB) the first three fit
-together (501.4 MB) and ``down_proj`` runs the eager fused loop. The capture itself allocates nothing (the
-warm-up allocated cuBLAS's workspace for the side stream: one per device, a few MiB, kept by PyTorch).
+together (501.4 MB) and ``down_proj`` runs the eager fused loop. Beyond the static buffers: the warm-up gives the
+side stream cuBLAS's workspace (one per device, a few MiB, kept by PyTorch), and a column-major ``U`` (as the
+factorisations give it) has each diagonal block copied row-major by the block step, 64 KiB at a time, inside the
+graph's private pool (one small segment per graph, reserved, not allocated between replays).
 
 Memory is bounded by the cache's budget (:data:`DEFAULT_BUDGET_BYTES`, :func:`set_budget`): a shape whose
 buffers alone exceed it is never captured; a new shape drops least recently used graphs until it fits (vision
@@ -101,7 +105,9 @@ def static_bytes(rows: int, n: int, n_groups: int, block_size: int) -> int:
 
 @dataclass(frozen=True)
 class GraphKey:
-    """What one captured loop is specific to. ``tf32``: whether ``addmm_`` may use TF32 (fixed at capture)."""
+    """What one captured loop is specific to. ``tf32``: whether ``addmm_`` may use TF32 (fixed at capture);
+    ``u_columns``: ``U`` is column-major (as the factorisations give it), its static buffer is too, so that every
+    ``addmm_`` sees the operand layout of the eager loop (cuBLAS may pick another kernel for another layout)."""
 
     rows: int
     n: int
@@ -111,12 +117,16 @@ class GraphKey:
     qmax: int
     device: str
     tf32: bool
+    u_columns: bool = False
 
     @classmethod
-    def of(cls, W: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, block_size: int) -> GraphKey:
+    def of(
+        cls, W: torch.Tensor, U: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, block_size: int
+    ) -> GraphKey:
         rows, n = W.shape
         tf32 = bool(torch.backends.cuda.matmul.allow_tf32)
-        return cls(rows, n, scale.shape[1], block_size, int(qmin), int(qmax), str(W.device), tf32)
+        u_columns = n > 1 and U.stride(0) == 1 and U.stride(1) != 1
+        return cls(rows, n, scale.shape[1], block_size, int(qmin), int(qmax), str(W.device), tf32, u_columns)
 
     @property
     def bytes(self) -> int:
@@ -130,7 +140,7 @@ class _Graph:
         kw = {"dtype": torch.float32, "device": torch.device(key.device)}
         self.key, self.stream, self.graph = key, stream, None
         self.W = torch.empty(key.rows, key.n, **kw)
-        self.U = torch.empty(key.n, key.n, **kw)
+        self.U = torch.empty(key.n, key.n, **kw).mT if key.u_columns else torch.empty(key.n, key.n, **kw)
         self.scale = torch.empty(key.rows, key.n_groups, **kw)
         self.zero = torch.empty(key.rows, key.n_groups, **kw)
         self.groups = torch.empty(key.n, dtype=torch.int32, device=self.W.device)
@@ -146,25 +156,33 @@ class _Graph:
 
     def warm(self, *inputs: torch.Tensor) -> torch.Tensor:
         """Fill the buffers and run the loop eagerly on the side stream: its codes (``self.W``) are the result."""
-        self._fill(*inputs)
-        current = torch.cuda.current_stream(self.W.device)
-        self.stream.wait_stream(current)
-        with torch.cuda.stream(self.stream):
-            self._loop()
-        current.wait_stream(self.stream)
+        with torch.cuda.device(self.W.device):
+            self._fill(*inputs)
+            current = torch.cuda.current_stream()
+            self.stream.wait_stream(current)
+            with torch.cuda.stream(self.stream):
+                self._loop()
+            current.wait_stream(self.stream)
         return self.W
 
     def capture(self) -> None:
         """Record the loop on the side stream (after :meth:`warm`; nothing runs, the buffers keep its codes)."""
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
-            self._loop()
+        with torch.cuda.device(self.W.device):
+            graph = torch.cuda.CUDAGraph()
+            torch.cuda.synchronize()
+            with torch.cuda.stream(self.stream):
+                graph.capture_begin(capture_error_mode="thread_local")
+                try:
+                    self._loop()
+                finally:
+                    graph.capture_end()
         self.graph = graph
 
     def replay(self, *inputs: torch.Tensor) -> torch.Tensor:
         assert self.graph is not None
-        self._fill(*inputs)
-        self.graph.replay()
+        with torch.cuda.device(self.W.device):  # the copies and the replay on that device's current stream
+            self._fill(*inputs)
+            self.graph.replay()
         return self.W
 
 
@@ -232,9 +250,10 @@ class GraphCache:
         """The codes of :func:`fused_loop` on these inputs (float32 ``[r, n]``), from a graph where one fits.
 
         The result may be a static buffer that the next call of this shape overwrites: copy or convert it first.
-        ``W`` may be modified (it is when the eager loop runs).
+        ``W`` may be modified (it is when the eager loop runs: also for a ``W`` that is not contiguous, whose
+        row stride the static buffer would not reproduce).
         """
-        key = GraphKey.of(W, scale, qmin, qmax, block_size)
+        key = GraphKey.of(W, U, scale, qmin, qmax, block_size)
         inputs = (W, U, scale, zero, groups)
         graph = self._graphs.get(key)
         if graph is not None:
@@ -242,7 +261,7 @@ class GraphCache:
             self.replays += 1
             return graph.replay(*inputs)
         no_room = key in self._dropped and self.bytes + key.bytes > self.budget_bytes
-        if key.bytes > self.budget_bytes or key in self._failed or no_room:
+        if key.bytes > self.budget_bytes or key in self._failed or no_room or not W.is_contiguous():
             self.eager += 1
             errors = torch.empty(W.shape[0], min(block_size, W.shape[1]), dtype=torch.float32, device=W.device)
             return fused_loop(W, U, scale, zero, groups, qmin, qmax, block_size, errors)
