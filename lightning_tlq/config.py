@@ -63,9 +63,8 @@ class QuantArgs:
     damp: float = 0.01
     """GPTQ: damping ``damp * mean(diag H)`` (x10 up to 3 times on failure)."""
     kernel: Kernel = "auto"
-    """GPTQ column loop: ``auto`` (the fused Triton step on CUDA when available, replayed from CUDA graphs within
-    a 1 GiB budget), ``graph`` (that, required), ``triton`` (the fused step run eagerly, required), or ``torch``
-    (the eager loop)."""
+    """GPTQ column loop: ``auto`` (graph on CUDA), ``graph`` (fused Triton step from CUDA graphs), ``triton``
+    (fused step, eager) or ``torch`` (eager loop)."""
     true_sequential: bool = True
     """Solve q,k,v -> o -> gate,up -> down in order, each after the ones before it are quantized."""
     act_bits: int | None = None
