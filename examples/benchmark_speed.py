@@ -194,6 +194,7 @@ def floor_seconds(model, records: list[dict], tokens: int, samples: int, seq: in
 def main(fabric, args) -> dict | None:
     from lightning_tlq import CalibrationLoop, CalibrationSettings, QuantArgs, TLQModule
     from lightning_tlq.config import ImportanceArgs, MemoryArgs
+    from lightning_tlq.core import gptq_graph
     from lightning_tlq.distributed import shard_range
 
     cuda = fabric.device.type == "cuda"
@@ -262,6 +263,7 @@ def main(fabric, args) -> dict | None:
         "image_tokens": args.image_tokens, "text_tokens": args.text_tokens,
         "host_rss_after_build_gib": round(host_after_build, 2), "host_peak_rss_calibration_gib": round(host_peak, 2),
         "host_max_rss_gib": round(max_rss_bytes() / 2**30, 2), "activation_pinning_s": loop.replay.host_seconds,
+        "gptq_graphs": {k: getattr(gptq_graph.cache, k) for k in ("captures", "replays", "eager", "evictions")},
     }  # fmt: skip
     result["predicted_gib"] = {k: round(v, 2) for k, v in predict(
         args.shape, args.memory_profile, args.samples, args.image_tokens, args.text_tokens, args.batch_size,
@@ -315,6 +317,8 @@ def _by_module(records: list[dict], key: str) -> dict:
 
 
 def parse(argv=None):
+    from lightning_tlq.core.gptq_checks import KERNELS
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), default="2b")
     p.add_argument("--layers", type=int, default=None, help="override the number of decoder layers (smoke tests)")
@@ -327,7 +331,9 @@ def parse(argv=None):
     p.add_argument("--metrics", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--offload-activations", action="store_true")
     p.add_argument("--max-gpu-memory-gib", type=float, default=None)
-    p.add_argument("--kernel", choices=["auto", "triton", "torch"], default="auto", help="quant.kernel (GPTQ loop)")
+    p.add_argument(
+        "--kernel", choices=list(KERNELS), default="auto", help="quant.kernel (GPTQ loop; auto = graph on CUDA)"
+    )
     p.add_argument("--pin-layers", action=argparse.BooleanOptionalAction, default=True, help="memory.pin_layers")
     p.add_argument("--memory-profile", choices=["fast", "low"], default="fast", help="memory.profile")
     p.add_argument(

@@ -63,8 +63,8 @@ class QuantArgs:
     damp: float = 0.01
     """GPTQ: damping ``damp * mean(diag H)`` (x10 up to 3 times on failure)."""
     kernel: Kernel = "auto"
-    """GPTQ column loop: ``auto`` (the fused Triton step on CUDA when available), ``triton`` (required), or
-    ``torch`` (the eager loop)."""
+    """GPTQ column loop: ``auto`` (graph on CUDA), ``graph`` (fused Triton step from CUDA graphs), ``triton``
+    (fused step, eager) or ``torch`` (eager loop)."""
     true_sequential: bool = True
     """Solve q,k,v -> o -> gate,up -> down in order, each after the ones before it are quantized."""
     act_bits: int | None = None
@@ -94,10 +94,10 @@ class QuantArgs:
         if self.block_size < 1:
             raise ValueError(f"quant.block_size={self.block_size} must be a positive number of columns.")
         _check_choice("quant.kernel", self.kernel, KERNELS)
-        if self.kernel == "triton" and self.block_size > 128:
+        if self.kernel in ("triton", "graph") and self.block_size > 128:
             raise ValueError(
-                f"quant.kernel='triton' runs blocks of at most 128 columns, got quant.block_size={self.block_size}; "
-                "lower quant.block_size or use quant.kernel='auto'."
+                f"quant.kernel={self.kernel!r} runs blocks of at most 128 columns, got "
+                f"quant.block_size={self.block_size}; lower quant.block_size or use quant.kernel='auto'."
             )
         _check_range("quant.damp", self.damp, 0.0, 1.0, lo_open=True)
         self.spec  # validates bits and group size

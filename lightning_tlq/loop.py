@@ -25,6 +25,7 @@ from torch import Tensor
 
 from lightning_tlq.activations import LayerReplay
 from lightning_tlq.adapters.base import CapturedInputs, move_to
+from lightning_tlq.core import gptq_graph
 from lightning_tlq.data import TokenMasks, token_masks
 from lightning_tlq.distributed import Collective
 from lightning_tlq.hostmem import HostStaging
@@ -120,7 +121,7 @@ class CalibrationLoop:
             importance_passes=len(layers) if self.placement.layerwise else 1,
             start_layer=self.start_layer,
         )
-        with self.placement.rest_on_device(self.module.model):
+        with self.placement.rest_on_device(self.module.model), gptq_graph.released():  # the solver's CUDA graphs
             batches = [move_to(b, self.fabric.device) for b in batches]
             masks = [token_masks(b, self.adapter.image_token_id) for b in batches]
             sample_ids = _sample_ids(batches)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_tlq.core.gptq_checks import _use_triton
+from lightning_tlq.core.gptq_checks import _column_loop
 from lightning_tlq.core.gptq_rows import MIN_ROWS, GPTQFactor, gptq_factor, gptq_rows
 from lightning_tlq.distributed import Collective, assign_owners, shard_range
 from lightning_tlq.methods.base import GPTQSolve, _check_tokens
@@ -221,8 +221,8 @@ def solve_split(
     # every rank knows which parts are empty (no act-order, no cross term): those are not sent
     factor = GPTQFactor.from_tensors([collective.broadcast(t, leader).to(device) if t.numel() else t for t in parts])
     mine = rows[rank]
-    fused = _use_triton(quant.kernel, weight, quant.block_size, where)
-    part = gptq_rows(weight[mine.start : mine.stop], factor, spec, block_size=quant.block_size, name=where, fused=fused)
+    loop = _column_loop(quant.kernel, weight, quant.block_size, where)
+    part = gptq_rows(weight[mine.start : mine.stop], factor, spec, block_size=quant.block_size, name=where, loop=loop)
     whole = empty_result(weight, spec)
     for r, sl in enumerate(rows):  # each slice from its rank, into place
         for key in ("weight", "codes", "scale", "zero"):

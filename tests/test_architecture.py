@@ -117,7 +117,7 @@ def test_the_cycle_finder_finds_cycles() -> None:
 def test_imports_are_resolved_to_package_modules() -> None:
     graph = _graph()
     assert "lightning_tlq.core.quantizer" in graph["lightning_tlq.core.gptq"]  # from-import of a function
-    assert "lightning_tlq.core.gptq_triton" in graph["lightning_tlq.core.gptq"]  # `from pkg import module`
+    assert "lightning_tlq.core.gptq_graph" in graph["lightning_tlq.core.gptq"]  # `from pkg import module`
     assert "lightning_tlq.run_calibration" in graph["lightning_tlq.lightning_cli"]  # an import inside a method counts
     assert "lightning_tlq.config" not in graph["lightning_tlq.methods.base"]  # under `if TYPE_CHECKING:` only
 

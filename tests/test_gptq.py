@@ -318,7 +318,7 @@ def test_kernel_choice_on_the_cpu(monkeypatch) -> None:
     _assert_same(gptq_quantize(W, H, spec, block_size=8, kernel="torch"), gptq_quantize(W, H, spec, block_size=8))
     with pytest.raises(ValueError, match=r"o_proj: kernel='triton' needs Triton .* device cpu.*use kernel='auto'"):
         gptq_quantize(W, H, spec, kernel="triton", name="o_proj")
-    with pytest.raises(ValueError, match=r"kernel='cuda' is not supported; choose one of auto, triton, torch"):
+    with pytest.raises(ValueError, match=r"kernel='cuda' is not supported; choose one of auto, triton, torch, graph"):
         gptq_quantize(W, H, spec, kernel="cuda")
     monkeypatch.setattr(gptq_triton, "available", lambda: True)  # a GPU host: still no fused step for these
     with pytest.raises(ValueError, match=r"kernel='triton' needs .*device cpu, block_size 128"):
@@ -426,7 +426,7 @@ def test_cross_term_solve_is_the_gptq_loop_on_the_damped_target() -> None:
     )
     scale, zero = compute_qparams(W, spec)
     cols = torch.arange(W.shape[1]) // 16
-    codes = _quantize_columns(target.clone(), U, scale[:, cols], zero[:, cols], spec, block_size=8)
+    codes = _quantize_columns(target.clone(), U, scale, zero, cols, spec, block_size=8)
     asym = gptq_quantize(W, H, spec, block_size=8, act_order=False, cross=C)
     assert torch.equal(asym.codes, codes.to(spec.code_dtype))
     assert torch.equal(asym.scale, scale)

@@ -39,10 +39,10 @@ from typing import Any
 
 import torch
 
-from lightning_tlq.core import gptq_triton
+from lightning_tlq.core import gptq_graph
 from lightning_tlq.core.factor import GPTQError, damped_inverse_factor
 from lightning_tlq.core.factor import label as _label
-from lightning_tlq.core.gptq_checks import KERNELS, GPTQOptions, Kernel, _check_cross, _check_shared, _use_triton
+from lightning_tlq.core.gptq_checks import KERNELS, GPTQOptions, Kernel, Loop, _check_cross, _check_shared, _column_loop
 from lightning_tlq.core.quantizer import QuantSpec, codes_to_values, compute_qparams, dequantize, round_to_grid
 
 logger = logging.getLogger(__name__)
@@ -95,32 +95,34 @@ class _BlockSolve:
 def _quantize_columns(
     W: torch.Tensor,
     U: torch.Tensor,
-    scale_cols: torch.Tensor,
-    zero_cols: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    group_of_col: torch.Tensor,
     spec: QuantSpec,
     block_size: int,
-    fused: bool = False,
+    loop: Loop = "torch",
 ) -> torch.Tensor:
     """Run the GPTQ column loop in place on ``W`` (already permuted); return float codes ``[out, in]``.
 
-    ``scale_cols`` / ``zero_cols`` are per-column parameters ``[out, in]`` in the same (permuted) order. ``fused``
-    runs each block with the Triton block step (the caller checked that it applies, :func:`_use_triton`).
+    ``scale`` / ``zero`` are per-group parameters ``[out, n_groups]``; column ``j`` of ``W`` uses group
+    ``group_of_col[j]`` (``[in]``, the same permuted order). ``loop`` (the caller checked that it applies,
+    :func:`~lightning_tlq.core.gptq_checks._column_loop`): ``torch`` the eager loop; ``triton`` the fused Triton
+    block step per block (:func:`~lightning_tlq.core.gptq_graph.fused_loop`), ``graph`` the same replayed from a
+    CUDA graph (:mod:`lightning_tlq.core.gptq_graph`). The fused loops write the codes over ``W`` and may return a
+    buffer that the next call of the same shape reuses: convert the codes before solving again.
     """
+    if loop != "torch":
+        groups = group_of_col.to(torch.int32)
+        args = (W, U, scale.float(), zero.float(), groups, spec.qmin, spec.qmax, block_size)
+        if loop == "graph":
+            return gptq_graph.cache.run(*args)
+        errors = torch.empty(W.shape[0], min(block_size, W.shape[1]), dtype=torch.float32, device=W.device)
+        return gptq_graph.fused_loop(*args, errors)
     n = W.shape[1]
+    scale_cols, zero_cols = scale[:, group_of_col], zero[:, group_of_col]
     codes = torch.empty_like(W)
-    if fused:  # views in, results written in place: two launches per block (host-bound otherwise)
-        scale_cols, zero_cols = scale_cols.float(), zero_cols.float()
-        errors = torch.empty(W.shape[0], block_size, dtype=W.dtype, device=W.device)
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
-        if fused:
-            Err1 = errors[:, : i2 - i1]
-            gptq_triton.block_step(
-                W[:, i1:i2], U[i1:i2, i1:i2], scale_cols[:, i1:i2], zero_cols[:, i1:i2], spec.qmin, spec.qmax,
-                codes=codes[:, i1:i2], errors=Err1,
-            )  # fmt: skip
-            W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)
-            continue
         W1 = W[:, i1:i2].clone()
         U1 = U[i1:i2, i1:i2]
         Err1 = torch.empty_like(W1)
@@ -191,11 +193,12 @@ def _solve_rows(
     name: str,
     scale_dtype: torch.dtype,
     cross: torch.Tensor | None = None,
-    fused: bool = False,
+    loop: Loop = "torch",
 ) -> _BlockSolve:
     """Quantize rows ``W [rows, in]`` (float32, modified in place) against one factorised Hessian.
 
     With ``cross`` the column loop runs on GPTAQ's target :func:`asymmetric_target`, on the static grid of ``W``.
+    ``loop``: the column loop (:func:`_quantize_columns`).
     """
     perm, dead = f.perm, f.dead
     W[:, dead] = 0.0
@@ -208,10 +211,10 @@ def _solve_rows(
         W = asymmetric_target(W, cross[perm][:, perm] if perm is not None else cross, f.U)
         W[:, dead] = 0.0  # the quantized path never feeds these inputs
     with torch.profiler.record_function("gptq.columns"):
-        codes = _quantize_columns(W, f.U, scale[:, group_of_col], zero[:, group_of_col], spec, block_size, fused)
+        codes = _quantize_columns(W, f.U, scale, zero, group_of_col, spec, block_size, loop)
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
-    return _BlockSolve(codes.to(spec.code_dtype), scale, zero, f.damp, f.retries, perm)
+    return _BlockSolve(codes.to(spec.code_dtype), scale, zero, f.damp, f.retries, perm)  # a copy: codes may be reused
 
 
 def _assemble(solves: list[_BlockSolve], spec: QuantSpec, dtype: torch.dtype) -> GPTQResult:
@@ -262,15 +265,18 @@ def gptq_quantize(
             ``||(Q - W) X~||^2``, by quantizing the target ``W + W C H_d^-1`` (see the module docstring). None
             (default) is plain GPTQ.
         kernel: The column loop (:data:`Kernel`): ``auto`` (default) runs the fused Triton block step on CUDA
-            weights when Triton is installed and ``block_size <= 128``, else the eager torch loop; ``triton``
-            requires the fused step, ``torch`` never uses it. Both compute the same IEEE operations in the same
-            order; compiled code may contract a multiply-add, so codes can differ by one step in rare cases.
+            weights when Triton is installed and ``block_size <= 128``, replayed from a CUDA graph per shape
+            (:mod:`lightning_tlq.core.gptq_graph`, within its memory budget), else the eager torch loop; ``graph``
+            requires that path, ``triton`` the fused step run eagerly (the same codes as ``graph``), ``torch``
+            never uses it. Fused and torch loops compute the same IEEE operations in the same order; compiled code
+            may contract a multiply-add, so codes can differ by one step in rare cases.
 
     Returns:
         A :class:`GPTQResult` whose ``weight`` equals ``dequantize(codes, scale, zero)`` in ``W.dtype``.
 
     Raises:
-        ValueError: On bad shapes or arguments (incl. ``kernel="triton"`` where the fused step cannot run).
+        ValueError: On bad shapes or arguments (incl. ``kernel="triton"``/``"graph"`` where the fused step cannot
+            run).
         GPTQError: If the Hessian is non-finite or cannot be factorised after all retries.
     """
     return gptq_quantize_shared(
@@ -309,7 +315,7 @@ def gptq_quantize_shared(
     """
     opts = GPTQOptions(**options)
     names, groups = _check_shared(weights, H, spec, opts, names)
-    fused = _use_triton(opts.kernel, weights[0], opts.block_size, names[0])
+    loop = _column_loop(opts.kernel, weights[0], opts.block_size, names[0])
     device, in_features = weights[0].device, weights[0].shape[1]
     Wfs = [W.detach().to(torch.float32, copy=True) for W in weights]
     Hg = H.detach().reshape(groups, in_features, in_features)
@@ -323,7 +329,7 @@ def gptq_quantize_shared(
         tag = "" if groups == 1 else f"[group {g}]"
         f = factor(Hg[g], device, opts, joint + tag)
         blocks = [Wf[g * r : (g + 1) * r] for Wf, r in zip(Wfs, rows)]
-        kw = {"block_size": opts.block_size, "scale_dtype": weights[0].dtype, "fused": fused}
+        kw = {"block_size": opts.block_size, "scale_dtype": weights[0].dtype, "loop": loop}
         kw["cross"] = None if Cg is None else Cg[g]
         if concat_rows and len(blocks) > 1:
             s = _solve_rows(torch.cat(blocks), f, spec, name=joint + tag, **kw)

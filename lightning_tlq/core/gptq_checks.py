@@ -13,12 +13,18 @@ from lightning_tlq.core.factor import GPTQError
 from lightning_tlq.core.factor import label as _label
 from lightning_tlq.core.quantizer import QuantSpec
 
-__all__ = ["KERNELS", "GPTQOptions", "Kernel"]
+__all__ = ["KERNELS", "GPTQOptions", "Kernel", "Loop"]
 
-Kernel = Literal["auto", "triton", "torch"]
+Kernel = Literal["auto", "triton", "torch", "graph"]
 """The GPTQ column loop: ``triton`` the fused block step (:mod:`lightning_tlq.core.gptq_triton`, CUDA tensors,
-``block_size <= 128``), ``torch`` the eager loop (any device), ``auto`` the fused step where it applies, else torch."""
+``block_size <= 128``) run eagerly, ``graph`` the same fused loop replayed from a CUDA graph per shape
+(:mod:`lightning_tlq.core.gptq_graph`: same kernels, same order, same codes; shapes over its memory budget run
+eagerly), ``torch`` the eager loop (any device), ``auto`` the graph-replayed fused loop where the fused step
+applies, else torch."""
 KERNELS: tuple[str, ...] = get_args(Kernel)
+
+Loop = Literal["torch", "triton", "graph"]
+"""How one solve runs its column loop (:func:`_column_loop`): eager torch, eager fused, or fused from a graph."""
 
 
 @dataclass(frozen=True)
@@ -91,20 +97,27 @@ def _check_cross(cross: torch.Tensor, H: torch.Tensor, name: str) -> torch.Tenso
 
 
 def _use_triton(kernel: str, W: torch.Tensor, block_size: int, name: str) -> bool:
-    """Whether the column loop runs the fused Triton block step for this ``kernel`` choice.
+    """Whether the column loop runs the fused Triton block step for this ``kernel`` choice (eagerly or replayed).
 
     Raises:
-        ValueError: For an unknown ``kernel``, or ``kernel="triton"`` where the fused step cannot run.
+        ValueError: For an unknown ``kernel``, or ``kernel="triton"``/``"graph"`` where the fused step cannot run.
     """
     if kernel not in KERNELS:
         raise _error(ValueError, name, f"kernel={kernel!r} is not supported; choose one of {', '.join(KERNELS)}.")
     applies = W.is_cuda and block_size <= 128 and gptq_triton.available()
-    if kernel == "triton" and not applies:
+    if kernel in ("triton", "graph") and not applies:
         raise _error(
             ValueError,
             name,
-            f"kernel='triton' needs Triton installed, a CUDA weight and block_size <= 128 "
+            f"kernel={kernel!r} needs Triton installed, a CUDA weight and block_size <= 128 "
             f"(got device {W.device.type}, block_size {block_size}, Triton "
             f"{'available' if gptq_triton.available() else 'unavailable'}); use kernel='auto' or 'torch'.",
         )
     return applies and kernel != "torch"
+
+
+def _column_loop(kernel: str, W: torch.Tensor, block_size: int, name: str) -> Loop:
+    """The column loop that ``kernel`` selects for weights like ``W`` (checked as :func:`_use_triton` does)."""
+    if not _use_triton(kernel, W, block_size, name):
+        return "torch"
+    return "triton" if kernel == "triton" else "graph"

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from lightning_tlq.core.gptq import GPTQOptions, GPTQResult, _assemble, _Factor, _fast_factor, _solve_rows
-from lightning_tlq.core.gptq_checks import _check_cross, _validate
+from lightning_tlq.core.gptq_checks import Loop, _check_cross, _validate
 from lightning_tlq.core.gptq_lean import _factor_lean
 from lightning_tlq.core.quantizer import QuantSpec
 
@@ -86,10 +86,11 @@ def gptq_factor(
 
 
 def gptq_rows(
-    W: torch.Tensor, factor: GPTQFactor, spec: QuantSpec, *, block_size: int = 128, name: str = "", fused: bool = False
+    W: torch.Tensor, factor: GPTQFactor, spec: QuantSpec, *, block_size: int = 128, name: str = "", loop: Loop = "torch"
 ) -> GPTQResult:
     """Quantize the rows ``W [rows, in]`` against a shared :class:`GPTQFactor`; the result's ``damp``/``retries``
-    are the factor's. ``fused`` runs the Triton block step (the caller checked that it applies)."""
+    are the factor's. ``loop``: the column loop (``triton``/``graph`` run the fused Triton block step, eagerly or
+    from a CUDA graph; the caller checked that it applies, :func:`~lightning_tlq.core.gptq_checks._column_loop`)."""
     Wf = W.detach().to(torch.float32).clone()
-    kw = {"block_size": block_size, "name": name, "scale_dtype": W.dtype, "cross": factor.cross, "fused": fused}
+    kw = {"block_size": block_size, "name": name, "scale_dtype": W.dtype, "cross": factor.cross, "loop": loop}
     return _assemble([_solve_rows(Wf, factor, spec, **kw)], spec, W.dtype)

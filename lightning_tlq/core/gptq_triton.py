@@ -23,9 +23,9 @@ if triton is not None:
 
     @triton.jit
     def _gptq_block(
-        W, U, S, Z, Q, E,
+        W, U, S, Z, G, Q, E,
         n_rows, n_cols, stride_w, stride_u, stride_s, stride_z, stride_q, stride_e, qmin, qmax,
-        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, GATHER: tl.constexpr,
     ):  # fmt: skip
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = tl.arange(0, BLOCK_C)
@@ -33,8 +33,13 @@ if triton is not None:
         cmask = cols < n_cols
         m2 = rmask[:, None] & cmask[None, :]
         w = tl.load(W + rows[:, None] * stride_w + cols[None, :], mask=m2, other=0.0)
-        s = tl.load(S + rows[:, None] * stride_s + cols[None, :], mask=m2, other=1.0)
-        z = tl.load(Z + rows[:, None] * stride_z + cols[None, :], mask=m2, other=0.0)
+        if GATHER:  # per-group S, Z [rows, n_groups]: column i reads group G[i] (the same values, gathered here)
+            g = tl.load(G + cols, mask=cmask, other=0)
+            s = tl.load(S + rows[:, None] * stride_s + g[None, :], mask=m2, other=1.0)
+            z = tl.load(Z + rows[:, None] * stride_z + g[None, :], mask=m2, other=0.0)
+        else:
+            s = tl.load(S + rows[:, None] * stride_s + cols[None, :], mask=m2, other=1.0)
+            z = tl.load(Z + rows[:, None] * stride_z + cols[None, :], mask=m2, other=0.0)
         q_all = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
         e_all = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
         for i in range(BLOCK_C):  # columns past n_cols are masked out: they change nothing
@@ -73,6 +78,7 @@ def block_step(
     qmax: int,
     codes: torch.Tensor | None = None,
     errors: torch.Tensor | None = None,
+    groups: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize the columns of block ``W1 [rows, c]`` (c <= 128) in order; return ``(codes, errors)``.
 
@@ -81,7 +87,12 @@ def block_step(
 
     Inputs may be row-strided views of larger float32 matrices (columns contiguous), and ``codes`` / ``errors``
     (float32 ``[rows, c]``, columns contiguous) receive the results in place: the column loop then copies
-    nothing per block. Other inputs are made contiguous float32 first.
+    nothing per block. Other inputs are made contiguous float32 first. ``codes`` may be ``W1`` itself: each
+    program reads its rows of ``W1`` before it writes any code of them (the codes depend on the whole row).
+
+    ``groups`` (int32 ``[c]``, contiguous): ``S1``/``Z1`` are then per-group ``[rows, n_groups]`` and column ``i``
+    uses ``S1[:, groups[i]]``, gathered in the kernel (the same values as the expanded ``[rows, c]`` ones, so the
+    same results) instead of materialising per-column parameters.
     """
     rows, cols = W1.shape
     if cols > 128:
@@ -92,11 +103,14 @@ def block_step(
     for out, label in ((codes, "codes"), (errors, "errors")):
         if out.shape != W1.shape or out.dtype != torch.float32 or (cols > 1 and out.stride(1) != 1):
             raise ValueError(f"block_step: {label} must be float32 {tuple(W1.shape)} with contiguous columns.")
+    if groups is not None and (groups.dtype != torch.int32 or groups.shape != (cols,) or groups.stride(0) != 1):
+        raise ValueError(f"block_step: groups must be a contiguous int32 tensor of {cols} group indices.")
     block_r = 16
     grid = (triton_cdiv(rows, block_r),)
     _gptq_block[grid](
-        W1, U1, S1, Z1, codes, errors, rows, cols, W1.stride(0), U1.stride(0), S1.stride(0), Z1.stride(0),
-        codes.stride(0), errors.stride(0), float(qmin), float(qmax), BLOCK_R=block_r, BLOCK_C=128, num_warps=4,
+        W1, U1, S1, Z1, S1 if groups is None else groups, codes, errors, rows, cols, W1.stride(0), U1.stride(0),
+        S1.stride(0), Z1.stride(0), codes.stride(0), errors.stride(0), float(qmin), float(qmax),
+        BLOCK_R=block_r, BLOCK_C=128, GATHER=groups is not None, num_warps=4,
     )  # fmt: skip
     return codes, errors
 
