@@ -110,8 +110,11 @@ def test_static_memory_stays_within_the_budget_and_is_freed() -> None:
     cache.set_budget(sizes[0] + sizes[2])  # the least recently used graph (1024 rows) has to go
     assert [k.rows for k in cache.lru_keys()] == [256, 2048]
     assert torch.cuda.memory_allocated() - base - (sizes[1] + sizes[2]) <= extra
-    cache.run(*_problem(1024, 1024, 128, seed=5), 0, 15, 128)  # over budget with the rest: evicts 256 rows
-    assert [k.rows for k in cache.lru_keys()] == [2048, 1024]
+    eager = cache.eager
+    cache.run(*_problem(1024, 1024, 128, seed=5), 0, 15, 128)  # dropped, no free room: eager, nothing captured
+    assert cache.eager == eager + 1
+    assert [k.rows for k in cache.lru_keys()] == [256, 2048]
+    torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() - base <= cache.budget_bytes + extra
     cache.clear()
     torch.cuda.synchronize()
