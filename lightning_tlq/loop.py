@@ -7,7 +7,7 @@ go through :class:`~lightning_tlq.distributed.Collective`, so the result does no
 beyond floating-point summation order. The loop only sequences the parts:
 
 - :class:`~lightning_tlq.importance_pass.ImportancePass`: backward and token weights;
-- :func:`~lightning_tlq.tokenweights.decoder_token_weights`: each layer's token weights and token set;
+- :class:`~lightning_tlq.tokenweights.LayerWeightsAhead`: each layer's token weights and token set;
 - :class:`~lightning_tlq.activations.LayerReplay`: captured inputs, single-layer replay, activation storage;
 - :class:`~lightning_tlq.stage.LayerStage`: one layer's accumulate -> reduce -> solve -> propagate;
 - :class:`~lightning_tlq.vision.VisionCalibration`: the vision tower's stages (``quant.vision``).
@@ -41,7 +41,7 @@ from lightning_tlq.resume import LayerCheckpoint, ResumeState
 from lightning_tlq.settings import CalibrationSettings
 from lightning_tlq.smoothing import LayerSmoothing
 from lightning_tlq.stage import LayerStage
-from lightning_tlq.tokenweights import decoder_token_weights
+from lightning_tlq.tokenweights import LayerWeightsAhead
 from lightning_tlq.vision import VisionCalibration
 
 
@@ -234,9 +234,16 @@ class CalibrationLoop:
                 hidden = [store(h.to(self.fabric.device)) for h in resumed.hidden]
                 fp_hidden = self._resumed_fp_hidden(resumed)
         self.replay.check_finite(self.start_layer - 1, hidden)
-        for index in range(self.start_layer, self.adapter.num_layers):
-            record, hidden, fp_hidden = self._layer(index, captured, hidden, fp_hidden, importance, masks, sample_ids)
-            records.append(record)
+
+        ahead = LayerWeightsAhead(
+            self.adapter.module_groups, importance, masks, sample_ids, select=self.method.selects_tokens,
+            token_set=self.settings.token_set, collective=self.collective,
+            share_inputs=self.settings.importance.granularity == "input",
+        )  # fmt: skip
+        with ahead as weights:
+            for index in range(self.start_layer, self.adapter.num_layers):
+                record, hidden, fp_hidden = self._layer(index, captured, hidden, fp_hidden, weights)
+                records.append(record)
         return records
 
     def _layer(
@@ -245,9 +252,7 @@ class CalibrationLoop:
         captured: Sequence[CapturedInputs],
         hidden: list[Tensor],
         fp_hidden: list[Tensor] | None,
-        importance: dict[ModuleKey, list[Tensor]],
-        masks: Sequence[TokenMasks],
-        sample_ids: Sequence[Tensor],
+        token_weights: LayerWeightsAhead,
     ) -> tuple[dict[str, Any], list[Tensor], list[Tensor] | None]:
         """Calibrate decoder layer ``index`` in place; its record and the next layer's inputs (both paths)."""
         emit(self.fabric, "on_layer_start", index=index)
@@ -256,18 +261,10 @@ class CalibrationLoop:
         if self.plan.prefetch_before_solve:
             self.placement.prefetch(index + 1)
         groups = self.adapter.module_groups(index)
-        with self._timed("layers.token_set"):
-            weights, set_record = decoder_token_weights(
-                index,
-                [n for g in groups for n in g],
-                importance,
-                masks,
-                sample_ids,
-                select=self.method.selects_tokens,
-                token_set=self.settings.token_set,
-                collective=self.collective,
-                input_groups=groups if self.settings.importance.granularity == "input" else None,
-            )
+        with self._timed("layers.token_set"):  # the wait for them, where they were chosen ahead
+            weights, set_record = token_weights.get(index)
+        if index + 1 < self.adapter.num_layers:
+            token_weights.start(index + 1)
         stage = LayerStage(
             index,
             layer,

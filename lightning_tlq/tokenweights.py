@@ -9,7 +9,8 @@ not depend on how samples are sharded over ranks.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -178,3 +179,66 @@ def decoder_token_weights(
         for b in range(n_batches)
     ]
     return weights, record
+
+
+LayerWeights = tuple[list[TokenWeights], dict[str, Any]]
+
+
+class LayerWeightsAhead:
+    """Each decoder layer's :func:`decoder_token_weights`; in one process, layer ``i + 1``'s chosen on a helper thread
+    while layer ``i`` calibrates.
+
+    They depend on the importance and the masks only, never on an earlier layer's result, so they can be chosen
+    early, with the same result. Only where no collective runs (one process): a helper thread's gathers could
+    interleave with the layer stage's. Use as a context manager; :meth:`get` returns layer ``index``'s (waiting for
+    them, or choosing them here), :meth:`start` begins a later layer's.
+
+    Args:
+        groups_of: ``index -> `` the layer's module groups (modules reading one input), as the adapter gives them.
+        share_inputs: ``importance.granularity=input`` (the groups' modules share their weights).
+        importance, masks, sample_ids, select, token_set, collective: as :func:`decoder_token_weights` takes them.
+    """
+
+    def __init__(
+        self,
+        groups_of: Callable[[int], Sequence[Sequence[str]]],
+        importance: Mapping[ModuleKey, Sequence[Tensor]],
+        masks: Sequence[Any],
+        sample_ids: Sequence[Tensor],
+        *,
+        select: bool,
+        token_set: Any,
+        collective: Any,
+        share_inputs: bool,
+    ) -> None:
+        self._groups_of, self._share = groups_of, share_inputs
+        self._args = (importance, masks, sample_ids)
+        self._kw = {"select": select, "token_set": token_set, "collective": collective}
+        ahead = getattr(collective, "world_size", 1) == 1
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="tlq-token-weights") if ahead else None
+        self._pending: dict[int, Future[LayerWeights]] = {}
+
+    def _compute(self, index: int) -> LayerWeights:
+        groups = self._groups_of(index)
+        names = [n for g in groups for n in g]
+        return decoder_token_weights(
+            index, names, *self._args, **self._kw, input_groups=groups if self._share else None
+        )
+
+    def start(self, index: int) -> None:
+        if self._pool is not None and index not in self._pending:
+            self._pending[index] = self._pool.submit(self._compute, index)
+
+    def get(self, index: int) -> LayerWeights:
+        pending = self._pending.pop(index, None)
+        return pending.result() if pending is not None else self._compute(index)
+
+    def __enter__(self) -> LayerWeightsAhead:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            for f in self._pending.values():
+                f.cancel()
+            self._pool.shutdown(wait=True)
+            self._pending.clear()
