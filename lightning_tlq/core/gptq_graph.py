@@ -1,12 +1,13 @@
 """The fused GPTQ column loop replayed from CUDA graphs: one graph per problem shape, a bounded cache of them.
 
 The fused loop (:func:`fused_loop`) launches, per block of ``block_size`` columns, one Triton block step
-(:mod:`lightning_tlq.core.gptq_triton`) and one ``addmm_``, with Python slicing and argument checks between
-them: host time that, in a calibration run, competes with the run's other threads (on an H200 the loop alone is
-GPU-bound; in a 7B run graphs saved about 0.6 s of solve, ``docs/performance.md``). A model repeats the same module shapes in every layer, so the whole loop of one
-shape is captured once into a ``torch.cuda.CUDAGraph`` over static buffers and replayed for every later module of
-that shape: copy the inputs in, ``replay()``, read the codes out. The replay runs the captured kernels with the
-captured arguments in the captured order, so its codes are bit-identical to the eager fused loop's.
+(:mod:`lightning_tlq.core.gptq_triton`) and one ``addmm_``, with Python slicing and argument checks between them:
+host time that, in a calibration run, competes with the run's other threads (on an H200 the loop alone is GPU-bound;
+in a 7B run graphs saved about 0.6 s of solve, ``docs/performance.md``). A model repeats the same module shapes in
+every layer, so the whole loop of one shape is captured once into a ``torch.cuda.CUDAGraph`` over static buffers and
+replayed for every later module of that shape: copy the inputs in, ``replay()``, read the codes out. The replay runs
+the captured kernels with the captured arguments in the captured order, so its codes are bit-identical to the eager
+fused loop's.
 
 First call of a shape (:class:`GraphCache`): the static buffers are allocated and filled, the fused loop runs once
 eagerly on them on a side stream (it compiles the Triton kernel for exactly these pointers' alignments and sets
@@ -27,9 +28,9 @@ Static buffers of one graph (all 4 bytes an element; ``r`` rows, ``n`` columns, 
 
 So :func:`static_bytes` ``= 4 (r n + n^2 + 2 r g + n + r min(b, n))``. The 7B shapes with 128-column groups and
 blocks: 3584 x 3584 (q, o) 105.4 MB; 512 x 3584 (k, v) 59.1 MB; 18944 x 3584 (gate, up) 336.9 MB; 3584 x 18944
-(down) 1.71 GB (``U`` alone is 1.44 GB). Under the default budget of 1 GiB (1073.7 MB) the first three fit
-together (501.4 MB) and ``down_proj`` runs the eager fused loop. Beyond the static buffers: the warm-up gives the
-side stream cuBLAS's workspace (one per device, 32 MiB measured on an H200, kept by PyTorch), and a column-major ``U`` (as the
+(down) 1.71 GB (``U`` alone is 1.44 GB). Under the default budget of 1 GiB (1073.7 MB) the first three fit together
+(501.4 MB) and ``down_proj`` runs the eager fused loop. Beyond the static buffers: the warm-up gives the side stream
+cuBLAS's workspace (one per device, 32 MiB measured on an H200, kept by PyTorch), and a column-major ``U`` (as the
 factorisations give it) has each diagonal block copied row-major by the block step, 64 KiB at a time, inside the
 graph's private pool (one small segment per graph, reserved, not allocated between replays).
 
