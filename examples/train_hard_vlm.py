@@ -7,6 +7,10 @@ Both families fit side by side on one H200 (two processes, each with its own Dat
     wait
     python examples/train_hard_vlm.py --family llava --out /tmp/smoke --smoke     # CPU: a few steps, tiny sizes
 
+``--task scenes_finer`` (or ``scenes_fine``) trains the variant with colour shades in place of read/add
+(:data:`lightning_tlq.tasks.scenes_hard.VARIANTS`); the checkpoint's ``config.tlq_task`` names it, so calibration
+and ``quality_hard.py`` draw that variant's kinds.
+
 Training data is an endless stream of the task's ``train`` split, rendered by DataLoader workers. As in
 ``train_scenes_vlm.py``, the learning rate follows the wall clock: warm-up, then a cosine that ends when
 ``--max-seconds`` are spent. Every ``--log-every`` steps the loss and a quick validation exact match (512 samples)
