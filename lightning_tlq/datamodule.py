@@ -49,7 +49,9 @@ def load_samples(data: DataArgs, task: str | None = None, default_split: str = "
 
         samples = dataset_samples(data)
     elif data.path is None:
-        if task in ("scenes", "scenes_hard", "scenes_fine", "scenes_finer"):
+        from lightning_tlq.tasks.scenes_hard import VARIANTS
+
+        if task == "scenes" or task in VARIANTS:
             samples = scenes_samples(data.split or default_split, data.num_samples, seed=data.seed, task=task)
         else:
             samples = synthetic_samples(data.num_samples, seed=data.seed)

@@ -172,21 +172,23 @@ def _relation(rng: random.Random) -> tuple[Scene, str, str]:
     return Scene(things), f"where is the {c1} {s1} relative to the {c2} {s2} ?", answer
 
 
-def _shades(rng: random.Random) -> tuple[Scene, str, str]:
+def _shade_scene(rng: random.Random, levels: dict[str, float], drawn_as: str) -> tuple[Scene, str, str]:
+    """3-5 objects in distinct columns, each a colour in one of ``levels``; ``drawn_as`` formats the object's colour
+    from ``c`` (name) and ``s`` (shade): ``shades`` objects carry ``"red 2"``, ``fine_shades`` their factor."""
     cols = sorted(rng.sample(range(_GRID), rng.randint(3, 5)))
-    colors = [f"{rng.choice(list(COLORS))} {rng.choice(list(SHADES))}" for _ in cols]
+    picks = [(rng.choice(list(COLORS)), rng.choice(list(levels))) for _ in cols]
     layout = _Layout(rng)
-    things = [layout.thing(rng.choice(SHAPES), c, (rng.randrange(_GRID), col)) for c, col in zip(colors, cols)]
-    return Scene(things), "what colors are there from left to right ?", " ".join(colors)
+    things = [layout.thing(rng.choice(SHAPES), drawn_as.format(c=c, s=s, f=levels[s]), (rng.randrange(_GRID), col))
+              for (c, s), col in zip(picks, cols)]  # fmt: skip
+    return Scene(things), "what colors are there from left to right ?", " ".join(f"{c} {s}" for c, s in picks)
+
+
+def _shades(rng: random.Random) -> tuple[Scene, str, str]:
+    return _shade_scene(rng, SHADES, "{c} {s}")
 
 
 def _fine_shades(rng: random.Random) -> tuple[Scene, str, str]:
-    cols = sorted(rng.sample(range(_GRID), rng.randint(3, 5)))
-    picks = [(rng.choice(list(COLORS)), rng.choice(list(FINE_SHADES))) for _ in cols]
-    layout = _Layout(rng)
-    things = [layout.thing(rng.choice(SHAPES), f"{c}@{FINE_SHADES[s]}", (rng.randrange(_GRID), col))
-              for (c, s), col in zip(picks, cols)]  # fmt: skip
-    return Scene(things), "what colors are there from left to right ?", " ".join(f"{c} {s}" for c, s in picks)
+    return _shade_scene(rng, FINE_SHADES, "{c}@{f}")
 
 
 _SKILLS = {"read": _read, "colors": _colors, "count": _count, "add": _add, "relation": _relation, "shades": _shades,
