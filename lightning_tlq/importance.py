@@ -93,7 +93,8 @@ class TokenImportance:
     def _on_grad(self, name: Hashable, output: Tensor | None, grad: Tensor) -> None:
         if name in self._pending:
             raise RuntimeError(f"Module {name} ran twice in one forward pass; importance expects one call per batch.")
-        value = raw_scores(grad, output, self.score, self.groups)
+        with torch.profiler.record_function("tlq.importance.score"):
+            value = raw_scores(grad, output, self.score, self.groups)
         if self.offload and value.is_cuda:  # no host sync per module: pinned copy, waited for at the end
             if self._arena is None:  # one page-locked slab for many scores, not one cudaHostAlloc each
                 self._arena = PinnedArena(pin=True)

@@ -20,6 +20,8 @@ from lightning_tlq.keys import ModuleKey
 from lightning_tlq.losses import answer_loss_from_hidden
 from lightning_tlq.observers import emit
 
+_range = torch.profiler.record_function  # named ranges in profiler traces (benchmark_speed.py --trace)
+
 
 @dataclass
 class Importance:
@@ -86,9 +88,11 @@ class ImportancePass:
             self.collector.on_importance_end(self.fabric)
             emit(self.fabric, "on_importance_end")
         scores = self.collector.scores
-        state = self.settings.quant.handler.after_importance(scores, masks, self.collective, self.adapter)
-        decoder = {k: v for k, v in scores.items() if not k.is_vision}
-        return Importance(self._postprocess(decoder, masks), {k: v for k, v in scores.items() if k.is_vision}, state)
+        with _range("tlq.importance.postprocess"):
+            state = self.settings.quant.handler.after_importance(scores, masks, self.collective, self.adapter)
+            decoder = {k: v for k, v in scores.items() if not k.is_vision}
+            weights = self._postprocess(decoder, masks)
+        return Importance(weights, {k: v for k, v in scores.items() if k.is_vision}, state)
 
     def targets(self) -> dict[ModuleKey, nn.Module]:
         """Every module whose output gradient is scored: the vision tower's (with ``quant.vision``), then every
@@ -133,18 +137,20 @@ class ImportancePass:
         for index in range(n_layers):
             self.placement.onload(index)
             self.placement.prefetch(index + 1)
-            inputs.append(self.replay.propagate(index, captured, inputs[-1]))
+            with _range("tlq.importance.forward"):
+                inputs.append(self.replay.propagate(index, captured, inputs[-1]))
             self.placement.offload(index)
         grads, last = [], inputs.pop()
-        for b in range(len(last)):
-            h = last[b].to(device, non_blocking=True).detach().requires_grad_(True)  # from page-locked host memory
-            last[b] = None  # type: ignore[call-overload]  # each batch's gradient replaces its output
-            with torch.enable_grad():
-                loss = answer_loss_from_hidden(self.adapter.head, h, batches[b]["labels"], draws[b])
-                check_loss(loss, b)
-                (grad,) = torch.autograd.grad(loss, h)
-            grads.append(grad)
-            del h, loss
+        with _range("tlq.importance.head"):
+            for b in range(len(last)):
+                h = last[b].to(device, non_blocking=True).detach().requires_grad_(True)  # from page-locked host memory
+                last[b] = None  # type: ignore[call-overload]  # each batch's gradient replaces its output
+                with torch.enable_grad():
+                    loss = answer_loss_from_hidden(self.adapter.head, h, batches[b]["labels"], draws[b])
+                    check_loss(loss, b)
+                    (grad,) = torch.autograd.grad(loss, h)
+                grads.append(grad)
+                del h, loss
         if self.vision is None:  # nothing needs the head on the device any more (embeddings, tower: parked)
             self.placement.park((), modified=False)
         for index in reversed(range(n_layers)):
@@ -154,7 +160,7 @@ class ImportancePass:
             for b in range(len(batches)):
                 self._batch(b, start=True)
                 h = layer_inputs[b].to(device, non_blocking=True).detach().requires_grad_(True)
-                with torch.enable_grad():
+                with torch.enable_grad(), _range("tlq.importance.backward"):
                     out = self.adapter.run_layer(index, h, captured[b].layer_kwargs[index])
                     out.backward(grads[b])
                 grads[b] = h.grad

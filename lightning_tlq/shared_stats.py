@@ -158,7 +158,8 @@ class LayerStatistics:
         for acc in stats.accumulators():
             self._added.setdefault(id(acc), name)
         if len(skip) < len(stats.accumulators()):
-            self._add(name, x, tw, fp, b, skip, where)
+            with torch.profiler.record_function("tlq.hessian.add"):
+                self._add(name, x, tw, fp, b, skip, where)
 
     def end_batch(self) -> None:
         self._raw = {}
