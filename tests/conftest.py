@@ -9,6 +9,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # lightning_tlq.threads); tests comparing exact codes of in-process CLI runs with subprocess runs need one fixed
 # count in every process, so the suite fixes it to torch's default here (children inherit it).
 # Triton decides between compiling and interpreting when a kernel is decorated, so this must precede imports.
+# Exact codes also depend on the CPU's vector instructions (ATen's and oneDNN's AVX-512 paths round differently
+# from their AVX2 paths): every test computes with AVX2, as the golden fixture was recorded (tests/golden.py).
+os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
+os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
 try:
     import torch
 

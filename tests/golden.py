@@ -3,7 +3,10 @@ saved weights must not change when the code is restructured.
 
 ``python tests/golden.py`` (re)writes ``tests/fixtures/golden_runs.json``; do that only for a change that is meant
 to change results, and say so in the commit. Every run uses one intra-op thread per process: float32 matmuls
-round differently with other thread counts, so exact digests are only comparable at a fixed count.
+round differently with other thread counts, so exact digests are only comparable at a fixed count. Likewise the CPU's
+vector instructions: ATen's kernels and oneDNN's matmuls take other code paths (and round differently) on an AVX-512
+machine than on an AVX2 one, so runs are pinned to AVX2 (:data:`PINNED_ISA`, set before torch computes anything;
+the fixture was recorded that way, and any x86-64 machine of this project has AVX2).
 """
 
 from __future__ import annotations
@@ -16,8 +19,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors import safe_open
+PINNED_ISA = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+"""The instruction set every exact-code computation runs with (conftest.py sets it for the whole suite)."""
+for _key, _value in PINNED_ISA.items():
+    os.environ.setdefault(_key, _value)
+
+import torch  # noqa: E402  (after the pin: oneDNN reads it when first used, ATen when first dispatching)
+from safetensors import safe_open  # noqa: E402
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden_runs.json"
 ROOT = Path(__file__).resolve().parents[1]
