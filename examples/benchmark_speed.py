@@ -210,7 +210,9 @@ def main(fabric, args) -> dict | None:
     module = TLQModule().attach(model, processor=None)
     shard = shard_range(args.samples, fabric.world_size, fabric.global_rank)
     batches = build_batches(args.samples, args.image_tokens, args.text_tokens, args.batch_size, shard)
-    quant = QuantArgs(method=args.method, bits=4, group_size=128, kernel=args.kernel)
+    quant = QuantArgs(
+        method=args.method, bits=4, group_size=128, kernel=args.kernel, factor_precision=args.factor_precision
+    )
     memory = MemoryArgs(layerwise=True, offload_activations=args.offload_activations, pin_layers=args.pin_layers,
                         profile=args.memory_profile)  # fmt: skip
     importance = ImportanceArgs(granularity=args.importance_granularity)
@@ -255,7 +257,8 @@ def main(fabric, args) -> dict | None:
         "phases_s_rank0": loop.phase_seconds, "peak_gib_per_rank": [round(p, 2) for p in peaks],
         "mean_weighted_rel_error": sum(r["modules"][m]["weighted_rel_error"] or 0 for r in records
                                        for m in r["modules"]) / sum(len(r["modules"]) for r in records),
-        "kernel": args.kernel, "pin_layers": args.pin_layers, "importance_granularity": args.importance_granularity,
+        "kernel": args.kernel, "factor_precision": args.factor_precision, "pin_layers": args.pin_layers,
+        "importance_granularity": args.importance_granularity,
         "torch": torch.__version__, "placement_s_rank0": loop.placement.seconds,
         "registered_gib_rank0": loop.placement.registered_bytes / 2**30,
         "solve_s_by_module": _by_module(records, "seconds"), "codes_digest": digest,
@@ -317,6 +320,7 @@ def _by_module(records: list[dict], key: str) -> dict:
 
 
 def parse(argv=None):
+    from lightning_tlq.core.factor import FACTOR_PRECISIONS
     from lightning_tlq.core.gptq_checks import KERNELS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -334,6 +338,10 @@ def parse(argv=None):
     p.add_argument(
         "--kernel", choices=list(KERNELS), default="auto", help="quant.kernel (GPTQ loop; auto = graph on CUDA)"
     )
+    p.add_argument(
+        "--factor-precision", choices=list(FACTOR_PRECISIONS), default="auto",
+        help="quant.factor_precision (the GPTQ factor's products; auto = tf32x3 on CUDA)",
+    )  # fmt: skip
     p.add_argument("--pin-layers", action=argparse.BooleanOptionalAction, default=True, help="memory.pin_layers")
     p.add_argument("--memory-profile", choices=["fast", "low"], default="fast", help="memory.profile")
     p.add_argument(
@@ -376,6 +384,8 @@ def _non_default(r: dict) -> str:
     if "env" in r:
         return r["env"]
     out = [f"quant.kernel={r['kernel']}"] if r.get("kernel", "auto") != "auto" else []
+    if r.get("factor_precision", "auto") != "auto":
+        out.append(f"quant.factor_precision={r['factor_precision']}")
     if r.get("importance_granularity", "module") != "module":
         out.append(f"importance.granularity={r['importance_granularity']}")
     return " ".join(out + (["memory.pin_layers=false"] if r.get("pin_layers") is False else []))

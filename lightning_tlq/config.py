@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from lightning_tlq.core.actquant import check_act_bits
+from lightning_tlq.core.factor import FACTOR_PRECISIONS, FactorPrecision
 from lightning_tlq.core.gptq import KERNELS, Kernel
 from lightning_tlq.core.quantizer import QuantSpec
 from lightning_tlq.losses import LABEL_SOURCES, LabelSource
@@ -55,16 +56,17 @@ class QuantArgs:
     group_size: int = 128
     """Input channels per quantization group; -1 means one group per output channel."""
     symmetric: bool = True
-    """Symmetric (zero point 0) or asymmetric (integer zero point) quantization."""
+    """Symmetric (zero point 0) or asymmetric (integer zero point)."""
     act_order: bool = True
-    """GPTQ: columns in order of decreasing Hessian diagonal (static groups)."""
+    """GPTQ: columns by decreasing Hessian diagonal (static groups)."""
     block_size: int = 128
     """GPTQ: columns per lazy block update."""
     damp: float = 0.01
     """GPTQ: damping ``damp * mean(diag H)`` (x10 up to 3 times on failure)."""
     kernel: Kernel = "auto"
-    """GPTQ column loop: ``auto`` (graph on CUDA), ``graph`` (fused Triton step from CUDA graphs), ``triton``
-    (fused step, eager) or ``torch`` (eager loop)."""
+    """GPTQ column loop: ``auto`` (graph on CUDA), ``graph`` (Triton step in CUDA graphs), ``triton`` or ``torch``."""
+    factor_precision: FactorPrecision = "auto"
+    """GPTQ factor: ``tf32x3`` (fp32 from 3 TF32 products) on CUDA, else ``fp32``."""
     true_sequential: bool = True
     """Solve q,k,v -> o -> gate,up -> down in order, each after the ones before it are quantized."""
     act_bits: int | None = None
@@ -94,6 +96,7 @@ class QuantArgs:
         if self.block_size < 1:
             raise ValueError(f"quant.block_size={self.block_size} must be a positive number of columns.")
         _check_choice("quant.kernel", self.kernel, KERNELS)
+        _check_choice("quant.factor_precision", self.factor_precision, FACTOR_PRECISIONS)
         if self.kernel in ("triton", "graph") and self.block_size > 128:
             raise ValueError(
                 f"quant.kernel={self.kernel!r} runs blocks of at most 128 columns, got "

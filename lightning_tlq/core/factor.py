@@ -4,12 +4,19 @@
 (:func:`retry_damping`, the schedule the low-memory solve shares);
 ``inverse_upper_factor`` computes it from one Cholesky and one triangular inverse, and
 ``lower_triangular_inverse`` is that inverse by block recursion (mostly matrix products on a GPU).
+
+The recursion's products run in one of two precisions (:data:`FactorPrecision`): ``fp32``, plain float32 matrix
+products (on CUDA the FFMA kernels, ~50 TFLOP/s on an H100/H200), or ``tf32x3``, float32 products emulated with
+three TF32 tensor-core products (:func:`matmul_tf32x3`: each operand split into a TF32 head and a float32 tail,
+``A_h B_h + (A_h B_t + A_t B_h)``), about as accurate as float32 and several times faster. ``auto`` is ``tf32x3`` on
+CUDA and ``fp32`` elsewhere (a CPU has no TF32: its products would only be tripled).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Literal, get_args
 
 import torch
 
@@ -24,13 +31,86 @@ def label(name: str) -> str:
     return name or "<unnamed>"
 
 
-def lower_triangular_inverse(L: torch.Tensor, leaf: int = 2048, out: torch.Tensor | None = None) -> torch.Tensor:
+FactorPrecision = Literal["auto", "fp32", "tf32x3"]
+"""Precision of the triangular inverse's matrix products (module docstring)."""
+FACTOR_PRECISIONS: tuple[str, ...] = get_args(FactorPrecision)
+
+_TF32_ROUND, _TF32_MASK = 1 << 12, -(1 << 13)  # float32 bits: round to nearest at TF32's 10th mantissa bit, cut
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> ``tf32x3`` on CUDA, ``fp32`` elsewhere; ``fp32``/``tf32x3`` as given.
+
+    Raises:
+        ValueError: On an unknown precision.
+    """
+    if precision not in FACTOR_PRECISIONS:
+        choices = ", ".join(FACTOR_PRECISIONS)
+        raise ValueError(f"factor precision {precision!r} is not supported; choose one of {choices}.")
+    if precision == "auto":
+        return "tf32x3" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def split_tf32_(x: torch.Tensor) -> torch.Tensor:
+    """Split float32 ``x`` in place into its TF32 head (left in ``x``: exactly representable in TF32, so tensor cores
+    read it unrounded) and return the tail ``x_old - head`` (exact, a float32 tensor); ``x += tail`` restores ``x``
+    exactly (every value; a ``-0.0`` comes back as ``+0.0``)."""
+    tail = x.clone()
+    bits = x.view(torch.int32)
+    bits.add_(_TF32_ROUND).bitwise_and_(_TF32_MASK)
+    return tail.sub_(x)
+
+
+def matmul_tf32x3(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None, rows: int = 2048) -> torch.Tensor:
+    """``a @ b`` for float32 matrices from three TF32 products: ``a_h b_h + (a_h b_t + a_t b_h)``.
+
+    Heads keep 11 significant bits, tails the next ~13, so the dropped ``a_t b_t`` and the tails' own TF32 rounding
+    are below ``2^-21`` of each product term: about float32's accuracy, at tensor-core speed. ``b`` is split in place
+    and restored (:func:`split_tf32_`) before returning (it must not overlap ``a`` or ``out``); ``a`` is split
+    ``rows`` rows at a time, so the scratch is one tail of ``b`` plus two row blocks of ``a``.
+    """
+    out = torch.empty((a.shape[0], b.shape[1]), dtype=a.dtype, device=a.device) if out is None else out
+    b_tail = split_tf32_(b)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        for start in range(0, a.shape[0], rows):
+            a_head = a[start : start + rows].clone()
+            a_tail = split_tf32_(a_head)
+            block = out[start : start + rows]
+            torch.mm(a_head, b_tail, out=block)
+            block.addmm_(a_tail, b)
+            block.addmm_(a_head, b)
+            del a_head, a_tail
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+        b.add_(b_tail)
+    return out
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor, precision: str) -> torch.Tensor:
+    """``a @ b`` in float32 (``fp32``: TF32 kept off) or from three TF32 products (``tf32x3``; ``b`` is restored)."""
+    if precision == "tf32x3":
+        return matmul_tf32x3(a, b)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        return a @ b
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def lower_triangular_inverse(
+    L: torch.Tensor, leaf: int = 2048, out: torch.Tensor | None = None, precision: str = "fp32"
+) -> torch.Tensor:
     """Inverse of a lower-triangular ``L`` by 2 x 2 block recursion down to ``leaf`` columns, written into ``out``
     (None: a new tensor).
 
-    ``[[A, 0], [C, B]]^-1 = [[A^-1, 0], [-B^-1 C A^-1, B^-1]]``: about ``n^3/3`` multiply-adds, nearly all in plain
-    matrix products (TF32 kept off), where a triangular solve against the identity does ``n^3``. Blocks of at
-    most ``leaf`` columns are solved directly, so matrices up to ``leaf`` take exactly that path.
+    ``[[A, 0], [C, B]]^-1 = [[A^-1, 0], [-B^-1 C A^-1, B^-1]]``: about ``n^3/3`` multiply-adds, nearly all in
+    matrix products, where a triangular solve against the identity does ``n^3``. Blocks of at most ``leaf`` columns
+    are solved directly, so matrices up to ``leaf`` take exactly that path. ``precision``: the products'
+    (``fp32`` or ``tf32x3``, module docstring).
     """
     n = L.shape[0]
     if n <= leaf:
@@ -38,25 +118,22 @@ def lower_triangular_inverse(L: torch.Tensor, leaf: int = 2048, out: torch.Tenso
         return inverse if out is None else out.copy_(inverse)
     h = n // 2
     out = torch.zeros_like(L) if out is None else out.zero_()
-    out[:h, :h] = lower_triangular_inverse(L[:h, :h], leaf)
-    out[h:, h:] = lower_triangular_inverse(L[h:, h:], leaf)
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        out[h:, :h] = -(out[h:, h:] @ (L[h:, :h] @ out[:h, :h]))
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
+    out[:h, :h] = lower_triangular_inverse(L[:h, :h], leaf, precision=precision)
+    out[h:, h:] = lower_triangular_inverse(L[h:, h:], leaf, precision=precision)
+    product = _matmul(L[h:, :h], out[:h, :h], precision)  # C A^-1
+    out[h:, :h] = _matmul(out[h:, h:], product, precision).neg_()
     return out
 
 
-def triangular_inverse(L: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def triangular_inverse(L: torch.Tensor, out: torch.Tensor | None = None, precision: str = "auto") -> torch.Tensor:
     """``L^-1`` as GPTQ computes it, into ``out`` (None: a new tensor): blocked on a GPU
-    (:func:`lower_triangular_inverse`, mostly matrix products), one triangular solve against the identity on the CPU
-    (the blocked form's ``leaf``-sized case)."""
-    return lower_triangular_inverse(L, 2048 if L.is_cuda else L.shape[0], out)
+    (:func:`lower_triangular_inverse`, mostly matrix products, in ``precision``: :data:`FactorPrecision`), one
+    triangular solve against the identity on the CPU (the blocked form's ``leaf``-sized case)."""
+    precision = resolve_precision(precision, L.device)
+    return lower_triangular_inverse(L, 2048 if L.is_cuda else L.shape[0], out, precision)
 
 
-def inverse_upper_factor(H: torch.Tensor) -> tuple[torch.Tensor, bool]:
+def inverse_upper_factor(H: torch.Tensor, precision: str = "auto") -> tuple[torch.Tensor, bool]:
     """Upper-triangular ``U`` with ``U^T U = H^-1``, from one Cholesky and one triangular inverse.
 
     With ``J`` the index reversal and ``J H J = L L^T``: ``H^-1 = (J L^-1 J)^T (J L^-1 J)`` and ``J L^-1 J`` is upper
@@ -67,7 +144,7 @@ def inverse_upper_factor(H: torch.Tensor) -> tuple[torch.Tensor, bool]:
     L, info = torch.linalg.cholesky_ex(H.flip(0, 1))
     if int(info) != 0:
         return H, False
-    U = triangular_inverse(L).flip(0, 1)
+    U = triangular_inverse(L, precision=precision).flip(0, 1)
     return U, bool(torch.isfinite(U).all())
 
 
@@ -103,8 +180,11 @@ def retry_damping(
     )
 
 
-def damped_inverse_factor(H: torch.Tensor, damp: float, max_retries: int, name: str) -> tuple[torch.Tensor, float, int]:
-    """Return ``(U, damp_used, retries)`` with ``U`` the upper Cholesky factor of ``(H + d I)^-1``.
+def damped_inverse_factor(
+    H: torch.Tensor, damp: float, max_retries: int, name: str, precision: str = "auto"
+) -> tuple[torch.Tensor, float, int]:
+    """Return ``(U, damp_used, retries)`` with ``U`` the upper Cholesky factor of ``(H + d I)^-1`` (its triangular
+    inverse's products in ``precision``, :data:`FactorPrecision`).
 
     Raises:
         GPTQError: If factorisation fails after ``max_retries`` tenfold damping increases.
@@ -113,7 +193,7 @@ def damped_inverse_factor(H: torch.Tensor, damp: float, max_retries: int, name: 
     eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
 
     def attempt(rel: float) -> torch.Tensor | None:
-        U, ok = inverse_upper_factor(H + (rel * mean_diag) * eye)
+        U, ok = inverse_upper_factor(H + (rel * mean_diag) * eye, precision)
         return U if ok else None
 
     return retry_damping(attempt, damp, max_retries, name)

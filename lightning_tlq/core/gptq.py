@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from lightning_tlq.core import gptq_graph
-from lightning_tlq.core.factor import GPTQError, damped_inverse_factor
+from lightning_tlq.core.factor import FactorPrecision, GPTQError, damped_inverse_factor
 from lightning_tlq.core.factor import label as _label
 from lightning_tlq.core.gptq_checks import KERNELS, GPTQOptions, Kernel, Loop, _check_cross, _check_shared, _column_loop
 from lightning_tlq.core.quantizer import QuantSpec, codes_to_values, compute_qparams, dequantize, round_to_grid
@@ -171,7 +171,7 @@ def _factor(H: torch.Tensor, opts: GPTQOptions, name: str) -> _Factor:
     if perm is not None:
         H = H[perm][:, perm]
     with torch.profiler.record_function("gptq.factor"):
-        U, used, retries = damped_inverse_factor(H, opts.damp, opts.max_retries, name)
+        U, used, retries = damped_inverse_factor(H, opts.damp, opts.max_retries, name, opts.factor_precision)
     return _Factor(U, perm, dead, used, retries)
 
 
@@ -247,6 +247,7 @@ def gptq_quantize(
     name: str = "",
     cross: torch.Tensor | None = None,
     kernel: Kernel = "auto",
+    factor_precision: FactorPrecision = "auto",
 ) -> GPTQResult:
     """Quantize ``W`` with GPTQ against the Hessian ``H``.
 
@@ -270,6 +271,9 @@ def gptq_quantize(
             requires that path, ``triton`` the fused step run eagerly (the same codes as ``graph``), ``torch``
             never uses it. Fused and torch loops compute the same IEEE operations in the same order; compiled code
             may contract a multiply-add, so codes can differ by one step in rare cases.
+        factor_precision: The triangular inverse's matrix products (:data:`FactorPrecision`): ``auto`` (default)
+            emulates float32 with three TF32 products on CUDA (``tf32x3``, faster, about float32's accuracy; codes
+            on rounding boundaries can differ from ``fp32``'s) and uses plain float32 elsewhere.
 
     Returns:
         A :class:`GPTQResult` whose ``weight`` equals ``dequantize(codes, scale, zero)`` in ``W.dtype``.
@@ -281,7 +285,7 @@ def gptq_quantize(
     """
     return gptq_quantize_shared(
         [W], H, spec, names=[name], cross=cross, block_size=block_size, damp=damp, act_order=act_order,
-        max_retries=max_retries, kernel=kernel,
+        max_retries=max_retries, kernel=kernel, factor_precision=factor_precision,
     )[0]  # fmt: skip
 
 

@@ -9,7 +9,7 @@ from typing import Literal, get_args
 import torch
 
 from lightning_tlq.core import gptq_triton
-from lightning_tlq.core.factor import GPTQError
+from lightning_tlq.core.factor import FACTOR_PRECISIONS, FactorPrecision, GPTQError
 from lightning_tlq.core.factor import label as _label
 from lightning_tlq.core.quantizer import QuantSpec
 
@@ -37,6 +37,7 @@ class GPTQOptions:
     act_order: bool = True
     max_retries: int = 3
     kernel: Kernel = "auto"
+    factor_precision: FactorPrecision = "auto"
 
 
 def _error(kind: type[Exception], name: str, message: str) -> Exception:
@@ -50,6 +51,13 @@ def _validate(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, opts: GPTQOptio
         raise _error(ValueError, name, f"W must be a 2-D float tensor [out, in], got {W.dtype} {tuple(W.shape)}.")
     out_features, in_features = W.shape
     spec.check_shape(in_features, name)
+    if opts.factor_precision not in FACTOR_PRECISIONS:
+        raise _error(
+            ValueError,
+            name,
+            f"factor_precision={opts.factor_precision!r} is not supported; "
+            f"choose one of {', '.join(FACTOR_PRECISIONS)}.",
+        )
     if H.dim() not in (2, 3) or tuple(H.shape[-2:]) != (in_features, in_features):
         raise _error(
             ValueError, name, f"H must be [in, in] or [G, in, in] with in={in_features}, got {tuple(H.shape)}."

@@ -92,6 +92,7 @@ def _damped_factor(
     damp: float,
     max_retries: int,
     name: str,
+    precision: str = "auto",
 ) -> tuple[torch.Tensor, float, int]:
     """:func:`~lightning_tlq.core.factor.damped_inverse_factor` on ``A = given.pop()`` (its only reference): the
     flipped (``J A J``), undamped, permuted Hessian, damped in place. ``workspace``: where the factor and its
@@ -116,7 +117,7 @@ def _damped_factor(
             return None
         if workspace is None:
             A = None  # only L is needed from here on
-        U = flip_(triangular_inverse(L, None if workspace is None else workspace[1]))
+        U = flip_(triangular_inverse(L, None if workspace is None else workspace[1], precision))
         del L
         return U if bool(torch.isfinite(U).all()) else None
 
@@ -146,7 +147,15 @@ def _factor_lean(H: torch.Tensor, device: torch.device, opts: GPTQOptions, name:
         given = [flip_(A)]
         del A
         U, used, retries = _damped_factor(
-            given, lambda: flip_(build()), workspace, n, mean_diag, opts.damp, opts.max_retries, name
+            given,
+            lambda: flip_(build()),
+            workspace,
+            n,
+            mean_diag,
+            opts.damp,
+            opts.max_retries,
+            name,
+            opts.factor_precision,
         )
     return _Factor(U, perm, dead, used, retries)
 

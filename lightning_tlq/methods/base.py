@@ -186,6 +186,7 @@ def _solve_options(stats: ModuleStats, quant: QuantArgs) -> dict[str, Any]:
         "act_order": quant.act_order,
         "cross": stats.cross,
         "kernel": quant.kernel,
+        "factor_precision": quant.factor_precision,
     }
 
 
