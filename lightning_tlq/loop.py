@@ -276,6 +276,7 @@ class CalibrationLoop:
             smoothing=self._smoothing(index, layer),
             staging=self._staging,
             lean_solve=self.plan.lean_solve,
+            replay_submodules=not self.plan.offload_activations,
         )
         hidden = stage.run(self.replay.layer_forward(index, captured), hidden, weights, fp_inputs=fp_hidden)
         self.placement.prefetch(index + 1)  # no-op if issued above

@@ -32,6 +32,46 @@ class _StopLayer(Exception):
     """Raised from a module hook to end a full-precision forward once the modules of interest have run."""
 
 
+def _common_parent(names: Sequence[str]) -> str:
+    """The innermost submodule path holding every module of ``names`` ("" for the layer itself)."""
+    parts = [n.split(".")[:-1] for n in names]
+    common: list[str] = []
+    for level in zip(*parts):
+        if any(p != level[0] for p in level):
+            break
+        common.append(level[0])
+    return ".".join(common)
+
+
+class _KeptInputs:
+    """One submodule's call arguments per batch, kept by one accumulate pass for the next
+    (:meth:`LayerStage.accumulate`).
+
+    Each tensor's version counter is recorded: one changed in place since is not replayed (that batch runs the whole
+    layer instead)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.calls: dict[int, tuple[tuple, dict, list[tuple[Tensor, int]]]] = {}
+
+    def add(self, b: int, args: tuple, kwargs: dict) -> None:
+        if b in self.calls:  # the submodule ran twice in one batch: its inputs are not one call's
+            self.calls[b] = ((), {}, [])
+            return
+        tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, Tensor)]
+        self.calls[b] = (args, dict(kwargs), [(t, t._version) for t in tensors])
+
+    def call(self, b: int) -> tuple[tuple, dict] | None:
+        """Batch ``b``'s arguments, or None where they cannot be replayed."""
+        entry = self.calls.get(b)
+        if entry is None or (not entry[0] and not entry[1]):
+            return None
+        args, kwargs, versions = entry
+        if any(t._version != v for t, v in versions):
+            return None
+        return args, kwargs
+
+
 class LayerStage:
     """Calibrates one decoder layer in place.
 
@@ -61,6 +101,9 @@ class LayerStage:
         staging: moves the codes, scales and zero points to the host (share one across stages: it keeps a
             page-locked buffer).
         lean_solve: solve with the least memory (``memory.profile=low``; same codes).
+        replay_submodules: let an accumulate pass start at the submodule holding its modules, from that submodule's
+            inputs kept from the pass before (:meth:`accumulate`); costs one layer-input-sized tensor per batch on the
+            device between the two passes (off where activations are offloaded).
     """
 
     def __init__(
@@ -76,6 +119,7 @@ class LayerStage:
         smoothing: LayerSmoothing | None = None,
         staging: HostStaging | None = None,
         lean_solve: bool = False,
+        replay_submodules: bool = True,
     ) -> None:
         self.method = quant.handler
         if self.method.smoothing is not None and smoothing is None:
@@ -83,6 +127,8 @@ class LayerStage:
         self.smoothing = smoothing
         self.staging = staging or HostStaging()
         self.lean_solve = lean_solve
+        self.replay_submodules = replay_submodules
+        self._kept: _KeptInputs | None = None  # a submodule's inputs from the last pass, for the next one
         self.index = index
         self.layer = layer
         self.module_groups = [list(g) for g in module_groups]
@@ -129,8 +175,9 @@ class LayerStage:
         groups = self.module_groups if self.quant.true_sequential else [sum(self.module_groups, [])]
         if self.smoothing is not None:
             self._timed("search", self.smoothing.run, forward, inputs, weights)
-        for names in groups:
-            self._timed("accumulate", self.accumulate, names, forward, inputs, weights, fp_inputs)
+        for i, names in enumerate(groups):
+            keep = self._keep_for(names, groups[i + 1]) if i + 1 < len(groups) and fp_inputs is None else None
+            self._timed("accumulate", self.accumulate, names, forward, inputs, weights, fp_inputs, keep)
             self._timed("reduce", self.reduce, names)
             self._timed("solve", self.solve, names)
         return self._timed("propagate", self.propagate, forward, inputs)
@@ -149,6 +196,18 @@ class LayerStage:
         return out
 
     # --- steps -------------------------------------------------------------------------------------------------
+    def _keep_for(self, names: Sequence[str], following: Sequence[str]) -> str | None:
+        """The submodule whose inputs the pass over ``names`` keeps for the pass over ``following``: the innermost
+        submodule holding all of ``following``, provided it also holds all of ``names`` (then quantizing ``names``
+        leaves its inputs unchanged, and the next pass can start there). None when there is none (or it would be
+        the layer itself)."""
+        if not self.replay_submodules:
+            return None
+        path = _common_parent(following)
+        if not path or not all(n.startswith(path + ".") for n in names):
+            return None
+        return path
+
     def accumulate(
         self,
         names: Sequence[str],
@@ -156,13 +215,23 @@ class LayerStage:
         inputs: Sequence[Tensor],
         weights: Sequence[TokenWeights],
         fp_inputs: Sequence[Tensor] | None = None,
+        keep: str | None = None,
     ) -> None:
         """Run the layer over all batches, adding each module's weighted input statistics.
 
         Each pass stops as soon as every module of ``names`` has run (the rest of the layer cannot change their
         inputs). With ``fp_inputs`` each batch first runs on the full-precision path (up to the last module of
         ``names``), whose module inputs are then paired with the quantized path's for the cross terms.
+
+        ``keep``: a submodule (path in the layer) whose inputs this pass keeps, per batch, for the next pass. A pass
+        whose modules all sit in the submodule the previous pass kept starts there: it calls that submodule on the
+        kept inputs instead of running the layer (e.g. the ``down_proj`` pass runs ``mlp`` alone, on the inputs the
+        ``gate_proj``/``up_proj`` pass gave it: quantizing those two cannot change them). The same modules see the
+        same tensors, so the statistics are the same as from a full forward.
         """
+        kept, self._kept = self._kept, None
+        if kept is not None and (fp_inputs is not None or _common_parent(names) != kept.path):
+            kept = None
         self._stats = None  # the previous pass's statistics are solved: free them before allocating these
         stats = self._stats = LayerStatistics(
             self.modules, names, self.module_groups, self.quant, self.metrics, self.groups, weights,
@@ -188,6 +257,13 @@ class LayerStage:
         handles += [  # before activation quantization: which modules read one tensor
             self.modules[n].register_forward_pre_hook(lambda m, a, n=n: raw(n, a[0]), prepend=True) for n in names
         ]
+        keeping = _KeptInputs(keep) if keep is not None else None
+        if keeping is not None:
+            handles.append(
+                self.layer.get_submodule(keep).register_forward_pre_hook(
+                    lambda m, a, k: keeping.add(current["b"], a, k), with_kwargs=True
+                )
+            )
         try:
             with torch.no_grad():
                 for b, hidden in enumerate(inputs):
@@ -195,12 +271,18 @@ class LayerStage:
                         current["w"] = None
                         current["fp"] = self._fp_module_inputs(names, forward, b, fp_inputs[b])
                     current["w"], current["seen"], current["b"] = weights[b], set(), b
+                    start = kept.call(b) if kept is not None else None
                     with self._activation_quant(), contextlib.suppress(_StopLayer):
-                        forward(b, hidden)
+                        if start is not None:
+                            self.layer.get_submodule(kept.path)(*start[0], **start[1])
+                        else:
+                            forward(b, hidden)
                     stats.end_batch()
         finally:
             for h in handles:
                 h.remove()
+        if keeping is not None and len(keeping.calls) == len(inputs):
+            self._kept = keeping
 
     def _fp_module_inputs(
         self, names: Sequence[str], forward: Callable[[int, Tensor], Tensor], b: int, hidden: Tensor
