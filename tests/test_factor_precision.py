@@ -55,13 +55,13 @@ def test_split_of_a_strided_view_leaves_the_rest_alone() -> None:
     assert torch.equal(x, before)
 
 
-@pytest.mark.parametrize("rows", [7, 2048])
-def test_three_product_matmul_matches_float32(rows: int) -> None:
+@pytest.mark.parametrize("block", [7, 2048])
+def test_three_product_matmul_matches_float32(block: int) -> None:
     g = torch.Generator().manual_seed(2)
     a, b = torch.randn(50, 300, generator=g), torch.randn(300, 40, generator=g) * 1e3
     b_before = b.clone()
     exact = a.double() @ b.double()
-    got = matmul_tf32x3(a, b, rows=rows)
+    got = matmul_tf32x3(a, b, block=block)
     assert torch.equal(b, b_before)  # b is split in place and restored exactly
     scale = a.double().abs() @ b.double().abs()
     # on the CPU (no TF32 rounding) only a_t b_t (< 2^-22 of each term) and float32 summation are lost

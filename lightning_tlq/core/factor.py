@@ -62,30 +62,35 @@ def split_tf32_(x: torch.Tensor) -> torch.Tensor:
     return tail.sub_(x)
 
 
-def matmul_tf32x3(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None, rows: int = 2048) -> torch.Tensor:
+def matmul_tf32x3(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None, block: int = 2048) -> torch.Tensor:
     """``a @ b`` for float32 matrices from three TF32 products: ``a_h b_h + (a_h b_t + a_t b_h)``.
 
     Heads keep 11 significant bits, tails the next ~13, so the dropped ``a_t b_t`` and the tails' own TF32 rounding
-    are below ``2^-21`` of each product term: about float32's accuracy, at tensor-core speed. ``b`` is split in place
-    and restored (:func:`split_tf32_`) before returning (it must not overlap ``a`` or ``out``); ``a`` is split
-    ``rows`` rows at a time, so the scratch is one tail of ``b`` plus two row blocks of ``a``.
+    are below ``2^-21`` of each product term: about float32's accuracy, at tensor-core speed. The output is written
+    in ``block x block`` tiles: ``b`` is split in place one column block at a time and restored
+    (:func:`split_tf32_`) before the next (it must not overlap ``a`` or ``out``), ``a`` one row block at a time, so
+    the scratch is three blocks of ``block`` rows or columns (3 x 75 MiB at 9472-long products), whatever the size.
     """
     out = torch.empty((a.shape[0], b.shape[1]), dtype=a.dtype, device=a.device) if out is None else out
-    b_tail = split_tf32_(b)
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
-        for start in range(0, a.shape[0], rows):
-            a_head = a[start : start + rows].clone()
-            a_tail = split_tf32_(a_head)
-            block = out[start : start + rows]
-            torch.mm(a_head, b_tail, out=block)
-            block.addmm_(a_tail, b)
-            block.addmm_(a_head, b)
-            del a_head, a_tail
+        for col in range(0, b.shape[1], block):
+            b_block = b[:, col : col + block]
+            b_tail = split_tf32_(b_block)
+            try:
+                for row in range(0, a.shape[0], block):
+                    a_head = a[row : row + block].clone()
+                    a_tail = split_tf32_(a_head)
+                    tile = out[row : row + block, col : col + block]
+                    torch.mm(a_head, b_tail, out=tile)
+                    tile.addmm_(a_tail, b_block)
+                    tile.addmm_(a_head, b_block)
+                    del a_head, a_tail
+            finally:
+                b_block.add_(b_tail)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
-        b.add_(b_tail)
     return out
 
 
