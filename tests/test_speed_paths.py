@@ -68,11 +68,12 @@ def test_early_stopped_passes_give_identical_results_with_fewer_layer_runs(monke
             assert torch.equal(result.codes, early.results[name].codes), name
             assert torch.equal(result.scale, early.results[name].scale), name
         assert _untimed(full_records) == _untimed(early_records)  # tokens, damping, errors
-        # layer 0's down_proj per batch: the true-sequential groups q/k/v, o, gate/up stop before it, so of the
-        # four statistics passes only the last one reaches it (then the propagation pass)
+        # layer 0's down_proj per batch: the true-sequential groups q/k/v and gate/up stop before it, so of the four
+        # statistics passes only the last one reaches it (then the propagation pass); the o_proj pass starts at
+        # self_attn (kept inputs, test_stage_replay.py) and reaches it in neither mode
         batches = 2
         no_grad_full, no_grad_early = full_calls.count(False), early_calls.count(False)
-        assert no_grad_full - no_grad_early == 3 * batches
+        assert no_grad_full - no_grad_early == 2 * batches
 
 
 def test_blocked_triangular_inverse_matches_the_direct_solve() -> None:
