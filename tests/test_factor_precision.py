@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lightning_tlq.config import QuantArgs
+from lightning_tlq.core import factor
 from lightning_tlq.core.factor import (
     cholesky_inverse_tf32x3,
     inverse_upper_factor,
@@ -105,8 +106,10 @@ def _relative_error(U: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 @cuda
+@pytest.mark.parametrize("cholesky", [False, True], ids=["inverse", "inverse-and-cholesky"])
 @pytest.mark.parametrize("n", [3584, 8192])
-def test_cuda_tf32x3_factor_is_as_accurate_as_fp32(n: int) -> None:
+def test_cuda_tf32x3_factor_is_as_accurate_as_fp32(n: int, cholesky: bool, monkeypatch) -> None:
+    monkeypatch.setattr(factor, "CHOLESKY_IN_TF32X3", cholesky)
     H = _hessian(n, 2 * n, 6, "cuda")
     reference, ok = inverse_upper_factor(H, "fp32")  # float64 in, float64 products
     assert ok
@@ -151,7 +154,8 @@ def test_recursive_cholesky_inverse_matches_float64(n: int) -> None:
     assert not cholesky_inverse_tf32x3(indefinite, leaf=8)[1]
 
 
-def test_inverse_upper_factor_in_tf32x3_is_the_factor_of_the_inverse() -> None:
+def test_inverse_upper_factor_in_tf32x3_is_the_factor_of_the_inverse(monkeypatch) -> None:
+    monkeypatch.setattr(factor, "CHOLESKY_IN_TF32X3", True)
     H = _hessian(2100, 2500, 10)  # above the 2048-column leaf: one level of recursion
     U, ok = inverse_upper_factor(H.float(), "tf32x3")
     assert ok

@@ -31,7 +31,9 @@ def _accumulate(batches, groups: int = 1) -> HessianAccumulator:
     return acc
 
 
-def test_blocks_cover_the_width_in_multiples_of_128() -> None:
+def test_blocks_cover_the_width_in_multiples_of_128(monkeypatch) -> None:
+    assert hessian._lower_blocks(18944, torch.device("cuda", 0)) is None  # experimental: off by default
+    monkeypatch.setattr(hessian, "_LOWER_MIN_WIDTH", 8192)
     assert hessian._lower_blocks(18944, torch.device("cuda", 0)) == [0, 4736, 9472, 14208, 18944]
     assert hessian._lower_blocks(3584, torch.device("cuda", 0)) is None
     assert hessian._lower_blocks(18944, torch.device("cpu")) is None

@@ -35,6 +35,11 @@ FactorPrecision = Literal["auto", "fp32", "tf32x3"]
 """Precision of the triangular inverse's matrix products (module docstring)."""
 FACTOR_PRECISIONS: tuple[str, ...] = get_args(FactorPrecision)
 
+CHOLESKY_IN_TF32X3 = False
+"""Experimental, off until measured on a GPU: ``tf32x3`` also runs the Cholesky in tf32x3 products
+(:func:`cholesky_inverse_tf32x3`) instead of cuSOLVER's float32 one (``benchmark_speed.py --experimental
+tf32x3-cholesky`` switches it on for an A/B run; predicted a 18944-wide factor 142 -> ~70 ms on an H200)."""
+
 _TF32_ROUND, _TF32_MASK = 1 << 12, -(1 << 13)  # float32 bits: round to nearest at TF32's 10th mantissa bit, cut
 
 
@@ -192,11 +197,12 @@ def inverse_upper_factor(H: torch.Tensor, precision: str = "auto") -> tuple[torc
 
     With ``J`` the index reversal and ``J H J = L L^T``: ``H^-1 = (J L^-1 J)^T (J L^-1 J)`` and ``J L^-1 J`` is upper
     triangular. That is ``2n^3/3`` flops instead of ``5n^3/3`` for factor -> ``cholesky_inverse`` -> factor again.
-    ``fp32``: cuSOLVER's Cholesky, then :func:`triangular_inverse` (blocked on a GPU, one solve on the CPU);
-    ``tf32x3``: both in one recursion of emulated-float32 tensor-core products (:func:`cholesky_inverse_tf32x3`).
+    cuSOLVER's Cholesky, then :func:`triangular_inverse` (blocked on a GPU, one solve on the CPU; its products in
+    ``precision``); with :data:`CHOLESKY_IN_TF32X3` and ``tf32x3`` both in one recursion of emulated-float32
+    tensor-core products (:func:`cholesky_inverse_tf32x3`).
     Returns ``(U, ok)``; ``ok`` is False (and ``U`` meaningless) when ``H`` is not numerically positive definite.
     """
-    if resolve_precision(precision, H.device) == "tf32x3" and H.dtype == torch.float32:
+    if CHOLESKY_IN_TF32X3 and resolve_precision(precision, H.device) == "tf32x3" and H.dtype == torch.float32:
         inverse, ok = cholesky_inverse_tf32x3(H.flip(0, 1), 2048)
         if not ok:
             return H, False

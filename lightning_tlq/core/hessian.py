@@ -38,9 +38,10 @@ def _tf32_for_half_inputs(dtype: torch.dtype, device: torch.device) -> Iterator[
 
 _LOWER_BLOCKS = 4
 """Row blocks of a wide symmetric ``H`` (:func:`_lower_blocks`)."""
-_LOWER_MIN_WIDTH = 8192
-"""Inputs at least this wide are accumulated by lower block rows on CUDA (a 7B ``down_proj``'s 18944; q/k/v, o,
-gate/up at 3584 stay whole: for them the saving is small against the extra launches)."""
+_LOWER_MIN_WIDTH: int | None = None
+"""Inputs at least this wide are accumulated by lower block rows on CUDA; None: never (experimental, off until measured
+on a GPU: ``benchmark_speed.py --experimental lower-hessian`` sets 8192, i.e. a 7B ``down_proj``'s 18944 and not
+q/k/v, o, gate/up at 3584, where the saving is small against the extra launches; predicted -0.5 s per 7B run)."""
 
 
 def _lower_blocks(n: int, device: torch.device) -> list[int] | None:
@@ -48,7 +49,7 @@ def _lower_blocks(n: int, device: torch.device) -> list[int] | None:
     ``[n, n]`` Hessian, or None to accumulate it whole. Block row ``i`` adds ``X_w[:, rows_i]^T X[:, :b_{i+1}]``:
     10/16 of the products and of the float64 adds with 4 blocks; the upper blocks are mirrored once when ``H`` is
     read."""
-    if device.type != "cuda" or n < _LOWER_MIN_WIDTH:
+    if device.type != "cuda" or _LOWER_MIN_WIDTH is None or n < _LOWER_MIN_WIDTH:
         return None
     step = -(-n // (_LOWER_BLOCKS * 128)) * 128
     return [min(i * step, n) for i in range(_LOWER_BLOCKS)] + [n]
