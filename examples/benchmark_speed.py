@@ -191,6 +191,21 @@ def floor_seconds(model, records: list[dict], tokens: int, samples: int, seq: in
     return out
 
 
+EXPERIMENTAL = {
+    "lower-hessian": "Hessians of >= 8192 inputs accumulated by lower block rows (core.hessian._LOWER_MIN_WIDTH)",
+    "tf32x3-cholesky": "the factor's Cholesky in tf32x3 products too (core.factor.CHOLESKY_IN_TF32X3)",
+}
+
+
+def _switch_experimental(names: list[str]) -> None:
+    from lightning_tlq.core import factor, hessian
+
+    if "lower-hessian" in names:
+        hessian._LOWER_MIN_WIDTH = 8192
+    if "tf32x3-cholesky" in names:
+        factor.CHOLESKY_IN_TF32X3 = True
+
+
 def main(fabric, args) -> dict | None:
     from lightning_tlq import CalibrationLoop, CalibrationSettings, QuantArgs, TLQModule
     from lightning_tlq.config import ImportanceArgs, MemoryArgs
@@ -198,6 +213,7 @@ def main(fabric, args) -> dict | None:
     from lightning_tlq.distributed import shard_range
 
     cuda = fabric.device.type == "cuda"
+    _switch_experimental(args.experimental)
     if args.max_gpu_memory_gib and cuda:
         total = torch.cuda.get_device_properties(fabric.device).total_memory
         torch.cuda.set_per_process_memory_fraction(args.max_gpu_memory_gib * 2**30 / total, fabric.device)
@@ -257,7 +273,8 @@ def main(fabric, args) -> dict | None:
         "phases_s_rank0": loop.phase_seconds, "peak_gib_per_rank": [round(p, 2) for p in peaks],
         "mean_weighted_rel_error": sum(r["modules"][m]["weighted_rel_error"] or 0 for r in records
                                        for m in r["modules"]) / sum(len(r["modules"]) for r in records),
-        "kernel": args.kernel, "factor_precision": args.factor_precision, "pin_layers": args.pin_layers,
+        "kernel": args.kernel, "factor_precision": args.factor_precision, "experimental": args.experimental,
+        "pin_layers": args.pin_layers,
         "importance_granularity": args.importance_granularity,
         "torch": torch.__version__, "placement_s_rank0": loop.placement.seconds,
         "registered_gib_rank0": loop.placement.registered_bytes / 2**30,
@@ -345,6 +362,11 @@ def parse(argv=None):
     p.add_argument("--pin-layers", action=argparse.BooleanOptionalAction, default=True, help="memory.pin_layers")
     p.add_argument("--memory-profile", choices=["fast", "low"], default="fast", help="memory.profile")
     p.add_argument(
+        "--experimental", nargs="*", default=[], choices=list(EXPERIMENTAL),
+        help="switch on speed paths that are off until measured (A/B runs): " + "; ".join(
+            f"{k}: {v}" for k, v in EXPERIMENTAL.items()),
+    )  # fmt: skip
+    p.add_argument(
         "--importance-granularity", choices=["module", "input"], default="module", help="importance.granularity"
     )
     p.add_argument("--floor", action="store_true", help="also measure the GPU's ceilings and the floor for the work")
@@ -386,6 +408,7 @@ def _non_default(r: dict) -> str:
     out = [f"quant.kernel={r['kernel']}"] if r.get("kernel", "auto") != "auto" else []
     if r.get("factor_precision", "auto") != "auto":
         out.append(f"quant.factor_precision={r['factor_precision']}")
+    out += [f"experimental:{name}" for name in r.get("experimental", [])]
     if r.get("importance_granularity", "module") != "module":
         out.append(f"importance.granularity={r['importance_granularity']}")
     return " ".join(out + (["memory.pin_layers=false"] if r.get("pin_layers") is False else []))

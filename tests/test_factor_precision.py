@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from lightning_tlq.config import QuantArgs
+from lightning_tlq.core import factor
 from lightning_tlq.core.factor import (
+    cholesky_inverse_tf32x3,
     inverse_upper_factor,
     lower_triangular_inverse,
     matmul_tf32x3,
@@ -104,8 +106,10 @@ def _relative_error(U: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 @cuda
+@pytest.mark.parametrize("cholesky", [False, True], ids=["inverse", "inverse-and-cholesky"])
 @pytest.mark.parametrize("n", [3584, 8192])
-def test_cuda_tf32x3_factor_is_as_accurate_as_fp32(n: int) -> None:
+def test_cuda_tf32x3_factor_is_as_accurate_as_fp32(n: int, cholesky: bool, monkeypatch) -> None:
+    monkeypatch.setattr(factor, "CHOLESKY_IN_TF32X3", cholesky)
     H = _hessian(n, 2 * n, 6, "cuda")
     reference, ok = inverse_upper_factor(H, "fp32")  # float64 in, float64 products
     assert ok
@@ -133,3 +137,28 @@ def test_cuda_tf32x3_codes_and_error_match_fp32() -> None:
 
     assert float((fp32.codes == tf32x3.codes).double().mean()) > 0.995
     assert abs(err(tf32x3) / err(fp32) - 1) < 0.01
+
+
+@pytest.mark.parametrize("n", [40, 97])
+def test_recursive_cholesky_inverse_matches_float64(n: int) -> None:
+    """The tf32x3 recursion (here on the CPU, where its products are plain float32) gives L^-1 to float32 accuracy,
+    zero above the diagonal, and reports a matrix that is not positive definite."""
+    H = _hessian(n, 3 * n, 9)
+    reference = torch.linalg.inv(torch.linalg.cholesky(H))
+    got, ok = cholesky_inverse_tf32x3(H.float().clone(), leaf=8)
+    assert ok
+    assert torch.equal(got.triu(1), torch.zeros_like(got))
+    assert float((got.double() - reference).norm() / reference.norm()) < 1e-4
+    indefinite = H.float().clone()
+    indefinite[n - 1, n - 1] = -1.0
+    assert not cholesky_inverse_tf32x3(indefinite, leaf=8)[1]
+
+
+def test_inverse_upper_factor_in_tf32x3_is_the_factor_of_the_inverse(monkeypatch) -> None:
+    monkeypatch.setattr(factor, "CHOLESKY_IN_TF32X3", True)
+    H = _hessian(2100, 2500, 10)  # above the 2048-column leaf: one level of recursion
+    U, ok = inverse_upper_factor(H.float(), "tf32x3")
+    assert ok
+    assert torch.equal(U.tril(-1), torch.zeros_like(U))
+    inverse = torch.linalg.inv(H)
+    assert float((U.double().T @ U.double() - inverse).norm() / inverse.norm()) < 1e-3

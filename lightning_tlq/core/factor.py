@@ -35,6 +35,11 @@ FactorPrecision = Literal["auto", "fp32", "tf32x3"]
 """Precision of the triangular inverse's matrix products (module docstring)."""
 FACTOR_PRECISIONS: tuple[str, ...] = get_args(FactorPrecision)
 
+CHOLESKY_IN_TF32X3 = False
+"""Experimental, off until measured on a GPU: ``tf32x3`` also runs the Cholesky in tf32x3 products
+(:func:`cholesky_inverse_tf32x3`) instead of cuSOLVER's float32 one (``benchmark_speed.py --experimental
+tf32x3-cholesky`` switches it on for an A/B run; predicted a 18944-wide factor 142 -> ~70 ms on an H200)."""
+
 _TF32_ROUND, _TF32_MASK = 1 << 12, -(1 << 13)  # float32 bits: round to nearest at TF32's 10th mantissa bit, cut
 
 
@@ -138,14 +143,71 @@ def triangular_inverse(L: torch.Tensor, out: torch.Tensor | None = None, precisi
     return lower_triangular_inverse(L, 2048 if L.is_cuda else L.shape[0], out, precision)
 
 
+def _gram_update_tf32x3_(S: torch.Tensor, a: torch.Tensor) -> None:
+    """``S -= a a^T`` from three TF32 products (``a`` split in place and restored; ``S`` must not overlap it)."""
+    tail = split_tf32_(a)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        S.addmm_(a, tail.T, alpha=-1.0)
+        S.addmm_(tail, a.T, alpha=-1.0)
+        S.addmm_(a, a.T, alpha=-1.0)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+        a.add_(tail)
+
+
+def cholesky_inverse_tf32x3(
+    A: torch.Tensor, leaf: int = 2048, out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, bool]:
+    """``L^-1`` for the lower Cholesky factor ``L`` of a symmetric positive definite ``A``, by 2 x 2 block recursion
+    whose products are three TF32 products each (:func:`matmul_tf32x3`); ``A`` is overwritten (scratch).
+
+    ``L11^-1`` from the first half; ``L21 = A21 L11^-T``; the second half is the same recursion on the Schur complement
+    ``A22 - L21 L21^T``; ``L^-1 = [[L11^-1, 0], [-L22^-1 L21 L11^-1, L22^-1]]``. Blocks of at most ``leaf`` columns
+    take cuSOLVER's Cholesky and one triangular solve. About ``4n^3/3`` flops in tensor-core products, where
+    :func:`inverse_upper_factor`'s ``fp32`` path runs ``n^3/3`` in the Cholesky and ``n^3/3`` in float32 products.
+    Only lower triangles are read. Returns ``(L^-1, ok)``; ``ok`` is False when a block is not positive definite.
+    """
+    n = A.shape[0]
+    out = torch.zeros_like(A) if out is None else out
+    if n <= leaf:
+        L, info = torch.linalg.cholesky_ex(A)
+        if int(info) != 0:
+            return out, False
+        out.copy_(torch.linalg.solve_triangular(L, torch.eye(n, dtype=A.dtype, device=A.device), upper=False))
+        return out, True
+    h = n // 2
+    inv11, ok = cholesky_inverse_tf32x3(A[:h, :h], leaf, out[:h, :h])
+    if not ok:
+        return out, False
+    L21 = matmul_tf32x3(A[h:, :h], inv11.T)
+    _gram_update_tf32x3_(A[h:, h:], L21)
+    inv22, ok = cholesky_inverse_tf32x3(A[h:, h:], leaf, out[h:, h:])
+    if not ok:
+        return out, False
+    product = matmul_tf32x3(L21, inv11)  # L21 L11^-1
+    del L21
+    out[h:, :h] = matmul_tf32x3(inv22, product).neg_()
+    return out, True
+
+
 def inverse_upper_factor(H: torch.Tensor, precision: str = "auto") -> tuple[torch.Tensor, bool]:
     """Upper-triangular ``U`` with ``U^T U = H^-1``, from one Cholesky and one triangular inverse.
 
     With ``J`` the index reversal and ``J H J = L L^T``: ``H^-1 = (J L^-1 J)^T (J L^-1 J)`` and ``J L^-1 J`` is upper
     triangular. That is ``2n^3/3`` flops instead of ``5n^3/3`` for factor -> ``cholesky_inverse`` -> factor again.
-    The triangular inverse is :func:`triangular_inverse` (blocked on a GPU, one solve on the CPU).
+    cuSOLVER's Cholesky, then :func:`triangular_inverse` (blocked on a GPU, one solve on the CPU; its products in
+    ``precision``); with :data:`CHOLESKY_IN_TF32X3` and ``tf32x3`` both in one recursion of emulated-float32
+    tensor-core products (:func:`cholesky_inverse_tf32x3`).
     Returns ``(U, ok)``; ``ok`` is False (and ``U`` meaningless) when ``H`` is not numerically positive definite.
     """
+    if CHOLESKY_IN_TF32X3 and resolve_precision(precision, H.device) == "tf32x3" and H.dtype == torch.float32:
+        inverse, ok = cholesky_inverse_tf32x3(H.flip(0, 1), 2048)
+        if not ok:
+            return H, False
+        U = inverse.flip(0, 1)
+        return U, bool(torch.isfinite(U).all())
     L, info = torch.linalg.cholesky_ex(H.flip(0, 1))
     if int(info) != 0:
         return H, False

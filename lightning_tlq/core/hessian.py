@@ -36,6 +36,25 @@ def _tf32_for_half_inputs(dtype: torch.dtype, device: torch.device) -> Iterator[
         torch.backends.cuda.matmul.allow_tf32 = previous
 
 
+_LOWER_BLOCKS = 4
+"""Row blocks of a wide symmetric ``H`` (:func:`_lower_blocks`)."""
+_LOWER_MIN_WIDTH: int | None = None
+"""Inputs at least this wide are accumulated by lower block rows on CUDA; None: never (experimental, off until measured
+on a GPU: ``benchmark_speed.py --experimental lower-hessian`` sets 8192, i.e. a 7B ``down_proj``'s 18944 and not
+q/k/v, o, gate/up at 3584, where the saving is small against the extra launches; predicted -0.5 s per 7B run)."""
+
+
+def _lower_blocks(n: int, device: torch.device) -> list[int] | None:
+    """Block boundaries ``[0, b_1, ..., n]`` (multiples of 128) for accumulating only the lower block triangle of an
+    ``[n, n]`` Hessian, or None to accumulate it whole. Block row ``i`` adds ``X_w[:, rows_i]^T X[:, :b_{i+1}]``:
+    10/16 of the products and of the float64 adds with 4 blocks; the upper blocks are mirrored once when ``H`` is
+    read."""
+    if device.type != "cuda" or _LOWER_MIN_WIDTH is None or n < _LOWER_MIN_WIDTH:
+        return None
+    step = -(-n // (_LOWER_BLOCKS * 128)) * 128
+    return [min(i * step, n) for i in range(_LOWER_BLOCKS)] + [n]
+
+
 class HessianAccumulator:
     """Accumulates ``H = sum_t w_t x_t x_t^T`` (a sum, not a mean), by default in float64.
 
@@ -97,6 +116,23 @@ class HessianAccumulator:
         self.H = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
         self.tokens = 0
         self.weight_sum = 0.0
+        self._symmetric = True  # only x x^T terms so far: lower block rows may be added alone
+
+    @property
+    def H(self) -> torch.Tensor:
+        """The Hessian sum (symmetric: upper blocks accumulated by lower block rows are mirrored here, once)."""
+        if self._mirror is not None:
+            bounds, self._mirror = self._mirror, None
+            for h in self._H.unsqueeze(0) if self._H.dim() == 2 else self._H:
+                for i in range(len(bounds) - 1):
+                    for j in range(i + 1, len(bounds) - 1):
+                        rows, cols = slice(bounds[i], bounds[i + 1]), slice(bounds[j], bounds[j + 1])
+                        h[rows, cols] = h[cols, rows].mT
+        return self._H
+
+    @H.setter
+    def H(self, value: torch.Tensor) -> None:
+        self._H, self._mirror = value, None
 
     @property
     def weight_sum(self) -> float:
@@ -139,15 +175,28 @@ class HessianAccumulator:
         if left is not None and tuple(left.shape) != tuple(x.shape):
             raise ValueError(f"HessianAccumulator.add: left {tuple(left.shape)} must have x's shape {tuple(x.shape)}.")
         lf = xf if left is None else left.reshape(xf.shape).to(device=self.device, dtype=torch.float32)
-        H = self.H.unsqueeze(0) if self.groups == 1 else self.H
+        bounds = _lower_blocks(self.in_features, xf.device) if left is None and self._symmetric else None
+        if bounds is None and self._mirror is not None:
+            _ = self.H  # a whole add next: mirror the upper blocks first
+        if left is not None:
+            self._symmetric = False
+        H = self._H.unsqueeze(0) if self.groups == 1 else self._H
         # A difference x - x~ of half-precision rows is not exact in TF32: full fp32 matmuls for cross terms.
         with _tf32_for_half_inputs(x.dtype if left is None else torch.float32, xf.device):
             for g in range(self.groups):
                 xw = lf if w2 is None else lf * w2[:, g : g + 1]
-                if H.dtype == torch.float32:
+                if bounds is not None:  # symmetric: the lower block rows only (mirrored when H is read)
+                    for lo, hi in zip(bounds[:-1], bounds[1:]):
+                        if H.dtype == torch.float32:
+                            H[g][lo:hi, :hi].addmm_(xw[:, lo:hi].T, xf[:, :hi])
+                        else:
+                            H[g][lo:hi, :hi].add_(xw[:, lo:hi].T @ xf[:, :hi])
+                elif H.dtype == torch.float32:
                     H[g].addmm_(xw.T, xf)
                 else:  # float32 partial (deterministic for these rows), exact widening add
                     H[g].add_(xw.T @ xf)
+        if bounds is not None:
+            self._mirror = bounds
         self.tokens += xf.shape[0]
         # Summed in float64 in add order (the same value as summing python floats), on the device once a weighted
         # add has happened, so that add never waits for the device.
@@ -196,6 +245,7 @@ class HessianAccumulator:
         if other.shape != self.shape:
             raise ValueError(f"HessianAccumulator.merge_: shape mismatch {self.shape} vs {other.shape}.")
         self.H += other.H.to(self.device)
+        self._symmetric = self._symmetric and other._symmetric
         self.tokens += other.tokens
         self.weight_sum += other.weight_sum
         return self
@@ -220,6 +270,9 @@ class HessianAccumulator:
         if tuple(state["H"].shape) != self.shape:
             raise ValueError(f"HessianAccumulator.load_state_dict: H shape {tuple(state['H'].shape)} != {self.shape}.")
         self.H = state["H"].to(device=self.device, dtype=self.dtype).clone()
+        # symmetric but for the rounding of whole diagonal blocks: only x x^T terms were added (a cross term's H is not)
+        scale = float(self._H.abs().max()) if self._H.numel() else 0.0
+        self._symmetric = bool(torch.allclose(self._H, self._H.mT, rtol=1e-5, atol=1e-6 * scale))
         self.tokens = int(state["tokens"])
         self.weight_sum = float(state["weight_sum"])
 
