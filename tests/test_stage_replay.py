@@ -6,9 +6,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lightning.fabric import Fabric
+from tiny_families import FAMILIES, build_model, make_batch
 from torch import nn
 
+from lightning_tlq import stage
 from lightning_tlq.config import QuantArgs
+from lightning_tlq.loop import CalibrationLoop
+from lightning_tlq.module import TLQModule
+from lightning_tlq.settings import CalibrationSettings
 from lightning_tlq.stage import LayerStage, _common_parent
 from lightning_tlq.tokenweights import TokenWeights
 
@@ -124,3 +130,37 @@ def test_which_submodule_a_pass_starts_at() -> None:
     assert stage._keep_for(GROUPS[2], GROUPS[3]) == "mlp"
     off = LayerStage(0, _Layer(), GROUPS, QuantArgs(method="gptq", bits=4, group_size=32), replay_submodules=False)
     assert off._keep_for(GROUPS[2], GROUPS[3]) is None
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_replays_with_the_same_codes(one_thread, family: str, monkeypatch) -> None:
+    """Each adapter family's real decoder layers: kept inputs are replayed, and the calibrated weights equal those of
+    whole-layer passes bit for bit."""
+    hits: list[bool] = []
+    call = stage._KeptInputs.call
+
+    def counted(self, b):
+        out = call(self, b)
+        hits.append(out is not None)
+        return out
+
+    monkeypatch.setattr(stage._KeptInputs, "call", counted)
+
+    def calibrate(replay: bool) -> dict[str, torch.Tensor]:
+        with pytest.MonkeyPatch.context() as m:
+            if not replay:
+                m.setattr(stage.LayerStage, "_keep_for", lambda self, names, following: None)
+            module = TLQModule().attach(build_model(family), processor=None)
+            batches = [make_batch(family, seed=0), make_batch(family, padded=True, seed=1)]
+            quant = QuantArgs(method="tlq", bits=3, group_size=32)
+            CalibrationLoop(Fabric(accelerator="cpu", devices=1), module, CalibrationSettings(quant)).run(batches)
+            return {k: v.clone() for k, v in module.model.state_dict().items()}
+
+    replayed = calibrate(True)
+    assert hits
+    assert all(hits)
+    hits.clear()
+    whole = calibrate(False)
+    assert not hits
+    assert replayed.keys() == whole.keys()
+    assert all(torch.equal(replayed[k], whole[k]) for k in replayed)
