@@ -71,7 +71,9 @@ def predict(
     # accumulate of down_proj: float64 H, its float32 partial, one batch's rows (bf16 taken and kept, fp32, weighted)
     hessian = 8 * m * m
     rows = batch_tokens * m * (2 + 2 + 2 + 4 + (4 if method == "tlq" else 0))
-    accumulate = hessian + 4 * m * m + rows
+    # fast: the down_proj pass replays mlp on the inputs the gate/up pass kept (one [tokens, d] bf16 tensor)
+    kept = 0 if low else act
+    accumulate = hessian + 4 * m * m + rows + kept
     # solve of down_proj beside its float64 H and the float32 weight (and its permuted copy): fast holds float32 H,
     # its permuted copy, I, H + dI, L, L^-1, U (7 n^2 floats, core/gptq.py); lean (core/gptq_lean.py, reuse_h: L
     # and L^-1 in the float64 H's storage) the permuted A and the blocked inverse's temporaries (1/2 n^2); then
