@@ -44,9 +44,9 @@ class SolveCost:
     """Seconds of one module's GPTQ solve on one device, and of moving bytes between ranks.
 
     Defaults: one H200 (``docs/performance.md``): the inverse factor at n = 3584 / 18944 took 4 / 142 ms with its
-    products in tf32x3 (2026-12-04, call T2; 173 ms in float32), the column loop is host-bound (~0.17 ms per 128-column block, from the small modules' solve seconds) plus
-    its fp32 lazy updates (``rows x in^2`` flops at 50 TFLOP/s); ``link_gbps`` is an assumed NVLink collective
-    bandwidth (not measured here).
+    products in tf32x3 (2026-12-04, call T2; 173 ms in float32), the column loop is host-bound (~0.17 ms per
+    128-column block, from the small modules' solve seconds) plus its fp32 lazy updates (``rows x in^2`` flops at
+    50 TFLOP/s); ``link_gbps`` is an assumed NVLink collective bandwidth (not measured here).
     """
 
     factor_fixed_s: float = 0.003
