@@ -52,19 +52,17 @@ class _KeptInputs:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.calls: dict[int, tuple[tuple, dict, list[tuple[Tensor, int]]]] = {}
+        self.calls: dict[int, tuple[tuple, dict, list[tuple[Tensor, int]]] | None] = {}
+        """Per batch its call, or None where the submodule ran twice (its inputs are not one call's)."""
 
     def add(self, b: int, args: tuple, kwargs: dict) -> None:
-        if b in self.calls:  # the submodule ran twice in one batch: its inputs are not one call's
-            self.calls[b] = ((), {}, [])
-            return
         tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, Tensor)]
-        self.calls[b] = (args, dict(kwargs), [(t, t._version) for t in tensors])
+        self.calls[b] = None if b in self.calls else (args, dict(kwargs), [(t, t._version) for t in tensors])
 
     def call(self, b: int) -> tuple[tuple, dict] | None:
         """Batch ``b``'s arguments, or None where they cannot be replayed."""
         entry = self.calls.get(b)
-        if entry is None or (not entry[0] and not entry[1]):
+        if entry is None:
             return None
         args, kwargs, versions = entry
         if any(t._version != v for t, v in versions):

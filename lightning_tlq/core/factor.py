@@ -83,7 +83,7 @@ def matmul_tf32x3(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = N
         for col in range(0, b.shape[1], block):
             b_block = b[:, col : col + block]
             b_tail = split_tf32_(b_block)
-            try:
+            try:  # a's row blocks are split again for each column block: the price of not keeping a whole tail
                 for row in range(0, a.shape[0], block):
                     a_head = a[row : row + block].clone()
                     a_tail = split_tf32_(a_head)

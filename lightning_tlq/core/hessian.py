@@ -185,16 +185,13 @@ class HessianAccumulator:
         with _tf32_for_half_inputs(x.dtype if left is None else torch.float32, xf.device):
             for g in range(self.groups):
                 xw = lf if w2 is None else lf * w2[:, g : g + 1]
-                if bounds is not None:  # symmetric: the lower block rows only (mirrored when H is read)
-                    for lo, hi in zip(bounds[:-1], bounds[1:]):
-                        if H.dtype == torch.float32:
-                            H[g][lo:hi, :hi].addmm_(xw[:, lo:hi].T, xf[:, :hi])
-                        else:
-                            H[g][lo:hi, :hi].add_(xw[:, lo:hi].T @ xf[:, :hi])
-                elif H.dtype == torch.float32:
-                    H[g].addmm_(xw.T, xf)
-                else:  # float32 partial (deterministic for these rows), exact widening add
-                    H[g].add_(xw.T @ xf)
+                # whole: one span; symmetric and wide: the lower block rows only (mirrored when H is read)
+                spans = zip(bounds[:-1], bounds[1:]) if bounds is not None else [(0, self.in_features)]
+                for lo, hi in spans:
+                    if H.dtype == torch.float32:
+                        H[g][lo:hi, :hi].addmm_(xw[:, lo:hi].T, xf[:, :hi])
+                    else:  # float32 partial (deterministic for these rows), exact widening add
+                        H[g][lo:hi, :hi].add_(xw[:, lo:hi].T @ xf[:, :hi])
         if bounds is not None:
             self._mirror = bounds
         self.tokens += xf.shape[0]
